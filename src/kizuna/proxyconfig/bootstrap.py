@@ -1,0 +1,106 @@
+"""What a sidecar is told at start: who it is, where to listen and where its control plane is.
+
+The runtime writes one bootstrap JSON file per proxy (``kizuna proxy --bootstrap FILE``), as Envoy's bootstrap.
+Process settings live here; mesh resources never do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Istio's sidecar ports (MESH-FACTS §4.3), reused so istio-init style capture rules apply unchanged.
+ADMIN_PORT = 15000
+OUTBOUND_PORT = 15001
+INBOUND_CAPTURE_PORT = 15006
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """The workload instance a sidecar serves; announced to the control plane (auto-registration)."""
+
+    id: str
+    """Unique per instance, e.g. ``httpbin-v1-0.default``."""
+    workload: str
+    """The Deployment name."""
+    namespace: str = "default"
+    service_account: str = "default"
+    labels: tuple[tuple[str, str], ...] = ()
+    pod_address: str = "127.0.0.1"
+    """Where the app listens (``status.podIP``)."""
+    mesh_address: str = "127.0.0.1"
+    """Where this sidecar listens; other sidecars dial it (the instance's endpoint address)."""
+    ports: tuple[int, ...] = ()
+    """The app's container ports."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "workload": self.workload, "namespace": self.namespace,
+                "serviceAccount": self.service_account, "labels": dict(self.labels),
+                "podAddress": self.pod_address, "meshAddress": self.mesh_address, "ports": list(self.ports)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Node:
+        return cls(str(data["id"]), str(data["workload"]), str(data.get("namespace", "default")),
+                   str(data.get("serviceAccount", "default")),
+                   tuple(sorted(dict(data.get("labels", {})).items())),
+                   str(data.get("podAddress", "127.0.0.1")), str(data.get("meshAddress", "127.0.0.1")),
+                   tuple(int(p) for p in data.get("ports", ())))
+
+
+@dataclass(frozen=True, slots=True)
+class ReadinessProbe:
+    """The app's ``readinessProbe.httpGet`` (or a TCP connect to its first port when it declares none)."""
+
+    port: int
+    path: str | None = None
+    """None means a TCP connect check."""
+    period: float = 1.0
+    timeout: float = 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"port": self.port, "path": self.path, "period": self.period, "timeout": self.timeout}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ReadinessProbe:
+        return cls(int(data["port"]), data.get("path"), float(data.get("period", 1.0)),
+                   float(data.get("timeout", 1.0)))
+
+
+@dataclass(frozen=True, slots=True)
+class Bootstrap:
+    """Start-up settings of one sidecar process."""
+
+    node: Node
+    control_plane: str | None = None
+    """``host:port`` of the control plane's discovery endpoint; None runs on ``static_snapshot`` only."""
+    token_file: str | None = None
+    """File holding the bearer token for the control plane."""
+    static_snapshot: str | None = None
+    """A snapshot JSON file to start with (benchmarks, tests, or running with no control plane)."""
+    admin_port: int = ADMIN_PORT
+    outbound_port: int = OUTBOUND_PORT
+    readiness: ReadinessProbe | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node.to_json(), "controlPlane": self.control_plane, "tokenFile": self.token_file,
+                "staticSnapshot": self.static_snapshot, "adminPort": self.admin_port,
+                "outboundPort": self.outbound_port,
+                "readiness": self.readiness.to_json() if self.readiness else None, "extra": self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Bootstrap:
+        r = data.get("readiness")
+        return cls(Node.from_json(data["node"]), data.get("controlPlane"), data.get("tokenFile"),
+                   data.get("staticSnapshot"), int(data.get("adminPort", ADMIN_PORT)),
+                   int(data.get("outboundPort", OUTBOUND_PORT)),
+                   ReadinessProbe.from_json(r) if r else None, dict(data.get("extra", {})))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Bootstrap:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")

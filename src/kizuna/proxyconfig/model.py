@@ -1,0 +1,319 @@
+"""What the control plane sends a sidecar: one immutable, versioned snapshot per proxy.
+
+Both planes import this module and nothing heavier: the proxy must start fast and stay small, so the snapshot
+is plain frozen dataclasses decoded from JSON by hand (no pydantic, no YAML on the data plane). Durations are
+float seconds; ``None`` means "disabled" (Istio's route timeout is off by default).
+
+Names follow Envoy/Istio where they exist: a *cluster* is one (service, port, subset) with its endpoints, a
+*virtual host* holds the ordered routes of one service port, a *route* picks weighted clusters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+MatchKind = Literal["exact", "prefix", "regex"]
+Protocol = Literal["http", "tcp", "auto"]
+LbPolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH"]
+
+# Istio's mesh default retry policy (pilot networking/core/route/retry: DefaultPolicy).
+DEFAULT_RETRY_ON = frozenset({"connect-failure", "refused-stream", "unavailable", "cancelled",
+                              "retriable-status-codes"})
+DEFAULT_RETRIABLE_STATUS_CODES = frozenset({503})
+
+
+def cluster_name(direction: str, port: int, subset: str, host: str) -> str:
+    """Istio's cluster naming: ``outbound|9080|v1|reviews.default.svc.cluster.local``."""
+    return f"{direction}|{port}|{subset}|{host}"
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """Istio StringMatch: exactly one of exact / prefix / regex (RE2 full match; Python ``re`` here)."""
+
+    kind: MatchKind
+    value: str
+    ignore_case: bool = False
+    _regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind == "regex":
+            flags = re.IGNORECASE if self.ignore_case else 0
+            object.__setattr__(self, "_regex", re.compile(self.value, flags))
+
+    def matches(self, text: str) -> bool:
+        """True when ``text`` satisfies this match."""
+        if self.kind == "exact":
+            return text.lower() == self.value.lower() if self.ignore_case else text == self.value
+        if self.kind == "prefix":
+            return text.lower().startswith(self.value.lower()) if self.ignore_case else text.startswith(self.value)
+        assert self._regex is not None
+        return self._regex.fullmatch(text) is not None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {self.kind: self.value}
+        if self.ignore_case:
+            out["ignoreCase"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StringMatch:
+        ignore = bool(data.get("ignoreCase", False))
+        for kind in ("exact", "prefix", "regex"):
+            if kind in data:
+                return cls(kind, str(data[kind]), ignore)  # type: ignore[arg-type]
+        raise ValueError(f"string match needs exact, prefix or regex: {data!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """A header condition. ``match`` None means "header present" (Istio's empty StringMatch)."""
+
+    name: str  # lower-case
+    match: StringMatch | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "match": self.match.to_json() if self.match else None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HeaderMatch:
+        m = data.get("match")
+        return cls(str(data["name"]).lower(), StringMatch.from_json(m) if m else None)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """One HTTPMatchRequest, already narrowed to this proxy (sourceLabels/sourceNamespace resolved at compile).
+
+    All set conditions must hold (AND). A route's matches are OR-ed; a route with no matches matches all.
+    """
+
+    uri: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    scheme: StringMatch | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+    without_headers: tuple[HeaderMatch, ...] = ()
+    query_params: tuple[HeaderMatch, ...] = ()
+    port: int | None = None
+    name: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("uri", "method", "authority", "scheme"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value.to_json()
+        if self.headers:
+            out["headers"] = [h.to_json() for h in self.headers]
+        if self.without_headers:
+            out["withoutHeaders"] = [h.to_json() for h in self.without_headers]
+        if self.query_params:
+            out["queryParams"] = [h.to_json() for h in self.query_params]
+        if self.port is not None:
+            out["port"] = self.port
+        if self.name:
+            out["name"] = self.name
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RouteMatch:
+        def sm(key: str) -> StringMatch | None:
+            return StringMatch.from_json(data[key]) if key in data else None
+
+        return cls(
+            uri=sm("uri"), method=sm("method"), authority=sm("authority"), scheme=sm("scheme"),
+            headers=tuple(HeaderMatch.from_json(h) for h in data.get("headers", ())),
+            without_headers=tuple(HeaderMatch.from_json(h) for h in data.get("withoutHeaders", ())),
+            query_params=tuple(HeaderMatch.from_json(h) for h in data.get("queryParams", ())),
+            port=data.get("port"), name=str(data.get("name", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    """A route destination: the cluster to send to and its relative weight."""
+
+    cluster: str
+    weight: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cluster": self.cluster, "weight": self.weight}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WeightedCluster:
+        return cls(str(data["cluster"]), int(data["weight"]))
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """HTTPRetry: ``attempts`` retries after the first try (Istio semantics), each bounded by ``per_try_timeout``."""
+
+    attempts: int = 2
+    per_try_timeout: float | None = None
+    retry_on: frozenset[str] = DEFAULT_RETRY_ON
+    retriable_status_codes: frozenset[int] = DEFAULT_RETRIABLE_STATUS_CODES
+
+    def to_json(self) -> dict[str, Any]:
+        return {"attempts": self.attempts, "perTryTimeout": self.per_try_timeout,
+                "retryOn": sorted(self.retry_on), "retriableStatusCodes": sorted(self.retriable_status_codes)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RetryPolicy:
+        return cls(int(data.get("attempts", 2)), data.get("perTryTimeout"),
+                   frozenset(data.get("retryOn", DEFAULT_RETRY_ON)),
+                   frozenset(int(c) for c in data.get("retriableStatusCodes", DEFAULT_RETRIABLE_STATUS_CODES)))
+
+
+NO_RETRY = RetryPolicy(attempts=0)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteAction:
+    """Where a matched request goes: weighted clusters, an overall timeout (None = off) and the retry policy."""
+
+    clusters: tuple[WeightedCluster, ...]
+    timeout: float | None = None
+    retry: RetryPolicy = RetryPolicy()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"clusters": [c.to_json() for c in self.clusters], "timeout": self.timeout,
+                "retry": self.retry.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RouteAction:
+        return cls(tuple(WeightedCluster.from_json(c) for c in data["clusters"]), data.get("timeout"),
+                   RetryPolicy.from_json(data.get("retry", {})))
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """An ordered HTTP route; first match wins. ``source`` names the VirtualService it came from (for explain)."""
+
+    name: str
+    matches: tuple[RouteMatch, ...]
+    action: RouteAction
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "matches": [m.to_json() for m in self.matches],
+                "action": self.action.to_json(), "source": self.source}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Route:
+        return cls(str(data["name"]), tuple(RouteMatch.from_json(m) for m in data.get("matches", ())),
+                   RouteAction.from_json(data["action"]), str(data.get("source", "")))
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    """The routes for one service port. ``hosts`` are every name the service answers to, without port:
+    ``httpbin``, ``httpbin.default``, ``httpbin.default.svc``, ``httpbin.default.svc.cluster.local``.
+    A request matches on (host, port); a Host header without a port means port 80."""
+
+    name: str
+    hosts: tuple[str, ...]
+    port: int
+    protocol: Protocol
+    routes: tuple[Route, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "hosts": list(self.hosts), "port": self.port, "protocol": self.protocol,
+                "routes": [r.to_json() for r in self.routes]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VirtualHost:
+        return cls(str(data["name"]), tuple(data["hosts"]), int(data["port"]), data.get("protocol", "http"),
+                   tuple(Route.from_json(r) for r in data["routes"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A ready workload instance that serves a cluster: dial ``address:port`` (the instance's sidecar inbound)."""
+
+    address: str
+    port: int
+    workload: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "port": self.port, "workload": self.workload,
+                "labels": dict(self.labels)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Endpoint:
+        return cls(str(data["address"]), int(data["port"]), str(data.get("workload", "")),
+                   tuple(sorted(dict(data.get("labels", {})).items())))
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """One (service, port, subset) and its ready endpoints, with the DestinationRule policy that applies."""
+
+    name: str
+    service: str  # FQDN, e.g. httpbin.default.svc.cluster.local
+    port: int
+    subset: str
+    protocol: Protocol
+    lb_policy: LbPolicy
+    endpoints: tuple[Endpoint, ...]
+    connect_timeout: float = 10.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "service": self.service, "port": self.port, "subset": self.subset,
+                "protocol": self.protocol, "lbPolicy": self.lb_policy,
+                "endpoints": [e.to_json() for e in self.endpoints], "connectTimeout": self.connect_timeout}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Cluster:
+        return cls(str(data["name"]), str(data["service"]), int(data["port"]), str(data.get("subset", "")),
+                   data.get("protocol", "http"), data.get("lbPolicy", "LEAST_REQUEST"),
+                   tuple(Endpoint.from_json(e) for e in data.get("endpoints", ())),
+                   float(data.get("connectTimeout", 10.0)))
+
+
+@dataclass(frozen=True, slots=True)
+class InboundPort:
+    """Traffic for this workload: the sidecar listens on ``port`` of its inbound address and forwards to the app
+    at ``target_address:target_port``. ``protocol`` "auto" means sniff (HTTP/1.1 or opaque TCP)."""
+
+    port: int
+    target_address: str
+    target_port: int
+    protocol: Protocol = "auto"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"port": self.port, "targetAddress": self.target_address, "targetPort": self.target_port,
+                "protocol": self.protocol}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InboundPort:
+        return cls(int(data["port"]), str(data["targetAddress"]), int(data["targetPort"]),
+                   data.get("protocol", "auto"))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything one proxy needs, swapped in whole. Connections in flight keep the snapshot they started with."""
+
+    version: str
+    inbound: tuple[InboundPort, ...] = ()
+    virtual_hosts: tuple[VirtualHost, ...] = ()
+    clusters: tuple[Cluster, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "inbound": [p.to_json() for p in self.inbound],
+                "virtualHosts": [v.to_json() for v in self.virtual_hosts],
+                "clusters": [c.to_json() for c in self.clusters]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Snapshot:
+        return cls(str(data["version"]),
+                   tuple(InboundPort.from_json(p) for p in data.get("inbound", ())),
+                   tuple(VirtualHost.from_json(v) for v in data.get("virtualHosts", ())),
+                   tuple(Cluster.from_json(c) for c in data.get("clusters", ())))
+
+
+EMPTY_SNAPSHOT = Snapshot(version="")
