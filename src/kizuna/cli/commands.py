@@ -1,0 +1,156 @@
+"""The ``kizuna`` subcommands: each turns parsed arguments into one call to the runtime, the control plane
+client or the api layer, and prints the answer. No logic of their own beyond formatting."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from kizuna.cli.options import settings_from
+from kizuna.runtime.settings import (
+    ControlPlaneSettings,
+    DownSettings,
+    ProxySettings,
+    StateSettings,
+    UpSettings,
+)
+from kizuna.runtime.state import StateDir
+
+
+def _state(args: argparse.Namespace) -> StateDir:
+    return StateDir(settings_from(StateSettings, args).resolved())
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from kizuna.controlplane.client import ControlPlaneClient
+
+    return ControlPlaneClient.from_state_dir(_state(args).root)
+
+
+def up(args: argparse.Namespace) -> int:
+    """``kizuna up PATH...``."""
+    from kizuna.runtime.up import up as run_up
+
+    return run_up(settings_from(UpSettings, args), _state(args))
+
+
+def down(args: argparse.Namespace) -> int:
+    """``kizuna down``: exit 0 when the mesh stopped and also when nothing was running (says so)."""
+    from kizuna.runtime.down import down as run_down
+
+    print(run_down(_state(args), settings_from(DownSettings, args).stop_grace))
+    return 0
+
+
+def _print_results(results: list[dict[str, Any]], suffix: str = "") -> None:
+    for r in results:
+        print(f"{r['kind'].lower()}/{r['name']} ({r['namespace']}) {r['action']}{suffix}")
+
+
+def apply(args: argparse.Namespace) -> int:
+    """``kizuna apply -f PATH``: validated locally first (same errors, no round trip), then applied atomically."""
+    from kizuna.runtime.manifests import load
+
+    documents, _ = load(args.filename, args.recursive)
+    _print_results(_client(args).apply(documents, dry_run=args.dry_run), " (dry run)" if args.dry_run else "")
+    return 0
+
+
+def delete(args: argparse.Namespace) -> int:
+    """``kizuna delete -f PATH``."""
+    from kizuna.api import load_documents
+    from kizuna.runtime.manifests import manifest_paths
+
+    # Deleting needs only kind and name: a manifest that no longer validates can still be deleted.
+    documents = load_documents(manifest_paths(args.filename, args.recursive))
+    _print_results(_client(args).delete(documents))
+    return 0
+
+
+def validate(args: argparse.Namespace) -> int:
+    """``kizuna validate -f PATH``: offline; every problem on its own line with file, resource and field."""
+    from kizuna.runtime.manifests import load
+
+    _, resources = load(args.filename, args.recursive)
+    files = sorted({r.source for r in resources})
+    print(f"{len(resources)} resource{'s' if len(resources) != 1 else ''} in {len(files)} "
+          f"file{'s' if len(files) != 1 else ''}: valid")
+    return 0
+
+
+def get(args: argparse.Namespace) -> int:
+    """``kizuna get KIND [NAME]``: a table, or whole resources with ``-o yaml|json``."""
+    from kizuna.api import SUPPORTED_KINDS, dump_json, dump_yaml
+    from kizuna.cli.kinds import resolve_kind
+    from kizuna.runtime.display import table
+    from kizuna.runtime.errors import UserError
+
+    kind = resolve_kind(args.kind, SUPPORTED_KINDS)
+    items = _client(args).get(kind, args.name, args.namespace)
+    if args.name and not items:
+        where = f"{args.namespace}/" if args.namespace else ""
+        raise UserError(f"{kind} {where}{args.name} not found")
+    if args.output == "yaml":
+        sys.stdout.write(dump_yaml(items[0] if args.name and len(items) == 1 else items))
+    elif args.output == "json":
+        sys.stdout.write(dump_json(items[0] if args.name and len(items) == 1 else items))
+    elif not items:
+        print(f"no {kind} resources" + (f" in namespace {args.namespace}" if args.namespace else ""))
+    else:
+        rows = [["NAMESPACE", "NAME", "KIND"]]
+        rows += [[i.get("metadata", {}).get("namespace", "default"), i.get("metadata", {}).get("name", "?"),
+                  str(i.get("kind", kind))] for i in items]
+        sys.stdout.write(table(rows))
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    """``kizuna status``: the control plane's config version and every sidecar it knows."""
+    from kizuna.runtime.display import table
+
+    answer = _client(args).status()
+    print(f"control plane: config version {answer.get('version', '?')}")
+    proxies = answer.get("proxies", [])
+    if not proxies:
+        print("no sidecars have connected")
+        return 0
+    rows = [["PROXY", "WORKLOAD", "CONNECTED", "READY", "SYNCED", "VERSION", "PROBLEM"]]
+    for p in proxies:
+        problem = p.get("error") or (f"rejected: {p['nack']}" if p.get("nack") else "")
+        rows.append([str(p.get("id")), str(p.get("workload")), _yes(p.get("connected")), _yes(p.get("ready")),
+                     _yes(p.get("synced")), str(p.get("ackedVersion") or "-"), problem or "-"])
+    sys.stdout.write(table(rows))
+    return 0
+
+
+def _yes(value: Any) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def exec_(args: argparse.Namespace) -> int:
+    """``kizuna exec WORKLOAD -- CMD...``."""
+    from kizuna.runtime.exec import exec_in
+
+    return exec_in(_state(args), args.workload, list(args.argv), args.namespace)
+
+
+def controlplane(args: argparse.Namespace) -> int:
+    """``kizuna controlplane``: run the control plane in the foreground."""
+    from kizuna.controlplane.main import run
+
+    state = _state(args)
+    listen = settings_from(ControlPlaneSettings, args).listen
+    if listen is None:
+        # Sidecars dial the address in their bootstrap: a restarted control plane must come back on it.
+        recorded = (state.read_runtime() or {}).get("controlPlane")
+        previous = (state.read_controlplane() or {}).get("address")
+        listen = str(recorded or previous or "127.0.0.1:0")
+    return run(str(state.root), listen)
+
+
+def proxy(args: argparse.Namespace) -> int:
+    """``kizuna proxy --bootstrap FILE``: one sidecar, in the foreground."""
+    from kizuna.proxy.main import run
+
+    return run(str(settings_from(ProxySettings, args).bootstrap))

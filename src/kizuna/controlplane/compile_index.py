@@ -1,0 +1,169 @@
+"""The mesh as compile looks it up: services by FQDN, workloads, routing rules, and Istio's name rules.
+
+Built once per config generation (resources + registry) and shared by every proxy's compile; the per-proxy
+parts (visibility, source matches) take the proxy's node as an argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from kizuna.api.destinationrule import DestinationRuleSpec
+from kizuna.api.validate import Resource
+from kizuna.api.virtualservice import VirtualServiceSpec
+from kizuna.api.workloads import DeploymentSpec, ServicePort, ServiceSpec
+from kizuna.controlplane.instances import Instance
+from kizuna.proxyconfig.bootstrap import Node
+from kizuna.proxyconfig.model import Protocol
+
+DOMAIN = "svc.cluster.local"
+EXPORT_TO_ANNOTATION = "networking.istio.io/exportTo"
+
+# Istio protocol selection: appProtocol, else the port name's prefix before "-". HTTP-family protocols are
+# routed on L7; TLS/HTTPS and the database protocols stay opaque TCP; anything else is sniffed ("auto").
+_HTTP = frozenset({"http", "http2", "grpc", "grpc-web", "h2c", "kubernetes.io/h2c", "kubernetes.io/ws",
+                   "kubernetes.io/wss"})
+_TCP = frozenset({"tcp", "tls", "https", "mongo", "mysql", "redis"})
+
+
+def fqdn(name: str, namespace: str) -> str:
+    """``reviews.default.svc.cluster.local``."""
+    return f"{name}.{namespace}.{DOMAIN}"
+
+
+def port_protocol(port: ServicePort) -> Protocol:
+    """The protocol of a Service port: from ``appProtocol``, else the port name (``http-web`` → http)."""
+    for declared in (port.app_protocol, port.name):
+        if not declared:
+            continue
+        value = declared.lower()
+        for candidate in (value, value.split("-", 1)[0]):
+            if candidate in _HTTP:
+                return "http"
+            if candidate in _TCP:
+                return "tcp"
+    return "auto"
+
+
+def labels_match(selector: Mapping[str, str], labels: Iterable[tuple[str, str]] | Mapping[str, str]) -> bool:
+    """True when every ``selector`` label is among ``labels`` (an empty selector matches everything)."""
+    have = dict(labels.items() if isinstance(labels, Mapping) else labels)
+    return all(have.get(k) == v for k, v in selector.items())
+
+
+def exported_to(export_to: Sequence[str], namespace: str, node: Node) -> bool:
+    """Istio ``exportTo``: empty or ``*`` = everyone, ``.`` = the resource's namespace, ``~`` = no one."""
+    if not export_to:
+        return True
+    for entry in export_to:
+        if entry == "*" or entry == node.namespace or (entry == "." and namespace == node.namespace):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class KubeService:
+    """A Kubernetes Service with the names it answers to."""
+
+    name: str
+    namespace: str
+    spec: ServiceSpec
+    export_to: tuple[str, ...]
+
+    @property
+    def fqdn(self) -> str:
+        """``name.namespace.svc.cluster.local``."""
+        return fqdn(self.name, self.namespace)
+
+    def port(self, number: int) -> ServicePort | None:
+        """The Service port numbered ``number``, if any."""
+        return next((p for p in self.spec.ports if p.port == number), None)
+
+    def selects(self, node: Node) -> bool:
+        """Kubernetes semantics: same namespace and a non-empty selector contained in the pod's labels."""
+        return (node.namespace == self.namespace and bool(self.spec.selector)
+                and labels_match(self.spec.selector, node.labels))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A VirtualService or DestinationRule with its identity (rules are looked up by resolved host)."""
+
+    name: str
+    namespace: str
+    hosts: tuple[str, ...]
+    spec: VirtualServiceSpec | DestinationRuleSpec
+
+    @property
+    def source(self) -> str:
+        """``VirtualService ns/name``: where a compiled route came from (shown by explain tools)."""
+        kind = "VirtualService" if isinstance(self.spec, VirtualServiceSpec) else "DestinationRule"
+        return f"{kind} {self.namespace}/{self.name}"
+
+
+@dataclass
+class MeshIndex:
+    """Resources and instances sorted into what compile looks up. Ordering is by (namespace, name) throughout,
+    so equal inputs compile to equal snapshots whatever order the store returned them in."""
+
+    services: list[KubeService] = field(default_factory=list)
+    deployments: dict[tuple[str, str], DeploymentSpec] = field(default_factory=dict)
+    virtual_services: list[Rule] = field(default_factory=list)
+    destination_rules: list[Rule] = field(default_factory=list)
+    instances: list[Instance] = field(default_factory=list)
+    by_fqdn: dict[str, KubeService] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, resources: Sequence[Resource], instances: Sequence[Instance]) -> MeshIndex:
+        """Index validated resources (other kinds are ignored) and the registry's instances."""
+        index = cls()
+        for r in sorted(resources, key=lambda r: (r.kind, r.namespace, r.name)):
+            spec = r.spec
+            if isinstance(spec, ServiceSpec):
+                exports = r.metadata.annotations.get(EXPORT_TO_ANNOTATION, "")
+                entry = KubeService(r.name, r.namespace, spec,
+                                     tuple(e.strip() for e in exports.split(",") if e.strip()))
+                index.services.append(entry)
+                index.by_fqdn[entry.fqdn] = entry
+            elif isinstance(spec, DeploymentSpec):
+                index.deployments[(r.namespace, r.name)] = spec
+            elif isinstance(spec, VirtualServiceSpec):
+                index.virtual_services.append(Rule(r.name, r.namespace, tuple(spec.hosts), spec))
+            elif isinstance(spec, DestinationRuleSpec):
+                index.destination_rules.append(Rule(r.name, r.namespace, (spec.host,), spec))
+        index.instances = sorted(instances, key=lambda i: i.node.id)
+        return index
+
+    def resolve(self, host: str, namespace: str) -> str:
+        """A rule's host as an FQDN: short names are in the rule's namespace (Istio); ``name.ns`` and
+        ``name.ns.svc`` of a known Service are completed too; anything else is taken as written."""
+        if "." not in host:
+            return fqdn(host, namespace)
+        if host.endswith("." + DOMAIN) or host in self.by_fqdn:
+            return host
+        for candidate in (f"{host}.{DOMAIN}", f"{host}.cluster.local"):
+            if candidate in self.by_fqdn:
+                return candidate
+        return host
+
+    def host_matches(self, host: str, namespace: str, service_fqdn: str) -> bool:
+        """Does a rule host (``reviews``, FQDN, ``*.ns.svc.cluster.local``, ``*``) cover ``service_fqdn``?"""
+        if host == "*":
+            return True
+        if host.startswith("*."):
+            return service_fqdn.endswith(host[1:])
+        return self.resolve(host, namespace) == service_fqdn
+
+    def deployment_of(self, node: Node) -> DeploymentSpec | None:
+        """The Deployment that runs ``node`` (by workload name and namespace)."""
+        return self.deployments.get((node.namespace, node.workload))
+
+    def target_port(self, port: ServicePort, node: Node) -> int | None:
+        """The instance port a Service port sends to: ``targetPort`` as a number, or the container port it
+        names in the instance's Deployment (None when it names no port there)."""
+        target = port.target
+        if isinstance(target, int):
+            return target
+        deployment = self.deployment_of(node)
+        return deployment.container_port(target) if deployment is not None else None

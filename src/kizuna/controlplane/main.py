@@ -1,0 +1,134 @@
+"""``kizuna controlplane``: run the control plane of the mesh in a state dir until SIGTERM or SIGINT.
+
+Start-up order matters to the other processes: the token exists before anything listens, the store is loaded
+before the first sidecar can connect, and ``controlplane.json`` is written (atomically) only once the listener
+accepts, so a client that finds the file can connect. A clean exit removes the file again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from kizuna.controlplane.push import PushQueue
+from kizuna.controlplane.registry import Registry
+from kizuna.controlplane.server import ControlPlaneServer
+from kizuna.controlplane.store import FileStore, StoreError
+from kizuna.controlplane.token import load_or_create_token
+
+log = logging.getLogger("kizuna.controlplane")
+
+ADDRESS_FILE = "controlplane.json"
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) into its parts; raises ValueError on anything else."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
+        raise ValueError(f"--listen must be host:port, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def read_address_file(state_dir: str | Path) -> dict[str, Any] | None:
+    """The running control plane's ``{"address", "pid"}``, or None when there is no (readable) file."""
+    try:
+        data = json.loads((Path(state_dir) / ADDRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "address" in data else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_address_file(state_dir: Path, address: str) -> None:
+    path = state_dir / ADDRESS_FILE
+    tmp = path.with_name(f".{ADDRESS_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}) + "\n")
+    os.replace(tmp, path)
+
+
+def _remove_address_file(state_dir: Path) -> None:
+    data = read_address_file(state_dir)
+    if data is not None and data.get("pid") == os.getpid():
+        (state_dir / ADDRESS_FILE).unlink(missing_ok=True)
+
+
+async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asyncio.Event | None = None) -> int:
+    """Run the control plane until ``stop`` is set (or SIGTERM/SIGINT); returns the exit status."""
+    state = Path(state_dir)
+    host, port = parse_listen(listen)
+    state.mkdir(parents=True, exist_ok=True)
+    running = read_address_file(state)
+    if running is not None and running.get("pid") != os.getpid() and pid_alive(int(running.get("pid", 0))):
+        log.error("a control plane is already running for %s (pid %s, %s)", state, running["pid"],
+                  running["address"])
+        return 1
+    token = load_or_create_token(state)
+    try:
+        store: FileStore[Any] = FileStore(state)
+    except StoreError as exc:
+        log.error("%s", exc)
+        return 1
+    registry = Registry()
+    pusher = PushQueue(store, registry)
+    server = ControlPlaneServer(token, store, registry, pusher)
+    try:
+        bound_host, bound_port = await server.start(host, port)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", listen, exc)
+        return 1
+    address = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    push_task = asyncio.create_task(pusher.run(), name="push-queue")
+    try:
+        _write_address_file(state, address)
+        log.info("control plane listening on %s (state %s, %d resources, generation %d)", address, state,
+                 len(store.list()), store.generation)
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({push_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if push_task.done():
+            push_task.result()  # the push loop only ends by failing; surface why
+        stopped.cancel()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        push_task.cancel()
+        await asyncio.gather(push_task, return_exceptions=True)
+        await server.close()
+        registry.close()
+        _remove_address_file(state)
+    log.info("control plane stopped")
+    return 0
+
+
+def run(state_dir: str, listen: str = "127.0.0.1:0") -> int:
+    """Entry point for ``kizuna controlplane``: blocks until SIGTERM/SIGINT, returns the exit status."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        parse_listen(listen)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(state_dir, listen))

@@ -1,0 +1,424 @@
+"""HTTP/1.1 without I/O: httptools (llhttp) callbacks become small events; heads are serialized back to bytes.
+
+Feed bytes with ``feed(data)`` and get a list of events in order: ``RequestReceived``/``ResponseReceived``,
+``BodyReceived`` (de-chunked body bytes), ``MessageEnded``, then ``Upgraded`` (CONNECT, 101, the rest of the
+bytes belong to another protocol) or ``ParseFailed`` (malformed input; the connection is unusable).
+
+The parser sorts headers once, while parsing: hop-by-hop headers (RFC 9110 §7.6.1) and framing headers are taken
+out of ``headers`` and into typed fields, so a proxy forwards ``headers`` untouched and writes framing itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import httptools
+
+MAX_HEAD_BYTES: Final = 64 * 1024
+"""Request line/status line plus headers beyond this are refused (llhttp itself has no limit)."""
+
+# Body framing of an outgoing message.
+BODY_NONE: Final = 0
+BODY_LENGTH: Final = 1
+BODY_CHUNKED: Final = 2
+BODY_UNTIL_CLOSE: Final = 3  # responses only: no length, the connection's end ends the body
+
+HOP_BY_HOP: Final = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+"""Headers that describe one connection, never forwarded as they are."""
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """A parsed request line and headers. ``headers`` holds end-to-end headers only, names in original case."""
+
+    method: bytes
+    target: bytes
+    """As received: origin form ``/p?q``, absolute form ``http://h:p/p``, or ``host:port`` for CONNECT."""
+    version: bytes
+    headers: Headers
+    host: bytes
+    """The Host header (``b""`` when absent); not repeated in ``headers``."""
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool
+    expect_continue: bool
+    upgrade: bytes | None
+    """The Upgrade header when the client asks to switch protocols (``Connection: upgrade``), else None."""
+    has_request_id: bool
+
+    @property
+    def has_body(self) -> bool:
+        """True when a body follows the head."""
+        return self.chunked or bool(self.content_length)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """A parsed status line and headers; ``headers`` holds end-to-end headers only."""
+
+    status: int
+    reason: bytes
+    version: bytes
+    headers: Headers
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool
+    upgrade: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """A request head was parsed; its body (if any) follows as ``BodyReceived`` events."""
+
+    head: RequestHead
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseReceived:
+    """A response head was parsed (1xx informational heads too)."""
+
+    head: ResponseHead
+
+
+@dataclass(frozen=True, slots=True)
+class BodyReceived:
+    """A piece of the current message's body, transfer coding removed."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnded:
+    """The current message is complete."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upgraded:
+    """The peer switched protocols (CONNECT or 101); ``tail`` is the first data of the new protocol."""
+
+    tail: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ParseFailed:
+    """The input is not valid HTTP/1.x; nothing more will be parsed."""
+
+    reason: str
+
+
+Event = RequestReceived | ResponseReceived | BodyReceived | MessageEnded | Upgraded | ParseFailed
+MESSAGE_ENDED: Final = MessageEnded()
+
+
+class _Parser:
+    """What request and response parsing share: header sorting, the event list and error mapping."""
+
+    def __init__(self) -> None:
+        self._events: list[Event] = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._in_head = False
+        self._in_message = False
+        self._done = False
+        self._content_length: int | None = None
+        self._chunked = False
+        self._connection: bytes = b""
+        self._upgrade: bytes | None = None
+        self._host = b""
+        self._expect_continue = False
+        self._has_request_id = False
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._head_bytes = 0
+        self._in_head = True
+        self._in_message = True
+        self._content_length = None
+        self._chunked = False
+        self._connection = b""
+        self._upgrade = None
+        self._host = b""
+        self._expect_continue = False
+        self._has_request_id = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # trailers: dropped, as the Trailer header announcing them is hop-by-hop
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise ValueError("headers too large")
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == b"connection":
+                self._connection = self._connection + b"," + value.lower() if self._connection else value.lower()
+            elif lower == b"transfer-encoding":
+                self._chunked = value.lower().rstrip().endswith(b"chunked")
+            elif lower == b"upgrade":
+                self._upgrade = value
+        elif lower == b"content-length":
+            self._content_length = int(value)
+        elif lower == b"host":
+            self._host = value
+        elif lower == b"expect":
+            self._expect_continue = value.lower() == b"100-continue"
+        else:
+            if lower == b"x-request-id":
+                self._has_request_id = True
+            self._headers.append((name, value))
+
+    def _end_to_end_headers(self) -> Headers:
+        """The kept headers, minus any that ``Connection`` names as hop-by-hop for this connection."""
+        if self._connection:
+            named = {t.strip() for t in self._connection.split(b",")} - {b"close", b"keep-alive", b"upgrade", b""}
+            if named:
+                return tuple(h for h in self._headers if h[0].lower() not in named)
+        return tuple(self._headers)
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(BodyReceived(body))
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        self._events.append(MESSAGE_ENDED)
+
+    def _fail(self, reason: str) -> None:
+        self._done = True
+        self._events.append(ParseFailed(reason))
+
+    def _take(self) -> list[Event]:
+        events = self._events
+        self._events = []
+        return events
+
+    @property
+    def in_message(self) -> bool:
+        """True while a message has begun and not ended."""
+        return self._in_message
+
+
+class RequestParser(_Parser):
+    """Server side of a connection: bytes in, request events out (pipelined requests in order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self.upgraded = False
+        """True once a CONNECT/Upgrade head ended the HTTP part of the stream."""
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_HEAD_BYTES:
+            raise ValueError("request target too large")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        upgrade = p.should_upgrade()
+        method = p.get_method()
+        self._events.append(RequestReceived(RequestHead(
+            method, self._url, p.get_http_version().encode(), self._end_to_end_headers(), self._host,
+            self._content_length, self._chunked, p.should_keep_alive(), self._expect_continue,
+            (self._upgrade or b"") if upgrade and method != b"CONNECT" else None, self._has_request_id)))
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse ``data``; returns the events it completed."""
+        if self._done:
+            return []
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._done = True
+            self.upgraded = True
+            self._events.append(Upgraded(bytes(data[exc.args[0]:])))
+        except httptools.HttpParserError as exc:
+            self._fail(str(exc.__context__ or exc))
+        return self._take()
+
+
+class ResponseParser(_Parser):
+    """Client side of a connection: tell it each request's method (``expect``), feed bytes, get response events.
+
+    llhttp cannot be told that a response answers HEAD, so for HEAD the parse stops at the end of the head and
+    the parser is renewed; a body until close is ended by ``feed_eof``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self._head_request = False
+        self._until_close = False
+        self._stop_after_head = False
+
+    def expect(self, method: bytes) -> None:
+        """Prepare for the response to a request with this method."""
+        self._head_request = method == b"HEAD"
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reason = b""
+        self._until_close = False
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        status = p.get_status_code()
+        upgrade = self._upgrade if status == 101 else None
+        self._events.append(ResponseReceived(ResponseHead(
+            status, self._reason, p.get_http_version().encode(), self._end_to_end_headers(),
+            self._content_length, self._chunked, p.should_keep_alive(), upgrade)))
+        if status < 200:
+            return
+        if self._head_request:
+            self._stop_after_head = True
+            raise _HeadComplete
+        self._until_close = (self._content_length is None and not self._chunked
+                             and status not in (204, 304))
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse ``data``; returns the events it completed."""
+        if self._done:
+            return []
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._done = True
+            self._events.append(Upgraded(bytes(data[exc.args[0]:])))
+        except httptools.HttpParserError as exc:
+            if self._stop_after_head:
+                # The head of a HEAD response is the whole message; start clean for the next one.
+                self._stop_after_head = False
+                self._in_message = False
+                self._parser = httptools.HttpResponseParser(self)
+                self._events.append(MESSAGE_ENDED)
+            else:
+                self._fail(str(exc.__context__ or exc))
+        return self._take()
+
+    def feed_eof(self) -> list[Event]:
+        """The peer closed: ends a body delimited by close, or reports a message cut short."""
+        if self._done or not self._in_message:
+            return []
+        if self._until_close and not self._in_head:
+            self._in_message = False
+            return [MESSAGE_ENDED]
+        self._fail("connection closed before the message ended")
+        return self._take()
+
+
+class _HeadComplete(Exception):
+    """Raised inside llhttp's callback to stop parsing after the head of a HEAD response."""
+
+
+def response_has_body(method: bytes, status: int) -> bool:
+    """RFC 9112 §6.3: responses to HEAD, 1xx, 204, 304 and a successful CONNECT carry no body."""
+    if method == b"HEAD" or status < 200 or status in (204, 304):
+        return False
+    return not (method == b"CONNECT" and status < 300)
+
+
+def encode_headers(parts: list[bytes], headers: Headers) -> None:
+    """Append ``name: value CRLF`` lines for ``headers`` to ``parts``."""
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+
+
+def framing_headers(parts: list[bytes], framing: int, length: int | None) -> None:
+    """Append the header that announces ``framing`` (nothing for no body or a body until close)."""
+    if framing == BODY_LENGTH:
+        parts += (b"Content-Length: ", str(length).encode(), b"\r\n")
+    elif framing == BODY_CHUNKED:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+
+
+def encode_request_head(method: bytes, target: bytes, host: bytes, headers: Headers, framing: int,
+                        length: int | None = None, upgrade: bytes | None = None,
+                        extra: Headers = ()) -> bytes:
+    """An HTTP/1.1 request head. ``upgrade`` adds ``Connection: upgrade`` and ``Upgrade``; ``extra`` headers
+    are appended after ``headers``."""
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    if host:
+        parts += (b"Host: ", host, b"\r\n")
+    encode_headers(parts, headers)
+    if extra:
+        encode_headers(parts, extra)
+    framing_headers(parts, framing, length)
+    if upgrade is not None:
+        parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_response_head(status: int, reason: bytes, headers: Headers, framing: int,
+                         length: int | None = None, connection: bytes | None = None,
+                         upgrade: bytes | None = None) -> bytes:
+    """An HTTP/1.1 status line and headers. ``connection`` is written as the Connection header when given."""
+    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
+    encode_headers(parts, headers)
+    framing_headers(parts, framing, length)
+    if upgrade is not None:
+        parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    elif connection is not None:
+        parts += (b"Connection: ", connection, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (never call with empty data: that is the last chunk)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK: Final = b"0\r\n\r\n"
+CONTINUE_RESPONSE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def split_authority(authority: bytes, default_port: int = 80) -> tuple[str, int]:
+    """``host[:port]`` (IPv6 in brackets) → lower-case host without a trailing dot, and port.
+
+    Raises ValueError on a port that is not a number.
+    """
+    text = authority.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        host, rest = text[1:end], text[end + 1:]
+        port = int(rest[1:]) if rest.startswith(":") else default_port
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port = text, default_port
+        else:
+            port = int(port_text)
+    return host.rstrip("."), port
+
+
+def split_absolute_target(target: bytes) -> tuple[bytes, bytes, bytes]:
+    """``http://authority/path?q`` → (scheme, authority, origin-form target). Raises ValueError otherwise."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or not scheme:
+        raise ValueError("not an absolute-form target")
+    cut = len(rest)
+    for mark in (b"/", b"?", b"#"):
+        i = rest.find(mark)
+        if 0 <= i < cut:
+            cut = i
+    authority, path = rest[:cut], rest[cut:]
+    if b"@" in authority:
+        authority = authority.rpartition(b"@")[2]
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return scheme.lower(), authority, path.partition(b"#")[0]

@@ -1,0 +1,446 @@
+"""Forwarding one HTTP request upstream: tries, retries and timeouts, then the response streamed back.
+
+An ``Exchange`` lives from a request head to the end of its response. It is driven by calls, not a coroutine:
+the downstream connection feeds it the request, the upstream connection feeds it the response, and timers
+(``loop.call_later``) bound each try and the whole. Retries follow Istio: ``attempts`` retries after the
+first try, only while nothing of the response went downstream, only for bodies kept for replay (up to
+``MAX_REPLAY`` bytes; larger bodies stream and are not retried), preferring another endpoint. A try that fails
+on a reused keep-alive connection before any response byte (the app closed it while idle, Istio's "503 UC")
+is repeated once on a fresh connection, outside the retry budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Final, Protocol
+
+from kizuna.protocols.http1 import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    BODY_UNTIL_CLOSE,
+    LAST_CHUNK,
+    RequestHead,
+    ResponseHead,
+    encode_chunk,
+    encode_request_head,
+    encode_response_head,
+    response_has_body,
+)
+from kizuna.proxy.errors import (
+    NO_HEALTHY_UPSTREAM,
+    UPSTREAM_CONNECT_ERROR,
+    UPSTREAM_PROTOCOL_ERROR,
+    UPSTREAM_TIMEOUT,
+    SyntheticResponse,
+)
+from kizuna.proxy.retry import backoff
+from kizuna.proxy.stats import Stats
+from kizuna.proxy.tcp import Relay, adopt
+from kizuna.proxy.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from kizuna.proxy.state import Destination, Pool
+
+MAX_REPLAY: Final = 64 * 1024
+"""Request bodies up to this size are kept so a retry can send them again."""
+
+# What the exchange carries.
+HTTP: Final = 0
+UPGRADE: Final = 1  # Connection: upgrade (WebSocket); a raw relay after 101
+CONNECT: Final = 2  # CONNECT host:port; a raw relay once the upstream connection is up
+
+CONNECT_ESTABLISHED: Final = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+# Reasons the downstream connection stops reading.
+PAUSE_UPSTREAM_FULL: Final = 2
+
+
+class Downstream(Protocol):
+    """What an exchange needs from the client connection it answers."""
+
+    transport: asyncio.Transport
+    write_paused: bool
+    registry: set[asyncio.BaseProtocol]
+
+    def respond(self, response: SyntheticResponse, keep_alive: bool) -> None:
+        """Send a synthetic response instead of an upstream one; the exchange is over."""
+
+    def exchange_done(self, keep_alive: bool) -> None:
+        """The response was sent in full."""
+
+    def abort(self) -> None:
+        """The response cannot be completed: drop the client connection."""
+
+    def pause_reading(self, reason: int) -> None: ...
+
+    def resume_reading(self, reason: int) -> None: ...
+
+    def start_tunnel(self, upstream: Relay) -> None:
+        """Relay raw bytes between the client and ``upstream`` from now on."""
+
+
+def new_request_id() -> bytes:
+    """A fresh ``x-request-id`` value (uuid4, as Envoy generates)."""
+    return str(uuid.uuid4()).encode()
+
+
+class Exchange:
+    """One request and its response, across as many upstream tries as the retry policy allows."""
+
+    __slots__ = ("down", "head", "dest", "target", "host", "extra", "mode", "loop", "stats", "body",
+                 "body_size", "streaming", "request_done", "request_sent", "head_bytes", "conn", "pool",
+                 "connecting", "tried", "retries_left", "reused", "fresh_only", "stale_retried", "started",
+                 "framing", "keep_alive", "timer", "try_timer", "done", "upgrade_head")
+
+    def __init__(self, down: Downstream, head: RequestHead, dest: Destination, target: bytes, host: bytes,
+                 stats: Stats, loop: asyncio.AbstractEventLoop, mode: int = HTTP) -> None:
+        self.down = down
+        self.head = head
+        self.dest = dest
+        self.target = target
+        """The request target sent upstream, origin form."""
+        self.host = host
+        self.extra = () if head.has_request_id else ((b"x-request-id", new_request_id()),)
+        self.mode = mode
+        self.loop = loop
+        self.stats = stats
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.streaming = False
+        self.request_done = False
+        self.request_sent = False
+        self.head_bytes: bytes | None = None
+        self.conn: UpstreamConnection | None = None
+        self.pool: Pool | None = None
+        self.connecting: asyncio.Task[asyncio.BaseProtocol] | None = None
+        self.tried: list[Pool] = []
+        self.retries_left = dest.retry.attempts if mode != UPGRADE else 0
+        self.reused = False
+        self.fresh_only = mode != HTTP
+        self.stale_retried = False
+        self.started = False
+        self.framing = BODY_NONE
+        self.keep_alive = head.keep_alive and mode == HTTP
+        self.timer: asyncio.TimerHandle | None = None
+        self.try_timer: asyncio.TimerHandle | None = None
+        self.done = False
+        self.upgrade_head: ResponseHead | None = None
+
+    # -- the request, from the downstream connection -------------------------------------------------------
+
+    def request_body(self, data: bytes) -> None:
+        """A piece of the request body."""
+        if self.done or self.mode != HTTP:
+            return
+        if self.streaming:
+            conn = self.conn
+            if conn is not None:
+                conn.write(encode_chunk(data) if self.head.chunked else data)
+            else:
+                self.body.append(data)
+                self.down.pause_reading(PAUSE_UPSTREAM_FULL)
+            return
+        self.body.append(data)
+        self.body_size += len(data)
+        if self.body_size > MAX_REPLAY:
+            # Too big to keep for a replay: stream it through the only try.
+            self.streaming = True
+            self.retries_left = 0
+            self._begin_attempt()
+
+    def request_end(self) -> None:
+        """The request is complete: the route timeout starts, and the first try unless it already streams."""
+        self.request_done = True
+        if self.done:
+            return
+        if self.dest.timeout is not None and self.mode == HTTP:
+            self.timer = self.loop.call_later(self.dest.timeout, self._on_timeout)
+        if not self.streaming:
+            self._begin_attempt()
+        elif self.conn is not None:
+            if self.head.chunked:
+                self.conn.write(LAST_CHUNK)
+            self.request_sent = True
+
+    def abort(self) -> None:
+        """The client went away."""
+        if not self.done:
+            self._abandon()
+            self._finish()
+
+    # -- tries ---------------------------------------------------------------------------------------------
+
+    def _begin_attempt(self, pool: Pool | None = None) -> None:
+        if pool is None:
+            pool = self.dest.cluster.balancer.pick(self.tried)
+            if pool is None:
+                self._fail(NO_HEALTHY_UPSTREAM)
+                return
+        self.pool = pool
+        pool.active += 1
+        per_try = self.dest.retry.per_try_timeout
+        if per_try is not None and self.mode == HTTP:
+            self.try_timer = self.loop.call_later(per_try, self._on_try_timeout)
+        conn = None if self.fresh_only else pool.acquire(self.loop.time())
+        self.fresh_only = self.mode != HTTP
+        if conn is not None:
+            self._attach(conn, reused=True)
+            return
+        factory: Callable[[], asyncio.BaseProtocol]
+        if self.mode == CONNECT:
+            factory = partial(Relay, self.stats, self.down.registry)
+        else:
+            factory = partial(UpstreamConnection, pool, self.stats)
+        task = self.loop.create_task(pool.connect(factory, self.dest.cluster.connect_timeout))
+        self.connecting = task
+        task.add_done_callback(self._on_connected)
+
+    def _on_connected(self, task: asyncio.Task[asyncio.BaseProtocol]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        current = task is self.connecting and not self.done
+        if task is self.connecting:
+            self.connecting = None
+        if exc is not None:
+            if current:
+                self._try_failed(UPSTREAM_CONNECT_ERROR, connect_failure=True)
+            return
+        conn = task.result()
+        if not current:
+            # The try was given up while connecting; the connection can still serve someone else.
+            if isinstance(conn, UpstreamConnection):
+                conn.finish(reusable=True)
+            elif isinstance(conn, Relay) and conn.transport is not None:
+                conn.transport.close()
+            return
+        if isinstance(conn, Relay):
+            self._tunnel(conn)
+        else:
+            assert isinstance(conn, UpstreamConnection)
+            self._attach(conn, reused=False)
+
+    def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
+        self.conn = conn
+        self.reused = reused
+        if self.down.write_paused and conn.transport is not None:
+            conn.transport.pause_reading()
+        conn.send(self, self.head.method, self._request_bytes())
+        if self.streaming:
+            self.down.resume_reading(PAUSE_UPSTREAM_FULL)
+
+    def _request_bytes(self) -> bytes:
+        head = self.head
+        if self.streaming:
+            framing = BODY_CHUNKED if head.chunked else BODY_LENGTH
+            parts = [encode_request_head(head.method, self.target, self.host, head.headers, framing,
+                                         head.content_length, None, self.extra)]
+            parts.extend(map(encode_chunk, self.body) if head.chunked else self.body)
+            self.body = []
+            if self.request_done:
+                if head.chunked:
+                    parts.append(LAST_CHUNK)
+                self.request_sent = True
+            return b"".join(parts)
+        data = self.head_bytes
+        if data is None:
+            # The whole body is here: send it with a length even if it came chunked (apps handle it best).
+            body = b"".join(self.body)
+            self.body = []
+            framing = BODY_LENGTH if body or head.chunked or head.content_length is not None else BODY_NONE
+            upgrade = head.upgrade if self.mode == UPGRADE else None
+            data = self.head_bytes = encode_request_head(head.method, self.target, self.host, head.headers,
+                                                         framing, len(body), upgrade, self.extra) + body
+        self.request_sent = True
+        return data
+
+    def _tunnel(self, relay: Relay) -> None:
+        self._finish()
+        self.down.transport.write(CONNECT_ESTABLISHED)
+        self.down.start_tunnel(relay)
+
+    def _retry(self) -> None:
+        self.retries_left -= 1
+        self.stats.retries += 1
+        self.try_timer = self.loop.call_later(backoff(self.dest.retry.attempts - self.retries_left),
+                                              self._begin_attempt)
+
+    def _try_failed(self, error: SyntheticResponse, connect_failure: bool) -> None:
+        self._abandon()
+        rules = self.dest.retry
+        allowed = rules.on_connect_failure if connect_failure else rules.on_reset
+        if allowed and self.retries_left > 0 and not self.streaming:
+            self._retry()
+        else:
+            self._fail(error)
+
+    def _on_try_timeout(self) -> None:
+        self.try_timer = None
+        if self.started or self.done:
+            return
+        self.stats.timeouts += 1
+        self._abandon()
+        if self.dest.retry.on_timeout and self.retries_left > 0 and not self.streaming:
+            self._retry()
+        else:
+            self._fail(UPSTREAM_TIMEOUT)
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        self.stats.timeouts += 1
+        self._abandon()
+        if self.started:
+            self._finish()
+            self.down.abort()
+        else:
+            self._fail(UPSTREAM_TIMEOUT)
+
+    def _abandon(self) -> None:
+        """Give up the current try: close its connection, forget its connect, remember its endpoint."""
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        pool = self.pool
+        if pool is not None:
+            pool.active -= 1
+            self.tried.append(pool)
+            self.pool = None
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.exchange = None
+            conn.close()
+        self.connecting = None
+
+    def _finish(self) -> None:
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        if self.pool is not None:
+            self.pool.active -= 1
+            self.pool = None
+
+    def _fail(self, error: SyntheticResponse) -> None:
+        self._abandon()
+        self._finish()
+        self.down.respond(error, self.keep_alive and self.request_done)
+
+    # -- the response, from the upstream connection --------------------------------------------------------
+
+    def response_head(self, head: ResponseHead) -> None:
+        """A response head from the current try."""
+        status = head.status
+        if status < 200 and status != 101:
+            return  # informational: the client already had our own 100 Continue
+        counters = self.dest.cluster.counters
+        counters[status // 100 - 1] += 1
+        if self.retries_left > 0 and not self.streaming and self.dest.retry.status_retriable(status):
+            self._abandon()
+            self._retry()
+            return
+        self.started = True
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        if status == 101:
+            self.upgrade_head = head  # the new protocol's first bytes follow in response_upgraded
+            return
+        request = self.head
+        keep_alive = self.keep_alive
+        http11 = request.version == b"1.1"
+        length = head.content_length
+        if not response_has_body(request.method, status):
+            self.framing = BODY_NONE
+            # A HEAD or 304 response still tells the length the body would have had.
+            announce = BODY_LENGTH if length is not None and status != 204 else BODY_NONE
+        elif length is not None:
+            self.framing = announce = BODY_LENGTH
+        elif http11:
+            self.framing = announce = BODY_CHUNKED
+        else:
+            self.framing = announce = BODY_UNTIL_CLOSE
+            keep_alive = False
+        self.keep_alive = keep_alive
+        if http11:
+            connection = None if keep_alive else b"close"
+        else:
+            connection = b"keep-alive" if keep_alive else b"close"
+        self.down.transport.write(encode_response_head(status, head.reason, head.headers, announce, length,
+                                                       connection))
+
+    def response_body(self, data: bytes) -> None:
+        """A piece of the response body."""
+        self.down.transport.write(encode_chunk(data) if self.framing == BODY_CHUNKED else data)
+
+    def response_end(self) -> None:
+        """The response is complete."""
+        if self.framing == BODY_CHUNKED:
+            self.down.transport.write(LAST_CHUNK)
+        conn = self.conn
+        self.conn = None
+        self._finish()
+        if conn is not None:
+            conn.finish(reusable=self.request_sent)
+        self.down.exchange_done(self.keep_alive and self.request_done)
+
+    def response_upgraded(self, tail: bytes) -> None:
+        """The upstream switched protocols (101): answer the client and relay raw bytes both ways."""
+        head, conn = self.upgrade_head, self.conn
+        if self.mode != UPGRADE or head is None or conn is None:
+            self.upstream_failed(UPSTREAM_PROTOCOL_ERROR)
+            return
+        self.conn = None
+        self._finish()
+        self.down.transport.write(encode_response_head(101, head.reason, head.headers, BODY_NONE,
+                                                       upgrade=head.upgrade or self.head.upgrade))
+        relay = adopt(conn.detach(), self.stats, self.down.registry)
+        if tail:
+            self.down.transport.write(tail)
+        self.down.start_tunnel(relay)
+
+    def upstream_failed(self, error: SyntheticResponse) -> None:
+        """The current try's connection closed, reset, or sent something that is not HTTP."""
+        if self.done:
+            return
+        if self.started:
+            self._abandon()
+            self._finish()
+            self.down.abort()
+            return
+        conn, pool = self.conn, self.pool
+        stale = self.reused and conn is not None and not conn.received
+        if stale and not self.stale_retried and not self.streaming and pool is not None:
+            # The app closed this idle keep-alive connection as we sent on it: try once more, fresh.
+            self.stale_retried = True
+            self._abandon()
+            self.tried.pop()
+            self.fresh_only = True
+            self._begin_attempt(pool)
+            return
+        self._try_failed(error, connect_failure=False)
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        """Flow control for the request body: the upstream cannot take more for now."""
+        if paused:
+            self.down.pause_reading(PAUSE_UPSTREAM_FULL)
+        else:
+            self.down.resume_reading(PAUSE_UPSTREAM_FULL)
+
+    def downstream_write_paused(self, paused: bool) -> None:
+        """Flow control for the response body: the client cannot take more for now."""
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            if paused:
+                conn.transport.pause_reading()
+            else:
+                conn.transport.resume_reading()

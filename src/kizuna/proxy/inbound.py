@@ -1,0 +1,139 @@
+"""Inbound: traffic from other sidecars to this workload, one listener per inbound port, forwarded to the app.
+
+Protocol "http" proxies HTTP/1.1 over a keep-alive pool to the app; "tcp" relays bytes; "auto" sniffs the first
+bytes for a bounded time (``SNIFF_TIMEOUT``), then proxies HTTP/1.x or relays anything else. A connection that
+sends nothing first (server-first protocols such as MySQL or SMTP) is relayed once the wait is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Final
+
+from kizuna.protocols.http1 import RequestHead
+from kizuna.protocols.sniff import Detected, sniff
+from kizuna.proxy.downstream import HttpServerConnection
+from kizuna.proxy.errors import NO_ROUTE, SyntheticResponse
+from kizuna.proxy.exchange import HTTP, UPGRADE, Exchange
+from kizuna.proxy.listener import ConnectionInfo
+from kizuna.proxy.outbound import StateSource
+from kizuna.proxy.state import INBOUND_CONNECT_TIMEOUT
+from kizuna.proxy.stats import Stats
+from kizuna.proxy.tcp import TcpForward
+
+SNIFF_TIMEOUT: Final = 0.1
+
+
+class InboundDispatcher:
+    """Sends every request of one inbound port to the app, as the current snapshot says."""
+
+    __slots__ = ("source", "port", "stats", "counter", "loop")
+
+    def __init__(self, source: StateSource, port: int, stats: Stats, loop: asyncio.AbstractEventLoop) -> None:
+        self.source = source
+        self.port = port
+        self.stats = stats
+        self.counter = stats.inbound_counter(port)
+        self.loop = loop
+
+    def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse:
+        self.stats.inbound_rq_total += 1
+        self.counter[0] += 1
+        target = self.source.state.inbound.get(self.port)
+        if target is None or head.method == b"CONNECT":
+            return NO_ROUTE
+        return Exchange(down, head, target.destination, head.target, head.host, self.stats, self.loop,
+                        HTTP if head.upgrade is None else UPGRADE)
+
+
+class SniffingConnection(asyncio.Protocol):
+    """Holds a new connection until its first bytes tell HTTP/1.x from anything else, then hands it over."""
+
+    __slots__ = ("make_http", "make_opaque", "wait", "transport", "buffer", "timer")
+
+    def __init__(self, make_http: Callable[[], asyncio.Protocol], make_opaque: Callable[[bytes], asyncio.Protocol],
+                 wait: float = SNIFF_TIMEOUT) -> None:
+        self.make_http = make_http
+        self.make_opaque = make_opaque
+        self.wait = wait
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(self.wait, self._hand_over, False)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        detected = sniff(self.buffer)
+        if detected is not Detected.NEED_MORE:
+            self._hand_over(detected is Detected.HTTP1)
+
+    def eof_received(self) -> bool:
+        protocol = self._hand_over(sniff(self.buffer) is Detected.HTTP1)
+        return bool(protocol is not None and protocol.eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _hand_over(self, http: bool) -> asyncio.Protocol | None:
+        transport = self.transport
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if transport is None or transport.is_closing():
+            return None
+        self.transport = None
+        protocol = self.make_http() if http else self.make_opaque(self.buffer)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if http and self.buffer:
+            protocol.data_received(self.buffer)
+        return protocol
+
+
+class InboundHandler:
+    """Accepted inbound connections → the protocol their port's current setting asks for."""
+
+    __slots__ = ("source", "stats", "registry", "loop", "_dispatchers")
+
+    def __init__(self, source: StateSource, stats: Stats, registry: set[asyncio.BaseProtocol],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.source = source
+        self.stats = stats
+        self.registry = registry
+        self.loop = loop
+        self._dispatchers: dict[int, InboundDispatcher] = {}
+
+    def __call__(self, info: ConnectionInfo) -> asyncio.BaseProtocol:
+        target = self.source.state.inbound.get(info.port)
+        if target is None:
+            return _Closing()
+        if target.protocol == "http":
+            return self._http(info.port)
+        address, port = target.port.target_address, target.port.target_port
+
+        def opaque(initial: bytes = b"") -> asyncio.Protocol:
+            return TcpForward(address, port, INBOUND_CONNECT_TIMEOUT, self.stats, self.registry, initial)
+
+        if target.protocol == "tcp":
+            return opaque()
+        return SniffingConnection(lambda: self._http(info.port), opaque)
+
+    def _http(self, port: int) -> HttpServerConnection:
+        dispatcher = self._dispatchers.get(port)
+        if dispatcher is None:
+            dispatcher = self._dispatchers[port] = InboundDispatcher(self.source, port, self.stats, self.loop)
+        return HttpServerConnection(dispatcher, self.stats, self.registry)
+
+
+class _Closing(asyncio.Protocol):
+    """For a connection that raced the removal of its port: closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()

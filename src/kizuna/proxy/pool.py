@@ -1,0 +1,119 @@
+"""Upstream connections per endpoint: idle keep-alive connections are reused, closed ones are discarded.
+
+The pool decides from what each connection answers (``is_available``, ``is_idle``, ``has_expired``), as in
+httpcore. Pools are keyed by endpoint address and outlive snapshots, so a config push does not cost the
+warm connections of endpoints that stay; pools of endpoints that disappear are drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Final, Generic, Protocol, TypeVar
+
+IDLE_TIMEOUT: Final = 30.0
+"""Seconds an idle connection stays reusable. Apps often close sooner; that race is retried (see exchange)."""
+MAX_IDLE: Final = 64
+"""Idle connections kept per endpoint; more are closed when released."""
+
+
+class Poolable(Protocol):
+    """What the pool asks a connection."""
+
+    def is_available(self) -> bool:
+        """Open, idle, and able to carry another request."""
+        ...
+
+    def is_idle(self) -> bool:
+        """No request in flight."""
+        ...
+
+    def has_expired(self, now: float) -> bool:
+        """Idle for too long, or closed by the peer."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+C = TypeVar("C", bound=Poolable)
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+class EndpointPool(Generic[C]):
+    """Connections to one endpoint, and the count of requests in flight to it (for LEAST_REQUEST)."""
+
+    __slots__ = ("address", "port", "active", "idle", "draining")
+
+    def __init__(self, address: str, port: int) -> None:
+        self.address = address
+        self.port = port
+        self.active = 0
+        self.idle: list[C] = []
+        self.draining = False
+
+    def __repr__(self) -> str:
+        return f"EndpointPool({self.address}:{self.port}, active={self.active}, idle={len(self.idle)})"
+
+    def acquire(self, now: float) -> C | None:
+        """The most recently used idle connection that can still be used, or None (then connect)."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.is_available() and not conn.has_expired(now):
+                return conn
+            conn.close()
+        return None
+
+    def release(self, conn: C) -> None:
+        """Take back a connection whose request finished; keep it for reuse when it can carry another."""
+        if self.draining or not conn.is_available() or len(self.idle) >= MAX_IDLE:
+            conn.close()
+        else:
+            self.idle.append(conn)
+
+    def discard(self, conn: C) -> None:
+        """Forget a connection that closed."""
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    async def connect(self, factory: Callable[[], P], timeout: float) -> P:
+        """Open a new connection to this endpoint; raises OSError or TimeoutError."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            _, protocol = await loop.create_connection(factory, self.address, self.port)
+        return protocol
+
+    def drain(self) -> None:
+        """The endpoint left the config: close idle connections now, busy ones when released."""
+        self.draining = True
+        while self.idle:
+            self.idle.pop().close()
+
+
+class PoolRegistry(Generic[C]):
+    """Every endpoint pool of a sidecar, by (address, port), shared by successive snapshots."""
+
+    __slots__ = ("pools",)
+
+    def __init__(self) -> None:
+        self.pools: dict[tuple[str, int], EndpointPool[C]] = {}
+
+    def get(self, address: str, port: int) -> EndpointPool[C]:
+        """The pool for an endpoint, created on first use."""
+        key = (address, port)
+        pool = self.pools.get(key)
+        if pool is None or pool.draining:
+            pool = self.pools[key] = EndpointPool(address, port)
+        return pool
+
+    def retain(self, keep: set[tuple[str, int]]) -> None:
+        """Drain and forget the pools of endpoints not in ``keep``."""
+        for key in [k for k in self.pools if k not in keep]:
+            self.pools.pop(key).drain()
+
+    def close(self) -> None:
+        """Drain every pool (sidecar stop)."""
+        self.retain(set())

@@ -1,0 +1,50 @@
+"""When a failed try is retried: Istio's HTTPRetry evaluated the way Envoy's retry state does, precomputed per route.
+
+``retry_on`` conditions: ``5xx`` (any 5xx, resets and connect failures), ``gateway-error`` (502/503/504,
+resets, connect failures), ``reset`` (no response: disconnect, reset, per-try timeout), ``connect-failure``,
+``retriable-status-codes`` (the codes in ``retriable_status_codes``; a per-try timeout counts as 504).
+HTTP/2 stream conditions (``refused-stream``, ``unavailable``, ``cancelled``) never occur on HTTP/1.1.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Final
+
+from kizuna.proxyconfig.model import RetryPolicy
+
+BACKOFF_BASE: Final = 0.025
+BACKOFF_MAX: Final = 0.25
+
+
+class RetryRules:
+    """A route's retry policy as flags, so the hot path tests booleans instead of parsing strings."""
+
+    __slots__ = ("attempts", "per_try_timeout", "on_connect_failure", "on_reset", "on_timeout",
+                 "on_5xx", "on_gateway_error", "status_codes")
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        on = policy.retry_on
+        self.attempts = max(0, policy.attempts)
+        self.per_try_timeout = policy.per_try_timeout or None
+        self.on_5xx = "5xx" in on
+        self.on_gateway_error = "gateway-error" in on
+        self.on_reset = self.on_5xx or self.on_gateway_error or "reset" in on
+        self.on_connect_failure = self.on_reset or "connect-failure" in on
+        self.status_codes = (frozenset(policy.retriable_status_codes) if "retriable-status-codes" in on
+                             else frozenset())
+        self.on_timeout = self.on_reset or 504 in self.status_codes
+
+    def status_retriable(self, status: int) -> bool:
+        """True when a response with ``status`` is discarded and retried."""
+        if status < 500:
+            return status in self.status_codes
+        if self.on_5xx or status in self.status_codes:
+            return True
+        return self.on_gateway_error and status in (502, 503, 504)
+
+
+def backoff(retry: int) -> float:
+    """Delay before retry number ``retry`` (1-based): jittered exponential from 25 ms, at most 250 ms."""
+    ceiling = min(BACKOFF_MAX, BACKOFF_BASE * (2 ** (retry - 1)))
+    return ceiling * random.uniform(0.5, 1.0)

@@ -1,0 +1,104 @@
+"""Route selection with Istio's match semantics, pure: no sockets, usable by tests and ``explain`` alike.
+
+A ``Router`` is built once per snapshot: (host, port) → virtual host. ``select`` returns the first route of that
+virtual host whose matches hold (any of its ``RouteMatch`` entries; a route without matches takes everything).
+Within one ``RouteMatch`` every set condition must hold. The uri is matched on the path without the query
+string; ``ignoreUriCase`` is carried by the ``StringMatch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from urllib.parse import parse_qsl
+
+from kizuna.proxyconfig.model import HeaderMatch, Route, RouteMatch, Snapshot, VirtualHost
+
+
+class Router:
+    """Index of a snapshot's virtual hosts by (host, port), and Istio route matching over them."""
+
+    __slots__ = ("_hosts", "_catch_all")
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._hosts: dict[tuple[str, int], VirtualHost] = {}
+        # Virtual hosts whose first route matches everything answer without looking at the request.
+        self._catch_all: dict[int, Route] = {}
+        for vh in snapshot.virtual_hosts:
+            for host in vh.hosts:
+                # The first virtual host to claim a name wins, as the control plane orders them.
+                self._hosts.setdefault((host.lower().rstrip("."), vh.port), vh)
+            if vh.routes and not vh.routes[0].matches:
+                self._catch_all[id(vh)] = vh.routes[0]
+
+    def virtual_host(self, host: str, port: int) -> VirtualHost | None:
+        """The virtual host serving ``host`` (lower-case, no port) on ``port``."""
+        return self._hosts.get((host, port))
+
+    def select(self, host: str, port: int, method: str, path: str,
+               headers: Mapping[str, str]) -> Route | None:
+        """The route for a request, or None when no virtual host or no route matches.
+
+        ``path`` is the request target in origin form, query string included; ``headers`` maps lower-case
+        names to values (repeated headers joined with ``,``) and is read only when a match needs it.
+        """
+        vh = self._hosts.get((host, port))
+        if vh is None:
+            return None
+        route = self._catch_all.get(id(vh))
+        if route is not None:
+            return route
+        uri, _, query = path.partition("?")
+        request = _Request(method, uri, query, port, headers)
+        for route in vh.routes:
+            if not route.matches or any(request.satisfies(m) for m in route.matches):
+                return route
+        return None
+
+
+class _Request:
+    """The parts of one request that matches look at; the query is parsed only when a match asks."""
+
+    __slots__ = ("method", "uri", "query", "port", "headers", "_params")
+
+    def __init__(self, method: str, uri: str, query: str, port: int, headers: Mapping[str, str]) -> None:
+        self.method = method
+        self.uri = uri
+        self.query = query
+        self.port = port
+        self.headers = headers
+        self._params: dict[str, str] | None = None
+
+    def params(self) -> dict[str, str]:
+        if self._params is None:
+            # The first value of a repeated parameter counts, as in Envoy's query parameter matcher. Names are
+            # compared lower-case because the snapshot's HeaderMatch stores them so.
+            self._params = {}
+            for key, value in parse_qsl(self.query, keep_blank_values=True):
+                self._params.setdefault(key.lower(), value)
+        return self._params
+
+    def satisfies(self, m: RouteMatch) -> bool:
+        """True when every condition set in ``m`` holds for this request."""
+        if m.port is not None and m.port != self.port:
+            return False
+        if m.uri is not None and not m.uri.matches(self.uri):
+            return False
+        if m.method is not None and not m.method.matches(self.method):
+            return False
+        if m.scheme is not None and not m.scheme.matches("http"):
+            return False
+        if m.authority is not None and not m.authority.matches(self.headers.get("host", "")):
+            return False
+        if m.headers and not all(_holds(h, self.headers) for h in m.headers):
+            return False
+        if m.without_headers and any(_holds(h, self.headers) for h in m.without_headers):
+            return False
+        return not m.query_params or all(_holds(q, self.params()) for q in m.query_params)
+
+
+def _holds(cond: HeaderMatch, values: Mapping[str, str]) -> bool:
+    """A header or query condition: present (no match given) or present with a matching value."""
+    value = values.get(cond.name)
+    if value is None:
+        return False
+    return cond.match is None or cond.match.matches(value)

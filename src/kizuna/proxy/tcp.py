@@ -1,0 +1,149 @@
+"""Opaque byte relay between two connections, with flow control both ways and half-close.
+
+Used for plain TCP ports, for connections that sniffing did not recognise, for CONNECT tunnels and after a
+``101 Switching Protocols``. Each side is a ``Relay`` protocol; when one side's write buffer is full the other
+side stops reading until it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+from kizuna.proxy.stats import Stats
+
+WRITE_HIGH_WATER: Final = 64 * 1024
+
+
+class Relay(asyncio.Protocol):
+    """One side of a relay: what it reads, its peer writes."""
+
+    __slots__ = ("stats", "registry", "transport", "peer", "eof")
+
+    def __init__(self, stats: Stats, registry: set[asyncio.BaseProtocol]) -> None:
+        self.stats = stats
+        self.registry = registry
+        self.transport: asyncio.Transport | None = None
+        self.peer: Relay | None = None
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
+        self.registry.add(self)
+        self.stats.tcp_cx_total += 1
+        self.stats.tcp_cx_active += 1
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is None or peer.transport is None or peer.transport.is_closing():
+            return False
+        if peer.eof or not peer.transport.can_write_eof():
+            peer.transport.close()
+            return False
+        # Half-close: pass the FIN on and keep the other direction open.
+        peer.transport.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stats.tcp_cx_active -= 1
+        self.registry.discard(self)
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            # close() flushes what is still buffered for the peer before it sends FIN.
+            peer.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+
+def link(a: Relay, b: Relay, to_a: bytes = b"", to_b: bytes = b"") -> None:
+    """Join two relays whose transports are set, send what each side already had for the other, start reading."""
+    assert a.transport is not None and b.transport is not None
+    a.peer, b.peer = b, a
+    if to_b:
+        b.transport.write(to_b)
+    if to_a:
+        a.transport.write(to_a)
+    for side in (a, b):
+        if side.transport is not None and not side.transport.is_closing():
+            side.transport.resume_reading()
+
+
+def adopt(transport: asyncio.Transport, stats: Stats, registry: set[asyncio.BaseProtocol]) -> Relay:
+    """Turn a transport that another protocol was reading into one side of a relay."""
+    relay = Relay(stats, registry)
+    transport.set_protocol(relay)
+    relay.connection_made(transport)
+    return relay
+
+
+class TcpForward(asyncio.Protocol):
+    """An accepted connection relayed to ``host:port`` once that connection is up (opaque TCP forwarding).
+
+    Reading waits until the upstream side exists; ``initial`` is what was already read (e.g. while sniffing).
+    When the upstream cannot be reached the connection is closed: plain TCP has no way to say why.
+    """
+
+    __slots__ = ("host", "port", "timeout", "stats", "registry", "initial", "transport", "task", "closed", "eof")
+
+    def __init__(self, host: str, port: int, timeout: float, stats: Stats, registry: set[asyncio.BaseProtocol],
+                 initial: bytes = b"") -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.stats = stats
+        self.registry = registry
+        self.initial = initial
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.pause_reading()
+        self.task = asyncio.get_running_loop().create_task(self._connect())
+
+    def data_received(self, data: bytes) -> None:
+        self.initial += data  # only before the relay takes over, while reading is being paused
+
+    def eof_received(self) -> bool:
+        self.eof = True  # passed on once the relay exists
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.transport is not None
+        try:
+            async with asyncio.timeout(self.timeout):
+                up, relay = await loop.create_connection(lambda: Relay(self.stats, self.registry), self.host,
+                                                         self.port)
+        except (OSError, TimeoutError):
+            self.transport.close()
+            return
+        if self.closed:
+            up.close()
+            return
+        down = adopt(self.transport, self.stats, self.registry)
+        link(down, relay, to_a=b"", to_b=self.initial)
+        if self.eof:
+            down.eof_received()

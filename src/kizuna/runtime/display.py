@@ -1,0 +1,106 @@
+"""What ``kizuna up`` prints: start-up progress (stderr) and the table of running instances (stdout)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from kizuna.runtime.addresses import PodRange
+from kizuna.runtime.processes import ProcessRecord
+from kizuna.runtime.settings import DEFAULT_STATE_DIR
+from kizuna.runtime.state import StateDir
+from kizuna.runtime.workloads import Instance
+
+
+class Progress:
+    """One line per instance as it becomes ready, so a slow start shows where it is stuck."""
+
+    def __init__(self, out: TextIO, ids: Sequence[str]) -> None:
+        self._out = out
+        self._total = len(ids)
+        self._ready = 0
+        if ids:
+            out.write(f"waiting for {len(ids)} instance{'s' if len(ids) != 1 else ''} to become ready\n")
+            out.flush()
+
+    def ready(self, instance_id: str, elapsed: float) -> None:
+        """``instance_id`` is ready (and its sidecar runs its config)."""
+        self._ready += 1
+        self._out.write(f"  [{self._ready}/{self._total}] {instance_id} ready ({elapsed:.1f}s)\n")
+        self._out.flush()
+
+    def done(self, elapsed: float) -> None:
+        """Waiting is over, either way."""
+        if self._total and self._ready == self._total:
+            self._out.write(f"mesh ready in {elapsed:.1f}s\n")
+        self._out.flush()
+
+
+def exit_status(code: int) -> str:
+    """``status 1`` or ``killed by SIGKILL`` for a ``Popen.returncode``."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"status {code}"
+
+
+def describe(record: ProcessRecord) -> str:
+    """A process as a user thinks of it: ``the control plane``, ``app httpbin-v1-0.default``..."""
+    if record.role == "controlplane":
+        return "the control plane"
+    if record.role == "sidecar":
+        return f"the sidecar of {record.name.removesuffix('.proxy')}"
+    return f"{record.role} {record.name}"
+
+
+def services_of(instance: Instance, resources: Iterable[Any]) -> list[Any]:
+    """The Services (parsed resources) whose selector picks ``instance``, as Kubernetes matches them."""
+    labels = dict(instance.labels)
+    return [r for r in resources if r.kind == "Service" and r.metadata.namespace == instance.namespace
+            and r.spec.selector and all(labels.get(k) == v for k, v in r.spec.selector.items())]
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces; the first row is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
+                   for row in rows)
+
+
+def summary(out: TextIO, state: StateDir, pod_range: PodRange, controlplane: str, instances: Sequence[Instance],
+            resources: Sequence[Any], *, detached: bool) -> None:
+    """The running mesh: one row per instance, then where things are and what to try."""
+    rows = [["SERVICE", "INSTANCE", "POD ADDRESS", "MESH ADDRESS", "PORTS", "URL"]]
+    for instance in instances:
+        services = ",".join(s.metadata.name for s in services_of(instance, resources)) or "-"
+        ports = ",".join(map(str, instance.ports)) or "-"
+        urls = " ".join(f"http://{instance.mesh_address}:{p}" for p in instance.ports) or "-"
+        rows.append([services, instance.id, instance.pod_address, instance.mesh_address, ports, urls])
+    out.write("\n" + (table(rows) if instances else "no workloads (the manifests have no Deployments)\n") + "\n")
+    flag = "" if state.root == Path(DEFAULT_STATE_DIR).absolute() else f" --state-dir {state.root}"
+    notes = [("control plane", f"{controlplane} (pod range {pod_range})"),
+             ("logs", str(state.logs))]
+    hint = _exec_hint(instances, resources)
+    if hint:
+        notes.append(("try", f"kizuna exec{flag} {hint}"))
+    notes.append(("stop", f"kizuna down{flag}" + ("" if detached else "  (or Ctrl-C here)")))
+    width = max(len(k) for k, _ in notes)
+    out.write("".join(f"{k.ljust(width)}  {v}\n" for k, v in notes))
+    out.flush()
+
+
+def _exec_hint(instances: Sequence[Instance], resources: Sequence[Any]) -> str | None:
+    """``WORKLOAD -- curl ...`` calling some Service from a workload that is not behind it."""
+    for service in (r for r in resources if r.kind == "Service" and r.spec.ports):
+        port = service.spec.ports[0].port
+        host = service.metadata.name
+        if service.metadata.namespace != "default":
+            host += f".{service.metadata.namespace}"
+        for instance in instances:
+            if all(s is not service for s in services_of(instance, resources)):
+                return f"{instance.deployment} -- curl -s http://{host}:{port}/"
+    return None

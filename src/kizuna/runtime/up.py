@@ -1,0 +1,235 @@
+"""``kizuna up``: what Kubernetes plus Istio's injector do, on one machine, with processes.
+
+Order: validate everything offline and plan every instance (so a bad manifest or a Deployment that cannot run
+here stops us before anything starts), start the control plane, apply *all* documents (workloads included: the
+control plane needs the Services, and ``kizuna get deployments`` should work), then for each instance write its
+sidecar's bootstrap, start the sidecar and the app, and wait until every sidecar reports its app ready and runs
+the current config. Any failure on the way stops whatever was started.
+
+The store starts empty: ``up`` runs the manifests it is given, not leftovers of an earlier session in the same
+state directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any, TextIO
+
+from kizuna.proxyconfig.bootstrap import Bootstrap
+from kizuna.runtime import display
+from kizuna.runtime.addresses import PodRange, choose_pod_range, listeners_in, parse_pod_cidr
+from kizuna.runtime.down import running_processes
+from kizuna.runtime.errors import UserError
+from kizuna.runtime.manifests import load
+from kizuna.runtime.processes import Supervisor, proc_stat
+from kizuna.runtime.settings import CONTROL_PLANE_PORT, UpSettings
+from kizuna.runtime.state import StateDir
+from kizuna.runtime.workloads import PROXY_ENV_NAMES, Instance, deployments_of, plan_instances, process_env
+
+CONTROL_PLANE_START_TIMEOUT = 20.0
+POLL = 0.1
+SETTLED = 0.5
+"""Every sidecar must look ready and in sync for this long: the control plane debounces pushes by 0.1 s, so an
+instant where all look done can still precede the push caused by the last instance turning ready."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: stop the mesh as Ctrl-C does."""
+
+
+def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Start the mesh; with ``settings.detach`` return once it is ready, else run until interrupted."""
+    if running_processes(state):
+        raise UserError(f"a mesh is already running in {state.root}; stop it with `kizuna down` "
+                        "or use another --state-dir")
+    documents, resources = load(settings.paths)
+    pod_range = _pod_range(settings.pod_cidr, state)
+    instances = plan_instances(deployments_of(resources), pod_range)
+
+    state.create()
+    _clear_previous_session(state)
+    listen = f"{pod_range.control_plane_address}:{CONTROL_PLANE_PORT}"
+    supervisor = Supervisor(state, {
+        "version": 1, "up": {"pid": os.getpid(), "startTime": _own_start_time()}, "podCidr": str(pod_range),
+        "controlPlane": listen, "instances": [i.to_json() for i in instances], "processes": []})
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    signal.signal(signal.SIGHUP, _raise_stopped)
+    try:
+        try:
+            client = _start_controlplane(supervisor, state, listen, err)
+            client.apply(documents)
+            for instance in instances:
+                _start_instance(supervisor, state, instance, listen)
+            _wait_ready(supervisor, client, instances, settings.ready_timeout, state, err)
+        except BaseException:
+            _stop(supervisor, state, settings.stop_grace, err)
+            raise
+        display.summary(out, state, pod_range, listen, instances, resources, detached=settings.detach)
+        if settings.detach:
+            supervisor.release()
+            return 0
+        return _foreground(supervisor, state, settings.stop_grace, err)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def _pod_range(pod_cidr: str | None, state: StateDir) -> PodRange:
+    if pod_cidr is None:
+        return choose_pod_range(str(state.root))
+    pod_range = parse_pod_cidr(pod_cidr)
+    busy = listeners_in(pod_range)
+    if busy:
+        raise UserError(f"--pod-cidr {pod_range}: something already listens there ({', '.join(busy[:3])}); "
+                        "is another mesh using it?")
+    return pod_range
+
+
+def _clear_previous_session(state: StateDir) -> None:
+    from kizuna.controlplane.store import STORE_DIR
+
+    shutil.rmtree(state.root / STORE_DIR, ignore_errors=True)
+    state.controlplane_json.unlink(missing_ok=True)
+    for old in state.proxies.glob("*.json"):
+        old.unlink()
+
+
+def _own_start_time() -> int:
+    stat = proc_stat(os.getpid())
+    return stat.start_time if stat else 0
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def _mesh_env() -> dict[str, str]:
+    """Environment of kizuna's own processes: the caller's, minus proxy settings (the mesh is the proxy)."""
+    return {k: v for k, v in os.environ.items() if k not in PROXY_ENV_NAMES}
+
+
+def _kizuna(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kizuna", *args]
+
+
+def _start_controlplane(supervisor: Supervisor, state: StateDir, listen: str, err: TextIO) -> Any:
+    from kizuna.controlplane.client import ControlPlaneClient
+
+    err.write(f"starting the control plane on {listen}\n")
+    record = supervisor.spawn("controlplane", "controlplane",
+                              _kizuna("controlplane", "--state-dir", str(state.root), "--listen", listen),
+                              env=_mesh_env(), cwd=state.root)
+    deadline = time.monotonic() + CONTROL_PLANE_START_TIMEOUT
+    while time.monotonic() < deadline:
+        data = state.read_controlplane()
+        if data is not None and data.get("pid") == record.pid:
+            return ControlPlaneClient.from_state_dir(state.root)
+        _fail_if_exited(supervisor)
+        time.sleep(POLL)
+    raise UserError(f"the control plane did not start within {CONTROL_PLANE_START_TIMEOUT:.0f}s; "
+                    f"see {record.log}")
+
+
+def _start_instance(supervisor: Supervisor, state: StateDir, instance: Instance, listen: str) -> None:
+    bootstrap = Bootstrap(node=instance.node(), control_plane=listen, token_file=str(state.token),
+                          readiness=instance.readiness)
+    path = state.bootstrap(instance.id)
+    bootstrap.dump(path)
+    supervisor.spawn(f"{instance.id}.proxy", "sidecar", _kizuna("proxy", "--bootstrap", str(path)),
+                     env=_mesh_env(), cwd=state.root)
+    supervisor.spawn(instance.id, "app", instance.command, env=process_env(instance), cwd=instance.working_dir)
+
+
+def _fail_if_exited(supervisor: Supervisor) -> None:
+    exited = supervisor.exited()
+    if exited:
+        raise UserError(*(f"{display.describe(r)} exited ({display.exit_status(code)}) during start-up; "
+                          f"see {r.log}" for r, code in exited))
+
+
+def _wait_ready(supervisor: Supervisor, client: Any, instances: Sequence[Instance], timeout: float,
+                state: StateDir, err: TextIO) -> None:
+    start = time.monotonic()
+    deadline = start + timeout
+    announced: set[str] = set()
+    settled_since: float | None = None
+    last_view: object = None
+    progress = display.Progress(err, [i.id for i in instances])
+    while True:
+        _fail_if_exited(supervisor)
+        proxies = {p["id"]: p for p in client.status().get("proxies", [])}
+        waiting = {i.id: _not_ready_reason(proxies.get(i.id)) for i in instances}
+        for instance in instances:
+            if waiting[instance.id] is None and instance.id not in announced:
+                announced.add(instance.id)
+                progress.ready(instance.id, time.monotonic() - start)
+        pending = {k: v for k, v in waiting.items() if v is not None}
+        view = sorted((k, p.get("sentVersion"), p.get("ackedVersion")) for k, p in proxies.items())
+        now = time.monotonic()
+        if pending or view != last_view:
+            settled_since = None if pending else now
+            last_view = view
+        elif settled_since is not None and now - settled_since >= SETTLED:
+            progress.done(now - start)
+            return
+        if now >= deadline:
+            progress.done(now - start)
+            raise UserError(*(f"{iid} did not become ready within {timeout:g}s ({why}); see "
+                              f"{state.log(iid)} and {state.log(iid + '.proxy')}" for iid, why in pending.items()))
+        time.sleep(POLL)
+
+
+def _not_ready_reason(proxy: dict[str, Any] | None) -> str | None:
+    if proxy is None:
+        return "its sidecar never reached the control plane"
+    if not proxy.get("connected"):
+        return "its sidecar is not connected"
+    if proxy.get("error"):
+        return f"the control plane cannot compile its config: {proxy['error']}"
+    if proxy.get("nack"):
+        return f"its sidecar rejected its config: {proxy['nack']}"
+    if not proxy.get("ready"):
+        return "the app is not ready: its readiness probe fails"
+    if not proxy.get("synced", True):
+        return "its sidecar has not acknowledged the latest config"
+    return None
+
+
+def _stop(supervisor: Supervisor, state: StateDir, grace: float, err: TextIO) -> None:
+    # A second Ctrl-C must not cut the stop short and leave processes behind.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    left = supervisor.stop(grace)
+    if left:
+        err.write(f"kizuna: could not stop processes {', '.join(map(str, left))}; run `kizuna down`\n")
+        return
+    state.runtime_json.unlink(missing_ok=True)
+
+
+def _foreground(supervisor: Supervisor, state: StateDir, grace: float, err: TextIO) -> int:
+    err.write("running; press Ctrl-C to stop\n")
+    reported: set[int] = set()
+    try:
+        while True:
+            for record, code in supervisor.exited():
+                if record.pid not in reported:
+                    reported.add(record.pid)
+                    err.write(f"kizuna: {display.describe(record)} exited ({display.exit_status(code)}); "
+                              f"see {record.log}\n")
+            if len(reported) == len(supervisor.processes()):
+                err.write("every process has exited; stopping\n")
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:  # Ctrl-C, or Stopped (SIGTERM, SIGHUP)
+        err.write("\nstopping the mesh\n")
+    _stop(supervisor, state, grace, err)
+    err.write("stopped\n")
+    return 0
+
