@@ -123,6 +123,7 @@ def run_schedule(host: str, port: int, request: bytes, rate: float, connections:
         _send_all(c.sock, request)
 
     t0 = perf() + 1_000_000
+    cpu_start = time.process_time()
     hard_stop = t0 + int((seconds + GRACE_SECONDS) * 1e9)
     try:
         while completed + sum(errors.values()) < total:
@@ -182,6 +183,7 @@ def run_schedule(host: str, port: int, request: bytes, rate: float, connections:
     return {
         "requests": total, "completed": completed, "errors": errors, "queued": queued,
         "rate": rate, "connections": connections, "seconds": seconds,
+        "cpu_s": time.process_time() - cpu_start,
         "latency": summarize_ns(latencies),
         "timer_lateness": summarize_ns(timer_lateness),
     }

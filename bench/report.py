@@ -20,6 +20,8 @@ TARGET_THROUGHPUT_RATIO = 0.50
 TARGET_VCPU_AT_RATE = 0.10
 TARGET_RSS_MIB = 40.0
 TARGET_ADDED_P90_MS = 0.5
+# More CPU than this used by others during a phase marks it as disturbed (tick-sampled: keep a margin).
+DISTURBED_VCPU = 0.25
 
 
 def _first_line(argv: list[str]) -> str:
@@ -95,6 +97,8 @@ def comparisons(result: dict[str, Any]) -> dict[str, Any]:
     """Added latency over direct, and the kizuna-vs-HAProxy figures with their targets."""
     paths = result.get("paths", {})
     out: dict[str, Any] = {"added_latency_ms": {}}
+    out["disturbed"] = [f"{name}/{phase}" for name, data in paths.items() for phase in ("fixed", "saturation")
+                        if (data.get(phase, {}).get("others_vcpu") or 0.0) > DISTURBED_VCPU]
     direct = paths.get("direct", {}).get("fixed", {}).get("latency", {})
     for name, data in paths.items():
         lat = data.get("fixed", {}).get("latency", {})
@@ -192,13 +196,20 @@ def format_table(result: dict[str, Any]) -> str:
                          f"{_fmt(st['cpu_s_per_1k'], 4):>13}{_fmt(st['vcpu'], 3):>7}"
                          f"{_fmt(st['requests_per_cpu_second'], 0):>11}"
                          f"{_fmt(rss / 1024 if rss else None, 1):>10}")
-    lines += ["", "Machine CPU during each phase (vCPU busy / stolen by the hypervisor, from /proc/stat)"]
+    busy_before = result.get("busy_before_vcpu", 0.0)
+    lines += ["", "Machine CPU per phase (/proc/stat): busy/stolen vCPU per core; 'others' = busy beyond our",
+              f"processes, i.e. interference (+-0.05 is tick noise). Busy before the run: {busy_before:.2f}"]
     for name, data in result["paths"].items():
         for phase in ("fixed", "saturation"):
             machine = data[phase].get("machine", {})
             cells = [f"{cpu} {v['busy_vcpu']:.2f}/{v['steal_vcpu']:.2f}"
                      for cpu, v in sorted(machine.items()) if cpu != "cpu"]
-            lines.append(f"{name:<9}{phase:<12}" + "   ".join(cells))
+            others = data[phase].get("others_vcpu")
+            lines.append(f"{name:<9}{phase:<12}" + "   ".join(cells) + f"   others {_fmt(others, 2)}")
+    if cmp.get("disturbed"):
+        lines += ["", f"WARNING: other work on the machine used > {DISTURBED_VCPU} vCPU during "
+                  f"{', '.join(cmp['disturbed'])}:",
+                  "those numbers are not trustworthy; run again on a quiet machine"]
     if cmp.get("targets"):
         lines += ["", "kizuna sidecar vs targets"]
         for t in cmp["targets"]:
@@ -209,9 +220,11 @@ def format_table(result: dict[str, Any]) -> str:
         lines += [""] + [f"FAILED {name}: {why}" for name, why in result["failed"].items()]
     prof = result.get("profile")
     if prof and prof.get("hot", {}).get("by_self"):
-        lines += ["", f"py-spy, {prof['process']} under saturation ({prof['seconds']:g} s, "
-                  f"{prof['hot']['total_samples']} samples): top functions by self time; {prof['files']}",
-                  f"  {'self %':>7}  {'total %':>7}  function"]
+        hot = prof["hot"]
+        lines += ["", f"py-spy --native, {prof['process']} under saturation ({prof['seconds']:g} s, "
+                  f"{hot['total_samples']} samples, {hot['waiting_percent']:.0f}% waiting in epoll left out)",
+                  f"files: {', '.join(prof['files'].values())}",
+                  f"  {'self %':>7}  {'total %':>7}  function (share of on-CPU samples)"]
         for row in prof["hot"]["by_self"]:
             lines.append(f"  {row['self']:>7.1f}  {row['total']:>7.1f}  {row['function']}")
     elif prof:

@@ -176,8 +176,31 @@ def measure(path: PathUnderTest, origin: Started, s: BenchSettings, load_cpus: f
                          "rss_kb_after_fixed": rss_after_fixed[p.name],
                          "peak_rss_kb": memory_kb(p.pid, "VmHWM")}
     shared = {origin.name: {"fixed": fixed_cpu[origin.name], "saturation": sat_cpu[origin.name]}}
+    fixed["others_vcpu"] = _others(fixed["machine"], fixed_cpu, fixed["cpu_s"])
+    sat["others_vcpu"] = _others(sat["machine"], sat_cpu, sat["wrk_cpu_s"])
     return {"notes": path.notes, "entry": f"{path.entry[0]}:{path.entry[1]}", "fixed": fixed,
             "saturation": sat, "processes": procs, "shared": shared}
+
+
+def _others(machine: dict[str, dict[str, float]], watched: dict[str, dict[str, float | None]],
+            client_cpu: float) -> float | None:
+    """vCPU the machine was busy with beyond our processes and the load tool: interference from elsewhere.
+
+    /proc/stat is sampled at clock ticks, so a few hundredths either way are noise.
+    """
+    if "cpu" not in machine or not watched:
+        return None
+    wall = next(iter(watched.values()))["wall_s"] or 0.0
+    if wall <= 0:
+        return None
+    ours = sum(w["cpu_s"] or 0.0 for w in watched.values()) + client_cpu
+    return machine["cpu"]["busy_vcpu"] - ours / wall
+
+
+def _machine_busy(seconds: float = 1.0) -> float:
+    before = system_cpu()["cpu"]["busy_s"]
+    time.sleep(seconds)
+    return (system_cpu()["cpu"]["busy_s"] - before) / seconds
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -197,6 +220,10 @@ def run(s: BenchSettings) -> dict[str, Any]:
     result: dict[str, Any] = {"timestamp": stamp, "settings": asdict(s), "machine": machine_info(),
                               "pinning": pinning, "paths": {}, "skipped": {}, "failed": {}}
     _say(f"results in {results}, logs in {logs}; {pinning}")
+    result["busy_before_vcpu"] = busy = _machine_busy()
+    if busy > 0.2:
+        _say(f"WARNING: the machine is already {busy:.2f} vCPU busy before the benchmark starts; "
+             "numbers will be disturbed")
     ok = False
     with Processes(logs) as shared:
         origin = start_origin(shared, layout, logs, load_cpus)

@@ -8,6 +8,7 @@ drift apart.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -87,7 +88,7 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None)
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=current,
                             help=f.metadata["help"])
         else:
-            ap.add_argument(flag, type=lambda t, k=f.type: _convert(k, t), default=current,
+            ap.add_argument(flag, type=functools.partial(_convert, f.type), default=current,
                             help=f"{f.metadata['help']} (default {current})")
     ns = ap.parse_args(argv)
     settings = BenchSettings(**vars(ns))

@@ -38,7 +38,8 @@ def kizuna_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_kizuna(*args: str | Path, timeout: float = 60.0, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+def run_kizuna(*args: str | Path, timeout: float = 60.0, cwd: Path = REPO
+               ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m kizuna ARGS`` to completion and capture its output."""
     return subprocess.run([sys.executable, "-m", "kizuna", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=kizuna_env())
@@ -95,7 +96,8 @@ class Mesh:
     processes: list[dict[str, Any]] = field(default_factory=list)
     """Every process recorded by ``kizuna up`` (pid, pgid, startTime, role, name)."""
 
-    def kizuna(self, command: str, *args: str | Path, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def kizuna(self, command: str, *args: str | Path, timeout: float = 60.0
+               ) -> subprocess.CompletedProcess[str]:
         """``kizuna COMMAND --state-dir STATE ARGS``."""
         return run_kizuna(command, "--state-dir", self.state, *args, timeout=timeout)
 

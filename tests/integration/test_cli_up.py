@@ -77,8 +77,8 @@ def test_invalid_manifest_starts_nothing(kit: Any, tmp_path: Path) -> None:
     cidr = kit.free_pod_cidr(str(state))
     result = kit.run_kizuna("up", "--detach", "--state-dir", state, "--pod-cidr", cidr, manifest)
     assert result.returncode == 1
-    assert result.stderr == (f"kizuna: {manifest}: Service default/web: spec.ports[0].port: must be between 1 "
-                             "and 65535\n")
+    assert result.stderr == (f"kizuna: {manifest}: Service default/web: spec.ports[0].port: must be "
+                             "between 1 and 65535\n")
     assert_nothing_started(kit, state, cidr)
 
 
@@ -96,8 +96,8 @@ def test_instance_that_never_becomes_ready_is_named_with_its_logs_and_everything
     manifest.write_text(WEB.replace("path: /,", "path: /no-such-page,"))
     state = tmp_path / "state"
     cidr = kit.free_pod_cidr(str(state))
-    result = kit.run_kizuna("up", "--detach", "--ready-timeout", "3", "--state-dir", state, "--pod-cidr", cidr,
-                            manifest)
+    result = kit.run_kizuna("up", "--detach", "--ready-timeout", "3", "--state-dir", state,
+                            "--pod-cidr", cidr, manifest)
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == (
         "kizuna: web-0.default did not become ready within 3s (the app is not ready: its readiness probe "

@@ -1,4 +1,4 @@
-"""``kizuna validate``: offline checks with every problem on its own line, and Istio's own samples accepted."""
+"""``kizuna validate``: offline checks, every problem on its own line; Istio's own samples accepted."""
 
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def test_bad_file_prints_one_line_per_problem_with_file_resource_and_field(kit: 
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert sorted(lines) == [
-        f"kizuna: {bad}: VirtualService default/reviews: spec.http[0].route[0].weight: must be between 0 and 100",
+        f"kizuna: {bad}: VirtualService default/reviews: spec.http[0].route[0].weight: must be between 0 "
+        "and 100",
         f"kizuna: {bad}: VirtualService default/reviews: spec.http[0].timeout: must be a duration like 1.5s, "
         "500ms or 1m",
     ]

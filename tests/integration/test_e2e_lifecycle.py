@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,8 @@ def test_down_stops_everything_and_a_second_up_is_refused_meanwhile(kit: Any, me
 
     again = mesh.kizuna("up", "--detach", manifest)
     assert again.returncode == 1
-    assert again.stderr == (f"kizuna: a mesh is already running in {mesh.state}; stop it with `kizuna down` or "
-                            "use another --state-dir\n")
+    assert again.stderr == (f"kizuna: a mesh is already running in {mesh.state}; stop it with "
+                            "`kizuna down` or use another --state-dir\n")
 
     down = mesh.kizuna("down")
     assert down.returncode == 0, down.stderr
@@ -102,55 +103,80 @@ def test_down_stops_everything_and_a_second_up_is_refused_meanwhile(kit: Any, me
     assert (again.returncode, again.stdout) == (0, f"no mesh is running in {mesh.state} (nothing to stop)\n")
 
 
-def start_foreground(kit: Any, state: Path, cidr: str, manifest: Path) -> tuple[subprocess.Popen[str], list[str]]:
-    process = subprocess.Popen([sys.executable, "-m", "kizuna", "up", "--state-dir", str(state), "--pod-cidr",
-                                cidr, str(manifest)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=kit.kizuna_env(), start_new_session=True)
-    lines: list[str] = []
-    assert process.stdout is not None
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)  # type: ignore[arg-type]
-    reader.start()
-    return process, lines
+class Foreground:
+    """A ``kizuna up`` in the foreground, as in a terminal, with its output collected line by line."""
+
+    def __init__(self, kit: Any, state: Path, cidr: str, manifest: Path) -> None:
+        self.kit, self.state = kit, state
+        argv = [sys.executable, "-m", "kizuna", "up", "--state-dir", str(state), "--pod-cidr", cidr,
+                str(manifest)]
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=kit.kizuna_env(), start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self) -> None:
+        self.kit.wait_until(lambda: "Ctrl-C" in self.output() or self.process.poll() is not None, 60,
+                            "kizuna up to report the mesh ready")
+        assert self.process.poll() is None, self.output()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self._reader.join(10)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        self.kit.run_kizuna("down", "--state-dir", self.state, "--stop-grace", "1")
 
 
-def stop_leftovers(kit: Any, process: subprocess.Popen[str], state: Path) -> None:
-    if process.poll() is None:
-        process.kill()
-        process.wait(10)
-    kit.run_kizuna("down", "--state-dir", state, "--stop-grace", "1")
+@pytest.fixture
+def foreground(kit: Any, manifest: Path, tmp_path: Path) -> Iterator[Callable[[], tuple[Foreground, str]]]:
+    """Starts a foreground ``kizuna up`` of the web manifest: ``(up, pod cidr)``; cleaned up afterwards."""
+    started: list[Foreground] = []
 
+    def start() -> tuple[Foreground, str]:
+        state = tmp_path / "state"
+        cidr = kit.free_pod_cidr(str(state))
+        started.append(Foreground(kit, state, cidr, manifest))
+        return started[-1], cidr
 
-def test_ctrl_c_of_foreground_up_stops_everything(kit: Any, manifest: Path, tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    cidr = kit.free_pod_cidr(str(state))
-    process, lines = start_foreground(kit, state, cidr, manifest)
     try:
-        kit.wait_until(lambda: any("Ctrl-C" in line for line in lines) or process.poll() is not None, 60,
-                       "kizuna up to report the mesh ready")
-        assert process.poll() is None, "".join(lines)
-        processes = recorded(state)
-        assert any(line.startswith("web ") and "web-0.default" in line for line in lines), "".join(lines)
-        os.kill(process.pid, signal.SIGINT)
-        assert process.wait(30) == 0, "".join(lines)
-        assert_all_gone(kit, processes, cidr)
-        assert not (state / "runtime.json").exists()
+        yield start
     finally:
-        stop_leftovers(kit, process, state)
+        for up in started:
+            up.close()
 
 
-def test_down_cleans_up_after_a_killed_up(kit: Any, manifest: Path, tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    cidr = kit.free_pod_cidr(str(state))
-    process, lines = start_foreground(kit, state, cidr, manifest)
-    try:
-        kit.wait_until(lambda: any("Ctrl-C" in line for line in lines) or process.poll() is not None, 60,
-                       "kizuna up to report the mesh ready")
-        processes = recorded(state)
-        process.kill()  # no chance to clean up
-        process.wait(10)
-        assert all(kit.alive(p["pid"], p["startTime"]) for p in processes)
-        down = kit.run_kizuna("down", "--state-dir", state)
-        assert down.returncode == 0, down.stderr
-        assert_all_gone(kit, processes, cidr)
-    finally:
-        stop_leftovers(kit, process, state)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupting_foreground_up_stops_everything(kit: Any, foreground: Any, signum: int) -> None:
+    up, cidr = foreground()
+    up.wait_ready()
+    processes = recorded(up.state)
+    assert any(line.startswith("web ") and "web-0.default" in line for line in up.lines), up.output()
+    os.kill(up.process.pid, signum)
+    assert up.process.wait(30) == 0, up.output()
+    assert_all_gone(kit, processes, cidr)
+    assert not (up.state / "runtime.json").exists()
+    assert up.output().endswith("stopping the mesh\nstopped\n")
+
+
+def test_down_cleans_up_after_a_killed_up(kit: Any, foreground: Any) -> None:
+    up, cidr = foreground()
+    up.wait_ready()
+    processes = recorded(up.state)
+    up.process.kill()  # no chance to clean up
+    up.process.wait(10)
+    assert all(kit.alive(p["pid"], p["startTime"]) for p in processes)
+    down = kit.run_kizuna("down", "--state-dir", up.state)
+    assert down.returncode == 0, down.stderr
+    assert_all_gone(kit, processes, cidr)

@@ -182,6 +182,16 @@ spec:
 """, "dr.yaml")
     assert errors == ["dr.yaml: DestinationRule default/reviews: spec.subsets[1].name: "
                       "duplicate subset name 'v1'"]
+    errors = errors_of("""\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  trafficPolicy: {}
+""", "dr.yaml")
+    assert errors == ["dr.yaml: DestinationRule default/reviews: spec.host: required",
+                      "dr.yaml: DestinationRule default/reviews: spec.trafficPolicy: "
+                      "must set at least one policy"]
 
 
 def test_unsupported_kind_is_one_line() -> None:

@@ -126,14 +126,17 @@ def test_collapsed_stacks_rank_functions_by_self_and_total() -> None:
             "main (kizuna/proxy/main.py:10);run_forever (asyncio/base_events.py:600);"
             "data_received (kizuna/proxy/outbound.py:41) 50\n"
             "main (kizuna/proxy/main.py:10);run_forever (asyncio/base_events.py:600) 20\n"
-            "main (kizuna/proxy/main.py:10);walk (kizuna/x.py:1);walk (kizuna/x.py:2) 0\n")
-    stacks = parse_collapsed(text)
-    hot = hot_functions(stacks, top=3)
-    assert hot["total_samples"] == 100
-    top = hot["by_self"][0]
-    assert top == {"function": "data_received (kizuna/proxy/outbound.py)", "self": 50.0, "total": 80.0}
-    assert [r["function"] for r in hot["by_total"]][:2] == ["main (kizuna/proxy/main.py)",
-                                                             "run_forever (asyncio/base_events.py)"]
+            "main (kizuna/proxy/main.py:10);run_forever (asyncio/base_events.py:600);"
+            "epoll_pwait (libc.so.6) 100\n")
+    hot = hot_functions(parse_collapsed(text), top=3)
+    assert hot["total_samples"] == 200
+    assert hot["waiting_percent"] == 50.0  # asleep in epoll: not on-CPU, left out of the shares
+    assert hot["by_self"][0] == {"function": "data_received (kizuna/proxy/outbound.py)", "self": 50.0,
+                                 "total": 80.0}
+    assert [r["function"] for r in hot["by_self"]][1:] == ["feed (kizuna/protocols/http1.py)",
+                                                           "run_forever (asyncio/base_events.py)"]
+    assert {r["function"] for r in hot["by_total"][:2]} == {"main (kizuna/proxy/main.py)",
+                                                            "run_forever (asyncio/base_events.py)"}
     assert hot["by_total"][0]["total"] == 100.0
     assert function_name("f (a/b.py:12)") == "f (a/b.py)"
     with pytest.raises(ValueError):

@@ -4,13 +4,15 @@ and the options of process commands come from the settings dataclasses."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from kizuna.cli.kinds import plural, resolve_kind
 from kizuna.cli.main import build_parser, main
-from kizuna.cli.options import settings_from
+from kizuna.cli.options import field_docs, settings_from
 from kizuna.runtime.errors import UserError
 from kizuna.runtime.settings import (
     STATE_DIR_ENV,
@@ -65,8 +67,10 @@ def test_every_setting_is_an_option_with_its_help(settings: type, capsys: pytest
                ProxySettings: "proxy", StateSettings: "status"}[settings]
     main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
+    docs = field_docs(settings)
     for field in dataclasses.fields(settings):
-        assert " ".join(field.metadata["help"].split()) in text
+        assert len(docs[field.name]) > 20  # every field is documented...
+        assert docs[field.name] in text  # ...and that text is its --help
         if not field.metadata.get("positional"):
             assert "--" + field.name.replace("_", "-") in text
 
@@ -121,7 +125,8 @@ def test_plurals() -> None:
     assert plural("Service") == "services"
 
 
-def test_commands_needing_a_mesh_say_none_is_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_commands_needing_a_mesh_say_none_is_running(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     state = str(tmp_path / "nothing")
     for argv in (["status"], ["get", "vs"], ["exec", "sleep", "--", "true"]):
         assert main([argv[0], "--state-dir", state, *argv[1:]]) == 1
@@ -135,3 +140,17 @@ def test_get_rejects_unknown_kinds_before_contacting_anything(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["get", "frobnicators", "--state-dir", str(tmp_path)]) == 1
     assert "kizuna: unknown resource kind 'frobnicators'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_sidecar_entry_point_loads_no_control_plane_pydantic_or_yaml(tmp_path: Path) -> None:
+    # One `kizuna proxy` runs per instance: its import graph must stay the data plane's.
+    probe = ("import sys\n"
+             "from kizuna.cli.main import main\n"
+             f"code = main(['proxy', '--bootstrap', {str(tmp_path / 'absent.json')!r}])\n"
+             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'yaml')\n"
+             "               or m.startswith(('kizuna.api', 'kizuna.controlplane', 'kizuna.runtime.up')))\n"
+             "print(code, heavy)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert result.stdout == "2 []\n", result.stderr
+    assert "cannot read bootstrap" in result.stderr

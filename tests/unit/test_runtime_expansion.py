@@ -6,7 +6,8 @@ import pytest
 
 from kizuna.runtime.expansion import expand
 
-VARS = {"VAR_A": "A", "VAR_B": "B", "VAR_C": "C", "VAR_REF": "$(VAR_A)", "VAR_EMPTY": "", "POD_IP": "127.40.0.2"}
+VARS = {"VAR_A": "A", "VAR_B": "B", "VAR_C": "C", "VAR_REF": "$(VAR_A)", "VAR_EMPTY": "",
+        "POD_IP": "127.40.0.2"}
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -56,8 +56,8 @@ def wait_for(path: Path, text: str, timeout: float = 10.0) -> None:
 
 def test_spawned_process_is_recorded_at_once_and_logs_to_its_file(state: StateDir) -> None:
     supervisor = Supervisor(state, {"processes": []})
-    record = supervisor.spawn("hello", "app", [sys.executable, "-c", "print('hi'); import time; time.sleep(30)"],
-                              env=dict(os.environ), cwd=state.root)
+    argv = [sys.executable, "-c", "print('hi'); import time; time.sleep(30)"]
+    record = supervisor.spawn("hello", "app", argv, env=dict(os.environ), cwd=state.root)
     on_disk = (state.read_runtime() or {})["processes"]
     assert [ProcessRecord.from_json(p) for p in on_disk] == [record]
     assert record.pgid == record.pid  # its own session, so its own group

@@ -136,7 +136,8 @@ def test_instance_round_trips_through_json(tmp_path: Path) -> None:
 
 
 def test_no_probe_means_tcp_check_of_first_port_and_no_ports_means_none(tmp_path: Path) -> None:
-    text = DEPLOYMENT.replace("        readinessProbe:\n          httpGet: {path: /healthz, port: http}\n", "")
+    probe = "        readinessProbe:\n          httpGet: {path: /healthz, port: http}\n"
+    text = DEPLOYMENT.replace(probe, "")
     first, _ = plan(tmp_path, text)
     assert first.readiness == ReadinessProbe(port=8080, path=None, period=1.0, timeout=1.0)
     text = text.replace("        - {containerPort: 8080, name: http}\n        - {containerPort: 9090}\n", "")
@@ -177,7 +178,8 @@ def test_zero_replicas_run_nothing_and_every_bad_deployment_is_reported(tmp_path
     two_bad = "\n---\n".join([
         DEPLOYMENT.replace('["python"', '["nope-a"]').replace(', "-c", "pass", "$(POD_IP):$(PORT)", '
                                                                '"$$(POD_IP)", "$(NOPE)"]', ""),
-        DEPLOYMENT.replace("name: web\n  namespace", "name: api\n  namespace").replace('["python"', '["nope-b"'),
+        DEPLOYMENT.replace("name: web\n  namespace", "name: api\n  namespace")
+        .replace('["python"', '["nope-b"'),
     ])
     with pytest.raises(UserError) as caught:
         plan(tmp_path, two_bad)

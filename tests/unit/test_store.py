@@ -1,4 +1,5 @@
-"""The config store: kubectl-like results, all-or-nothing batches, generations, persistence across restarts."""
+"""The config store: kubectl-like results, all-or-nothing batches, generations, persistence across
+restarts."""
 
 from __future__ import annotations
 

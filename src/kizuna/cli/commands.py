@@ -49,7 +49,8 @@ def _print_results(results: list[dict[str, Any]], suffix: str = "") -> None:
 
 
 def apply(args: argparse.Namespace) -> int:
-    """``kizuna apply -f PATH``: validated locally first (same errors, no round trip), then applied atomically."""
+    """``kizuna apply -f PATH``: validated locally first (same errors, no round trip), then applied
+    atomically."""
     from kizuna.runtime.manifests import load
 
     documents, _ = load(args.filename, args.recursive)

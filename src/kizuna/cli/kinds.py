@@ -32,7 +32,7 @@ SHORT_NAMES: dict[str, tuple[str, ...]] = {
 
 
 def plural(kind: str) -> str:
-    """The lower-case plural Kubernetes uses in resource paths: ``virtualservices``, ``authorizationpolicies``."""
+    """A kind's lower-case plural, as in resource paths: ``virtualservices``, ``authorizationpolicies``."""
     lower = kind.lower()
     if lower.endswith("y") and lower[-2:-1] not in ("a", "e", "o", "u"):
         return lower[:-1] + "ies"

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("up", "start a mesh: control plane, then every Deployment's instances, each with a sidecar")
     add_settings(p, UpSettings)
-    p = command("down", "stop every process of the mesh in the state directory")
+    p = command("down", "stop every process of the mesh in the state directory (exit 0 also when none runs)")
     add_settings(p, DownSettings)
 
     p = command("apply", "create or update resources in the running mesh (all or nothing)")
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("delete", "delete resources from the running mesh")
     _files_options(p, "delete")
     p = command("get", "show resources stored in the running mesh")
-    p.add_argument("kind", metavar="KIND", help="resource kind: e.g. vs, dr, svc, deployments, VirtualService")
+    p.add_argument("kind", metavar="KIND", help="resource kind, e.g. vs, dr, svc, deployments")
     p.add_argument("name", metavar="NAME", nargs="?", help="only this resource")
     p.add_argument("-n", "--namespace", metavar="NS", help="only this namespace (default: all)")
     p.add_argument("-o", "--output", choices=("yaml", "json"), help="print whole resources in this format")
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("status", "show the control plane and every sidecar: connected, ready, config version")
     p = command("exec", "run a command with a workload instance's environment (its sidecar as HTTP proxy)")
     p.add_argument("-n", "--namespace", metavar="NS", help="namespace of the workload (default: any)")
-    p.add_argument("workload", metavar="WORKLOAD", help="Deployment name (its first instance) or instance name")
+    p.add_argument("workload", metavar="WORKLOAD", help="a Deployment (its first instance) or an instance")
     p.add_argument("argv", metavar="-- CMD", nargs=argparse.REMAINDER, help="the command and its arguments")
 
     p = command("controlplane", "run the control plane process (kizuna up starts it; run it to restart one)")

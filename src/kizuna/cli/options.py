@@ -2,14 +2,18 @@
 
 A field becomes ``--field-name`` (or a positional), typed from its annotation: ``bool`` is a switch,
 ``tuple[str, ...]`` takes several values, ``Path``/``float``/``int``/``str`` convert their text. The help text
-is the field's; the default shown is the field's default. ``settings_from`` rebuilds the frozen dataclass from
-the parsed namespace, so commands receive settings objects, never loose attributes.
+is the docstring written under the field (read from the class's source); the default shown is the field's.
+``settings_from`` rebuilds the frozen dataclass from the parsed namespace, so commands receive settings
+objects, never loose attributes.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import textwrap
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,11 +26,12 @@ _CONVERTERS: dict[Any, Any] = {str: str, int: int, float: float, Path: Path}
 def add_settings(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
     """Add one option (or positional) per field of the settings dataclass ``cls``."""
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     group = parser.add_argument_group(_title(cls))
     for f in dataclasses.fields(cls):
         meta = f.metadata
         hint = hints[f.name]
-        kwargs: dict[str, Any] = {"help": meta.get("help", ""), "dest": f"{cls.__name__}.{f.name}"}
+        kwargs: dict[str, Any] = {"help": docs.get(f.name, ""), "dest": f"{cls.__name__}.{f.name}"}
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
         base, many = _base_type(hint)
@@ -62,6 +67,22 @@ def settings_from(cls: type[T], namespace: argparse.Namespace) -> T:
             value = given[key]
             values[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**values)
+
+
+def field_docs(cls: type[Any]) -> dict[str, str]:
+    """The docstring under each field of a class, whitespace collapsed (``{}`` without the source)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
 
 
 def _title(cls: type[Any]) -> str:

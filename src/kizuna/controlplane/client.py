@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from kizuna.controlplane.main import read_address_file
+from kizuna.controlplane.files import read_address_file
 from kizuna.controlplane.token import read_token, token_path
 
 DEFAULT_TIMEOUT = 30.0

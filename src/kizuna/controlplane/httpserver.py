@@ -80,6 +80,8 @@ Handler = Callable[[Request], Awaitable[Response | Upgrade]]
 
 
 class RequestTooLarge(Exception):
+    """A request over a size limit; answered with ``status`` (413 or 431) and the connection closed."""
+
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
@@ -182,13 +184,15 @@ class HttpServer:
                 except httptools.HttpParserUpgrade as upgrade:
                     # Bytes after the upgrade request already belong to the new protocol.
                     upgraded_rest = data[int(upgrade.args[0]):]
-                except RequestTooLarge as exc:
-                    await _write(writer, error_response(exc.status, str(exc)), keep_alive=False)
-                    return
                 except httptools.HttpParserError as exc:
-                    await _write(writer, error_response(400, f"malformed request: {exc}"), keep_alive=False)
+                    # httptools wraps what a callback raised; the limit checks raise RequestTooLarge there.
+                    cause = exc.__context__
+                    refusal = error_response(cause.status, str(cause)) if isinstance(cause, RequestTooLarge) \
+                        else error_response(400, f"malformed request: {exc}")
+                    await _write(writer, refusal, keep_alive=False)
                     return
             request, keep_alive, wants_upgrade = collector.ready.popleft()
+            answer: Response | Upgrade
             try:
                 answer = await self._handler(request)
             except Exception:

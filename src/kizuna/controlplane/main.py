@@ -8,7 +8,6 @@ accepts, so a client that finds the file can connect. A clean exit removes the f
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -18,15 +17,17 @@ from typing import Any
 
 import uvloop
 
+from kizuna.controlplane.files import ADDRESS_FILE, atomic_write_json, read_address_file
 from kizuna.controlplane.push import PushQueue
 from kizuna.controlplane.registry import Registry
 from kizuna.controlplane.server import ControlPlaneServer
-from kizuna.controlplane.store import FileStore, StoreError
+from kizuna.controlplane.store import STORE_DIR, FileStore, StoreError
 from kizuna.controlplane.token import load_or_create_token
 
 log = logging.getLogger("kizuna.controlplane")
 
-ADDRESS_FILE = "controlplane.json"
+REGISTRY_FILE = "registry.json"
+"""In the store directory, so ``kizuna up``'s fresh start (which removes that directory) forgets it too."""
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -37,15 +38,6 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def read_address_file(state_dir: str | Path) -> dict[str, Any] | None:
-    """The running control plane's ``{"address", "pid"}``, or None when there is no (readable) file."""
-    try:
-        data = json.loads((Path(state_dir) / ADDRESS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and "address" in data else None
-
-
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -54,13 +46,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _write_address_file(state_dir: Path, address: str) -> None:
-    path = state_dir / ADDRESS_FILE
-    tmp = path.with_name(f".{ADDRESS_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}) + "\n")
-    os.replace(tmp, path)
 
 
 def _remove_address_file(state_dir: Path) -> None:
@@ -85,7 +70,8 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
     except StoreError as exc:
         log.error("%s", exc)
         return 1
-    registry = Registry()
+    registry = Registry(path=state / STORE_DIR / REGISTRY_FILE)
+    restored = registry.restore()
     pusher = PushQueue(store, registry)
     server = ControlPlaneServer(token, store, registry, pusher)
     try:
@@ -100,9 +86,10 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
         loop.add_signal_handler(signum, stop.set)
     push_task = asyncio.create_task(pusher.run(), name="push-queue")
     try:
-        _write_address_file(state, address)
-        log.info("control plane listening on %s (state %s, %d resources, generation %d)", address, state,
-                 len(store.list()), store.generation)
+        # Readers poll for this file: they must never see it half written.
+        atomic_write_json(state / ADDRESS_FILE, {"address": address, "pid": os.getpid()}, durable=False)
+        log.info("control plane listening on %s (state %s, %d resources, generation %d, %d instances to "
+                 "reconnect)", address, state, len(store.list()), store.generation, restored)
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({push_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if push_task.done():

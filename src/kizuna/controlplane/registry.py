@@ -8,17 +8,26 @@ resources in the config store; ``describe`` joins the two for ``GET /v1/registry
 
 Sessions make reconnects race-free: a sidecar may open its new stream before the old one is seen closed, so
 only the latest session of a node may change it.
+
+The registry is written to a file on every change and read back when the control plane restarts (as Istio
+keeps auto-registered WorkloadEntries in its config store). Without that, the first sidecar to reconnect to a
+restarted control plane would be pushed a mesh with no endpoints and fail its requests until the others were
+back. Restored instances count as disconnected and are dropped unless their sidecar reconnects within
+``restore_grace`` (longer than a sidecar's maximum reconnect backoff).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from kizuna.controlplane.files import atomic_write_json
 from kizuna.controlplane.instances import Instance
 from kizuna.proxyconfig.bootstrap import Node
 
@@ -26,6 +35,9 @@ log = logging.getLogger("kizuna.controlplane.registry")
 
 DEFAULT_GRACE = 2.0
 """Seconds an instance outlives its closed stream."""
+RESTORE_GRACE = 15.0
+"""Seconds a restored instance has to reconnect after a control plane restart (sidecars back off up to
+5 s)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +62,12 @@ class Registration:
 class Registry:
     """Instances keyed by node id; tells subscribers (the push queue) about every change."""
 
-    def __init__(self, grace: float = DEFAULT_GRACE) -> None:
+    def __init__(self, grace: float = DEFAULT_GRACE, path: Path | None = None,
+                 restore_grace: float = RESTORE_GRACE) -> None:
         self.grace = grace
+        self.path = path
+        """Where the registry is kept across restarts (None: memory only)."""
+        self.restore_grace = restore_grace
         self._entries: dict[str, Registration] = {}
         self._removals: dict[str, asyncio.TimerHandle] = {}
         self._sessions = 0
@@ -92,6 +108,31 @@ class Registry:
             return
         loop = asyncio.get_running_loop()
         self._removals[node_id] = loop.call_later(self.grace, self._remove, node_id, session)
+
+    def restore(self) -> int:
+        """Load the instances saved by a previous run as disconnected; returns how many. Needs a running loop
+        (their removal is scheduled)."""
+        if self.path is None:
+            return 0
+        try:
+            data = json.loads(self.path.read_text())
+            saved = [(Node.from_json(item["node"]), bool(item["ready"])) for item in data["instances"]]
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring the saved registry %s: %s", self.path, exc)
+            return 0
+        loop = asyncio.get_running_loop()
+        for node, ready in saved:
+            if node.id in self._entries:
+                continue
+            self._sessions += 1
+            self._entries[node.id] = Registration(node, ready, self._sessions, False, time.time())
+            self._removals[node.id] = loop.call_later(self.restore_grace, self._remove, node.id,
+                                                      self._sessions)
+        if saved:
+            self._notify(f"{len(saved)} instances restored")
+        return len(saved)
 
     def get(self, node_id: str) -> Registration | None:
         return self._entries.get(node_id)
@@ -149,11 +190,24 @@ class Registry:
     def _notify(self, reason: str) -> None:
         self.generation += 1
         log.debug("registry: %s", reason)
+        self._save()
         for callback in list(self._subscribers):
             try:
                 callback(reason)
             except Exception:
                 log.exception("registry subscriber failed")
+
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        body = {"instances": [{"node": e.node.to_json(), "ready": e.ready} for e in self.registrations()]}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Not fsynced: this is a cache of what sidecars will tell us again; a lost write costs little.
+            atomic_write_json(self.path, body, durable=False)
+        except OSError as exc:
+            log.warning("cannot save the registry to %s: %s", self.path, exc)
 
 
 def _selects(selector: Mapping[str, str], node: Node) -> bool:

@@ -154,7 +154,8 @@ class ControlPlaneServer:
     def _stored_key(self, kind: str, namespace: str, name: str) -> Key:
         """Match the kind case-insensitively (``virtualservice`` deletes a ``VirtualService``)."""
         for resource in self.store.list(kind=kind, namespace=namespace, name=name):
-            return tuple(resource.key)  # type: ignore[return-value]
+            key: Key = resource.key
+            return key
         return (kind, namespace, name)
 
     def _resources(self, request: Request) -> Response:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Generic, Literal, Protocol, TypeVar
+
+from kizuna.controlplane.files import atomic_write_json
 
 log = logging.getLogger("kizuna.controlplane.store")
 
@@ -76,6 +77,9 @@ def _result(key: Key, action: Action) -> Result:
     return Result(key[0], key[1], key[2], action)
 
 
+Results = list[Result]  # spelled here because MemoryStore.list shadows the builtin in the class body
+
+
 class MemoryStore(Generic[R]):
     """In-memory config store. Reads are lock-free on an immutable mapping; writers are serialised."""
 
@@ -106,11 +110,11 @@ class MemoryStore(Generic[R]):
                 if (wanted_kind is None or k[0].lower() == wanted_kind)
                 and (namespace is None or k[1] == namespace) and (name is None or k[2] == name)]
 
-    def plan(self, resources: Sequence[R]) -> list[Result]:
+    def plan(self, resources: Sequence[R]) -> Results:
         """What ``apply`` would do, changing nothing (dry run)."""
         return self._plan_apply(resources)[1]
 
-    def apply(self, resources: Sequence[R]) -> list[Result]:
+    def apply(self, resources: Sequence[R]) -> Results:
         """Create or replace every resource, all or none; one result per input, in order."""
         with self._write_lock:
             items, results = self._plan_apply(resources)
@@ -118,20 +122,20 @@ class MemoryStore(Generic[R]):
             self._commit(items, changed)
             return results
 
-    def delete(self, keys: Sequence[Key]) -> list[Result]:
+    def delete(self, keys: Sequence[Key]) -> Results:
         """Remove every key present, all or none; absent keys report ``not found``."""
         with self._write_lock:
             items = dict(self._items)
-            results = []
+            results: Results = []
             for key in keys:
                 found = items.pop(key, None) is not None
                 results.append(_result(key, "deleted" if found else "not found"))
             self._commit(items, {k for k, res in zip(keys, results, strict=True) if res.action == "deleted"})
             return results
 
-    def _plan_apply(self, resources: Sequence[R]) -> tuple[dict[Key, R], list[Result]]:
+    def _plan_apply(self, resources: Sequence[R]) -> tuple[dict[Key, R], Results]:
         items = dict(self._items)
-        results = []
+        results: Results = []
         for resource in resources:
             old = items.get(resource.key)
             if old is None:
@@ -202,24 +206,8 @@ class FileStore(MemoryStore[R]):
         body = {"format": FORMAT_VERSION, "generation": generation,
                 "resources": [{"key": list(k), "source": items[k].source, "raw": items[k].raw}
                               for k in sorted(items)]}
-        tmp = self.path.with_name(f".{STORE_FILE}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # default=str: YAML turns unquoted dates into date objects; keep them as the text the user wrote.
-            encoded = json.dumps(body, indent=1, sort_keys=True, default=str).encode()
-            with open(tmp, "wb") as out:
-                out.write(encoded)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # make the rename itself durable
-            finally:
-                os.close(dir_fd)
+            atomic_write_json(self.path, body)
         except (OSError, TypeError, ValueError) as exc:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass  # the directory itself is what failed; nothing was left behind
             raise StoreError(f"cannot write the config store {self.path}: {exc}") from exc

@@ -4,8 +4,9 @@ Feed bytes with ``feed(data)`` and get a list of events in order: ``RequestRecei
 ``BodyReceived`` (de-chunked body bytes), ``MessageEnded``, then ``Upgraded`` (CONNECT, 101, the rest of the
 bytes belong to another protocol) or ``ParseFailed`` (malformed input; the connection is unusable).
 
-The parser sorts headers once, while parsing: hop-by-hop headers (RFC 9110 §7.6.1) and framing headers are taken
-out of ``headers`` and into typed fields, so a proxy forwards ``headers`` untouched and writes framing itself.
+The parser sorts headers once, while parsing: hop-by-hop headers (RFC 9110 §7.6.1) and framing headers
+are taken out of ``headers`` and into typed fields, so a proxy forwards ``headers`` untouched and writes
+framing itself.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ HOP_BY_HOP: Final = frozenset({
 })
 """Headers that describe one connection, never forwarded as they are."""
 
+_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade", b""})
+
 Headers = tuple[tuple[bytes, bytes], ...]
 
 
 @dataclass(frozen=True, slots=True)
 class RequestHead:
-    """A parsed request line and headers. ``headers`` holds end-to-end headers only, names in original case."""
+    """A parsed request line and headers; ``headers`` holds end-to-end headers only, in original case."""
 
     method: bytes
     target: bytes
@@ -156,7 +159,8 @@ class _Parser:
         lower = name.lower()
         if lower in HOP_BY_HOP:
             if lower == b"connection":
-                self._connection = self._connection + b"," + value.lower() if self._connection else value.lower()
+                token = value.lower()
+                self._connection = self._connection + b"," + token if self._connection else token
             elif lower == b"transfer-encoding":
                 self._chunked = value.lower().rstrip().endswith(b"chunked")
             elif lower == b"upgrade":
@@ -175,7 +179,7 @@ class _Parser:
     def _end_to_end_headers(self) -> Headers:
         """The kept headers, minus any that ``Connection`` names as hop-by-hop for this connection."""
         if self._connection:
-            named = {t.strip() for t in self._connection.split(b",")} - {b"close", b"keep-alive", b"upgrade", b""}
+            named = {t.strip() for t in self._connection.split(b",")} - _CONNECTION_OPTIONS
             if named:
                 return tuple(h for h in self._headers if h[0].lower() not in named)
         return tuple(self._headers)
@@ -247,7 +251,7 @@ class RequestParser(_Parser):
 
 
 class ResponseParser(_Parser):
-    """Client side of a connection: tell it each request's method (``expect``), feed bytes, get response events.
+    """Client side of a connection: tell it each request's method (``expect``), feed bytes, get events.
 
     llhttp cannot be told that a response answers HEAD, so for HEAD the parse stops at the end of the head and
     the parser is renewed; a body until close is ended by ``feed_eof``.

@@ -94,10 +94,14 @@ class DiscoveryClient:
             try:
                 healthy = await self._session()
                 self.last_error = "control plane closed the stream"
-            except (OSError, HandshakeError, ValueError, asyncio.IncompleteReadError, TimeoutError) as exc:
-                healthy = False
-                self.last_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, HandshakeError) \
-                    else str(exc)
+            except HandshakeError as exc:
+                healthy, self.last_error = False, str(exc)
+            except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    TimeoutError) as exc:
+                healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # a bug must not leave the sidecar without config updates for good
+                log.exception("discovery stream failed")
+                healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
             if healthy:
                 backoff = self.backoff_initial
             delay = backoff * (0.5 + random.random() / 2)

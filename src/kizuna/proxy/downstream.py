@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 from kizuna.protocols.http1 import (
     CONTINUE_RESPONSE,
@@ -67,9 +67,9 @@ class HttpServerConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
+        # uvloop transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER)
         self.registry.add(self)
         self.stats.downstream_cx_total += 1
         self.stats.downstream_cx_active += 1
@@ -119,24 +119,23 @@ class HttpServerConnection(asyncio.Protocol):
         for i, event in enumerate(events):
             if self.closing and self.exchange is None:
                 return
-            kind = type(event)
-            if kind is BodyReceived:
+            if isinstance(event, BodyReceived):
                 if self.exchange is not None:
-                    self.exchange.request_body(event.data)  # type: ignore[union-attr]
-            elif kind is MessageEnded:
+                    self.exchange.request_body(event.data)
+            elif isinstance(event, MessageEnded):
                 self.in_request = False
                 if self.exchange is not None:
                     self.exchange.request_end()
-            elif kind is Upgraded:
+            elif isinstance(event, Upgraded):
                 # Always follows the CONNECT/Upgrade request just handled, so never waits in the queue.
-                self._on_upgraded(event.tail)  # type: ignore[union-attr]
+                self._on_upgraded(event.tail)
             elif self.exchange is not None and not self.in_request:
-                # The next request (or an upgrade's tail, or garbage) waits for the current response.
+                # The next request (or garbage) waits for the current response.
                 self.queue.extend(events[i:])
                 self.pause_reading(PAUSE_PIPELINE)
                 return
-            elif kind is RequestReceived:
-                self._on_request(event.head)  # type: ignore[union-attr]
+            elif isinstance(event, RequestReceived):
+                self._on_request(event.head)
             else:
                 self._on_malformed()
 
@@ -146,7 +145,8 @@ class HttpServerConnection(asyncio.Protocol):
         result = self.dispatcher.dispatch(self, head)
         if isinstance(result, SyntheticResponse):
             # A body we will not read, or a protocol switch we refuse, leaves the connection unusable.
-            keep_alive = head.keep_alive and not head.has_body and head.upgrade is None and head.method != b"CONNECT"
+            keep_alive = (head.keep_alive and not head.has_body and head.upgrade is None
+                          and head.method != b"CONNECT")
             self.respond(result, keep_alive)
             return
         self.exchange = result

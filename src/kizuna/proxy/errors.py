@@ -1,7 +1,8 @@
 """The one place where the proxy's failures become responses (linkerd's errors/respond).
 
-Every failure the mesh itself produces is a ``SyntheticResponse``: an HTTP status, and a reason that the client
-reads in the ``x-kizuna-error`` header and the body. A user who gets a 503 from the mesh can always see why.
+Every failure the mesh itself produces is a ``SyntheticResponse``: an HTTP status, and a reason that the
+client reads in the ``x-kizuna-error`` header and the body. A user who gets a 503 from the mesh can always
+see why.
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
 """Inbound: traffic from other sidecars to this workload, one listener per inbound port, forwarded to the app.
 
-Protocol "http" proxies HTTP/1.1 over a keep-alive pool to the app; "tcp" relays bytes; "auto" sniffs the first
-bytes for a bounded time (``SNIFF_TIMEOUT``), then proxies HTTP/1.x or relays anything else. A connection that
-sends nothing first (server-first protocols such as MySQL or SMTP) is relayed once the wait is over.
+Protocol "http" proxies HTTP/1.1 over a keep-alive pool to the app; "tcp" relays bytes; "auto" sniffs the
+first bytes for a bounded time (``SNIFF_TIMEOUT``), then proxies HTTP/1.x or relays anything else. A
+connection that sends nothing first (server-first protocols such as MySQL or SMTP) is relayed once the wait
+is over.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from kizuna.protocols.http1 import RequestHead
 from kizuna.protocols.sniff import Detected, sniff
@@ -52,8 +53,8 @@ class SniffingConnection(asyncio.Protocol):
 
     __slots__ = ("make_http", "make_opaque", "wait", "transport", "buffer", "timer")
 
-    def __init__(self, make_http: Callable[[], asyncio.Protocol], make_opaque: Callable[[bytes], asyncio.Protocol],
-                 wait: float = SNIFF_TIMEOUT) -> None:
+    def __init__(self, make_http: Callable[[], asyncio.Protocol],
+                 make_opaque: Callable[[bytes], asyncio.Protocol], wait: float = SNIFF_TIMEOUT) -> None:
         self.make_http = make_http
         self.make_opaque = make_opaque
         self.wait = wait
@@ -62,8 +63,8 @@ class SniffingConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         self.timer = asyncio.get_running_loop().call_later(self.wait, self._hand_over, False)
 
     def data_received(self, data: bytes) -> None:

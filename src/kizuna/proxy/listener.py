@@ -34,7 +34,8 @@ Handler = Callable[[ConnectionInfo], asyncio.BaseProtocol]
 class Listener:
     """One bound TCP socket served by the running loop."""
 
-    def __init__(self, kind: ListenerKind, address: str, port: int, handler: Handler, backlog: int = 1024) -> None:
+    def __init__(self, kind: ListenerKind, address: str, port: int, handler: Handler,
+                 backlog: int = 1024) -> None:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:

@@ -96,7 +96,8 @@ class OutboundDispatcher:
         return Exchange(down, head, dest, path, authority, self.stats, self.loop,
                         HTTP if head.upgrade is None else UPGRADE)
 
-    def _tunnel(self, down: HttpServerConnection, head: RequestHead, state: ProxyState) -> Exchange | SyntheticResponse:
+    def _tunnel(self, down: HttpServerConnection, head: RequestHead,
+                state: ProxyState) -> Exchange | SyntheticResponse:
         """CONNECT: the (host, port) virtual host's route for CONNECT, or its first route (TLS and TCP traffic
         have no path or headers to match on)."""
         try:

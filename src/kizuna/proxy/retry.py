@@ -1,4 +1,4 @@
-"""When a failed try is retried: Istio's HTTPRetry evaluated the way Envoy's retry state does, precomputed per route.
+"""When a failed try is retried: Istio's HTTPRetry evaluated as Envoy's retry state does, per route.
 
 ``retry_on`` conditions: ``5xx`` (any 5xx, resets and connect failures), ``gateway-error`` (502/503/504,
 resets, connect failures), ``reset`` (no response: disconnect, reset, per-try timeout), ``connect-failure``,
@@ -47,4 +47,4 @@ class RetryRules:
 def backoff(retry: int) -> float:
     """Delay before retry number ``retry`` (1-based): jittered exponential from 25 ms, at most 250 ms."""
     ceiling = min(BACKOFF_MAX, BACKOFF_BASE * (2 ** (retry - 1)))
-    return ceiling * random.uniform(0.5, 1.0)
+    return float(ceiling * random.uniform(0.5, 1.0))

@@ -1,7 +1,8 @@
 """Route selection with Istio's match semantics, pure: no sockets, usable by tests and ``explain`` alike.
 
-A ``Router`` is built once per snapshot: (host, port) → virtual host. ``select`` returns the first route of that
-virtual host whose matches hold (any of its ``RouteMatch`` entries; a route without matches takes everything).
+A ``Router`` is built once per snapshot: (host, port) → virtual host. ``select`` returns the first route of
+that virtual host whose matches hold (any of its ``RouteMatch`` entries; a route without matches takes
+everything).
 Within one ``RouteMatch`` every set condition must hold. The uri is matched on the path without the query
 string; ``ignoreUriCase`` is carried by the ``StringMatch``.
 """

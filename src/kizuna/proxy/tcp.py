@@ -8,7 +8,7 @@ side stops reading until it drains.
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import Final, cast
 
 from kizuna.proxy.stats import Stats
 
@@ -28,9 +28,9 @@ class Relay(asyncio.Protocol):
         self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
+        # uvloop transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER)
         self.registry.add(self)
         self.stats.tcp_cx_total += 1
         self.stats.tcp_cx_active += 1
@@ -70,7 +70,7 @@ class Relay(asyncio.Protocol):
 
 
 def link(a: Relay, b: Relay, to_a: bytes = b"", to_b: bytes = b"") -> None:
-    """Join two relays whose transports are set, send what each side already had for the other, start reading."""
+    """Join two relays with transports set, send what each already had for the other, start reading."""
     assert a.transport is not None and b.transport is not None
     a.peer, b.peer = b, a
     if to_b:
@@ -97,10 +97,11 @@ class TcpForward(asyncio.Protocol):
     When the upstream cannot be reached the connection is closed: plain TCP has no way to say why.
     """
 
-    __slots__ = ("host", "port", "timeout", "stats", "registry", "initial", "transport", "task", "closed", "eof")
+    __slots__ = ("host", "port", "timeout", "stats", "registry", "initial", "transport", "task", "closed",
+                 "eof")
 
-    def __init__(self, host: str, port: int, timeout: float, stats: Stats, registry: set[asyncio.BaseProtocol],
-                 initial: bytes = b"") -> None:
+    def __init__(self, host: str, port: int, timeout: float, stats: Stats,
+                 registry: set[asyncio.BaseProtocol], initial: bytes = b"") -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -113,9 +114,9 @@ class TcpForward(asyncio.Protocol):
         self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.pause_reading()
+        # uvloop transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
         self.task = asyncio.get_running_loop().create_task(self._connect())
 
     def data_received(self, data: bytes) -> None:

@@ -1,13 +1,13 @@
-"""One pooled HTTP/1.1 connection to an upstream endpoint: writes a request, parses the response into its exchange.
+"""One pooled HTTP/1.1 connection to an upstream endpoint: sends a request, parses the response for it.
 
-It is an ``asyncio.Protocol``: response bytes arrive in ``data_received`` and go to the exchange as calls, with no
-coroutine per read. Between requests the connection sits idle in its endpoint pool.
+It is an ``asyncio.Protocol``: response bytes arrive in ``data_received`` and go to the exchange as calls,
+with no coroutine per read. Between requests the connection sits idle in its endpoint pool.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from kizuna.protocols.http1 import (
     BodyReceived,
@@ -100,9 +100,9 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
+        # uvloop transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER)
         self._counted = True
         self.stats.upstream_cx_total += 1
         self.stats.upstream_cx_active += 1
@@ -115,28 +115,30 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.received = True
         for event in self.parser.feed(data):
-            kind = type(event)
-            if kind is BodyReceived:
-                ex.response_body(event.data)  # type: ignore[union-attr]
-            elif kind is ResponseReceived:
-                head = event.head  # type: ignore[union-attr]
-                self._informational = head.status < 200 and head.status != 101
+            if isinstance(event, BodyReceived):
+                ex.response_body(event.data)
+            elif isinstance(event, ResponseReceived):
+                head = event.head
+                # 1xx heads end a message of their own, which is not the response's end (for 101 the
+                # new protocol's bytes follow as Upgraded).
+                self._informational = head.status < 200
                 self.keep_alive = head.keep_alive
                 ex.response_head(head)
-            elif kind is MessageEnded:
+            elif isinstance(event, MessageEnded):
                 if self._informational:
                     self._informational = False
                     continue
                 ex.response_end()
-            elif kind is Upgraded:
-                ex.response_upgraded(event.tail)  # type: ignore[union-attr]
+            elif isinstance(event, Upgraded):
+                ex.response_upgraded(event.tail)
                 return
-            elif kind is ParseFailed:
+            elif isinstance(event, ParseFailed):
                 self.keep_alive = False
                 ex.upstream_failed(UPSTREAM_PROTOCOL_ERROR)
             if self.exchange is not ex:
                 # The exchange ended or gave up on this connection; anything after is not for anyone.
                 break
+        ex.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

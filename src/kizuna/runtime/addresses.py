@@ -4,9 +4,9 @@ Linux routes all of 127.0.0.0/8 to ``lo``, so any address in it can be bound wit
 range (a /24 by default) the first host address is the control plane's, then instance *i* gets
 ``pod = base + 2 + 2i`` (its app binds there) and ``mesh = base + 3 + 2i`` (its sidecar binds there).
 
-The default range is a /24 inside 127.10.0.0/16 in which no socket listens (read from ``/proc/net/tcp``), probed
-from a starting point derived from the state directory, so two meshes with different state directories land in
-different blocks and can run side by side.
+The default range is a /24 inside 127.10.0.0/16 in which no socket listens (read from ``/proc/net/tcp``),
+probed from a starting point derived from the state directory, so two meshes with different state directories
+land in different blocks and can run side by side.
 """
 
 from __future__ import annotations

@@ -71,8 +71,8 @@ def table(rows: Sequence[Sequence[str]]) -> str:
                    for row in rows)
 
 
-def summary(out: TextIO, state: StateDir, pod_range: PodRange, controlplane: str, instances: Sequence[Instance],
-            resources: Sequence[Any], *, detached: bool) -> None:
+def summary(out: TextIO, state: StateDir, pod_range: PodRange, controlplane: str,
+            instances: Sequence[Instance], resources: Sequence[Any], *, detached: bool) -> None:
     """The running mesh: one row per instance, then where things are and what to try."""
     rows = [["SERVICE", "INSTANCE", "POD ADDRESS", "MESH ADDRESS", "PORTS", "URL"]]
     for instance in instances:
@@ -80,7 +80,8 @@ def summary(out: TextIO, state: StateDir, pod_range: PodRange, controlplane: str
         ports = ",".join(map(str, instance.ports)) or "-"
         urls = " ".join(f"http://{instance.mesh_address}:{p}" for p in instance.ports) or "-"
         rows.append([services, instance.id, instance.pod_address, instance.mesh_address, ports, urls])
-    out.write("\n" + (table(rows) if instances else "no workloads (the manifests have no Deployments)\n") + "\n")
+    body = table(rows) if instances else "no workloads (the manifests have no Deployments)\n"
+    out.write(f"\n{body}\n")
     flag = "" if state.root == Path(DEFAULT_STATE_DIR).absolute() else f" --state-dir {state.root}"
     notes = [("control plane", f"{controlplane} (pod range {pod_range})"),
              ("logs", str(state.logs))]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad input, nothing running, ...); the CLI prints it as ``kizuna: <message>``.
+    """A problem the user can fix (bad input, nothing running...); the CLI prints ``kizuna: <message>``.
 
     ``lines`` holds one entry per problem (validation reports several); ``str()`` joins them.
     """

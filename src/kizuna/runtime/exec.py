@@ -1,10 +1,10 @@
 """``kizuna exec WORKLOAD -- CMD``: run a command as if inside a workload instance.
 
 The command gets the instance's environment (its container ``env``, Downward API values, and the proxy-mode
-settings that send HTTP through the instance's sidecar), on top of the caller's environment, with the runtime's
-``bin`` first on ``PATH``. It runs in the caller's working directory, not the container's ``workingDir``:
-what the user types should see the user's files. The kizuna process is replaced by the command (exec), so its
-exit status and signals are the command's own.
+settings that send HTTP through the instance's sidecar), on top of the caller's environment, with the
+runtime's ``bin`` first on ``PATH``. It runs in the caller's working directory, not the container's
+``workingDir``: what the user types should see the user's files. The kizuna process is replaced by the command
+(exec), so its exit status and signals are the command's own.
 """
 
 from __future__ import annotations

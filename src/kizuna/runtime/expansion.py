@@ -1,8 +1,8 @@
 """Kubernetes ``$(VAR)`` expansion, as the kubelet applies it to ``env`` values, ``command`` and ``args``.
 
 Rules (k8s.io/kubernetes third_party/forked/golang/expansion): ``$(NAME)`` becomes the variable's value when
-``NAME`` is defined, and stays literally ``$(NAME)`` when it is not; ``$$`` is an escaped ``$`` (so ``$$(NAME)``
-yields the text ``$(NAME)``); any other ``$`` and an unterminated ``$(`` are kept as they are.
+``NAME`` is defined, and stays literally ``$(NAME)`` when it is not; ``$$`` is an escaped ``$`` (so
+``$$(NAME)`` yields the text ``$(NAME)``); any other ``$`` and an unterminated ``$(`` are kept as they are.
 """
 
 from __future__ import annotations

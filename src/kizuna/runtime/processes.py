@@ -1,10 +1,10 @@
 """Starting and stopping the mesh's processes.
 
 Every process starts in its own session (so its own process group): a Ctrl-C in the user's terminal reaches
-only ``kizuna up``, which then stops the mesh in order, and stopping a process means signalling its whole group,
-workers it forked included (gunicorn's). Each process is recorded in ``runtime.json`` the moment it is spawned,
-with the start time the kernel gives it (``/proc/<pid>/stat``), so a later ``kizuna down`` from another process
-can tell our process from an unrelated one that reused its pid.
+only ``kizuna up``, which then stops the mesh in order, and stopping a process means signalling its whole
+group, workers it forked included (gunicorn's). Each process is recorded in ``runtime.json`` the moment it is
+spawned, with the start time the kernel gives it (``/proc/<pid>/stat``), so a later ``kizuna down`` from
+another process can tell our process from an unrelated one that reused its pid.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def spawn(name: str, role: str, argv: Sequence[str], *, env: Mapping[str, str], 
 
 def stop(records: Sequence[ProcessRecord], *, grace: float, reap: Callable[[], None] = lambda: None
          ) -> list[int]:
-    """SIGTERM every recorded process (its whole group when it leads one), SIGKILL what is left after ``grace``
-    seconds.
+    """SIGTERM every recorded process (its whole group when it leads one), SIGKILL what is left after
+    ``grace`` seconds.
 
     ``reap`` is called while waiting so the caller can collect its own exited children. Returns the pids still
     alive at the end (empty when everything stopped).
@@ -193,7 +193,7 @@ class Supervisor:
 
     def spawn(self, name: str, role: str, argv: Sequence[str], *, env: Mapping[str, str], cwd: str | Path
               ) -> ProcessRecord:
-        """Start a process, logging to ``<state>/logs/<name>.log``, and record it before doing anything else."""
+        """Start a process logging to ``<state>/logs/<name>.log``; record it before doing anything else."""
         popen, record = spawn(name, role, argv, env=env, cwd=cwd, log_path=self._state.log(name))
         self._children[popen.pid] = popen
         self._record["processes"].append(record.to_json())

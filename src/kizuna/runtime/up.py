@@ -2,9 +2,9 @@
 
 Order: validate everything offline and plan every instance (so a bad manifest or a Deployment that cannot run
 here stops us before anything starts), start the control plane, apply *all* documents (workloads included: the
-control plane needs the Services, and ``kizuna get deployments`` should work), then for each instance write its
-sidecar's bootstrap, start the sidecar and the app, and wait until every sidecar reports its app ready and runs
-the current config. Any failure on the way stops whatever was started.
+control plane needs the Services, and ``kizuna get deployments`` should work), then for each instance write
+its sidecar's bootstrap, start the sidecar and the app, and wait until every sidecar reports its app ready and
+runs the current config. Any failure on the way stops whatever was started.
 
 The store starts empty: ``up`` runs the manifests it is given, not leftovers of an earlier session in the same
 state directory.
@@ -144,7 +144,8 @@ def _start_instance(supervisor: Supervisor, state: StateDir, instance: Instance,
     bootstrap.dump(path)
     supervisor.spawn(f"{instance.id}.proxy", "sidecar", _kizuna("proxy", "--bootstrap", str(path)),
                      env=_mesh_env(), cwd=state.root)
-    supervisor.spawn(instance.id, "app", instance.command, env=process_env(instance), cwd=instance.working_dir)
+    supervisor.spawn(instance.id, "app", instance.command, env=process_env(instance),
+                     cwd=instance.working_dir)
 
 
 def _fail_if_exited(supervisor: Supervisor) -> None:
@@ -182,7 +183,8 @@ def _wait_ready(supervisor: Supervisor, client: Any, instances: Sequence[Instanc
         if now >= deadline:
             progress.done(now - start)
             raise UserError(*(f"{iid} did not become ready within {timeout:g}s ({why}); see "
-                              f"{state.log(iid)} and {state.log(iid + '.proxy')}" for iid, why in pending.items()))
+                              f"{state.log(iid)} and {state.log(iid + '.proxy')}"
+                              for iid, why in pending.items()))
         time.sleep(POLL)
 
 

@@ -2,9 +2,9 @@
 
 Kubernetes would schedule pods; the runtime expands each Deployment into ``replicas`` instances named
 ``<deployment>-<i>``, gives each a pod and a mesh address, resolves the Downward API (``valueFrom.fieldRef``)
-and ``$(VAR)`` references the way the kubelet does, and adds the proxy-mode environment (``HTTP_PROXY`` pointing
-at the instance's sidecar). Only the first container of a pod runs, as a local process; its ``command`` (plus
-``args``) must name a program on this machine, because images are not pulled or run.
+and ``$(VAR)`` references the way the kubelet does, and adds the proxy-mode environment (``HTTP_PROXY``
+pointing at the instance's sidecar). Only the first container of a pod runs, as a local process; its
+``command`` (plus ``args``) must name a program on this machine, because images are not pulled or run.
 
 Everything here is pure: manifests in, frozen ``Instance`` values out, no processes.
 """
@@ -224,13 +224,14 @@ def _readiness(deployment: DeploymentSource, container: Container, ports: tuple[
     if probe is None or (probe.http_get is None and probe.tcp_socket is None):
         # No probe (or an exec probe, which needs the image): the sidecar checks that the first port accepts.
         return ReadinessProbe(ports[0], None, DEFAULT_PROBE_PERIOD) if ports else None
-    period = float(probe.period_seconds) if "period_seconds" in probe.model_fields_set else DEFAULT_PROBE_PERIOD
+    explicit = "period_seconds" in probe.model_fields_set
+    period = float(probe.period_seconds) if explicit else DEFAULT_PROBE_PERIOD
     port = probe.http_get.port if probe.http_get is not None else probe.tcp_socket.port  # type: ignore[union-attr]
     if isinstance(port, str):
         number = container.port_named(port)
         if number is None:
-            raise UserError(f"{_where(deployment)}: {_CONTAINER}.readinessProbe: port {port!r} is not the name "
-                            "of a container port")
+            raise UserError(f"{_where(deployment)}: {_CONTAINER}.readinessProbe: port {port!r} is not the "
+                            "name of a container port")
         port = number
     path = probe.http_get.path if probe.http_get is not None else None
     return ReadinessProbe(port, path, period, float(probe.timeout_seconds))

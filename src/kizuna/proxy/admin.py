@@ -1,0 +1,64 @@
+"""The sidecar's admin port: ``GET /ready``, ``GET /stats``, ``GET /config_dump`` (Envoy's admin, tiny).
+
+Not on the request path, so it is plain asyncio streams, one request per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Protocol
+
+MAX_REQUEST_HEAD = 8192
+
+
+class AdminView(Protocol):
+    """What the admin port shows of a sidecar."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def not_ready_reason(self) -> str: ...
+
+    def stats_json(self) -> dict[str, Any]: ...
+
+    def config_json(self) -> dict[str, Any]: ...
+
+
+def admin_protocol(view: AdminView) -> asyncio.BaseProtocol:
+    """A protocol serving one admin connection."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_REQUEST_HEAD, loop=loop)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+            method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            status, ctype, body = respond(view, method, path.split("?", 1)[0])
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+            status, ctype, body = 400, "text/plain", b"bad request\n"
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                  503: "Service Unavailable"}[status]
+        writer.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
+                     f"connection: close\r\n\r\n".encode() + body)
+        try:
+            await writer.drain()
+        except OSError:
+            pass
+        writer.close()
+
+    return asyncio.StreamReaderProtocol(reader, serve, loop=loop)
+
+
+def respond(view: AdminView, method: str, path: str) -> tuple[int, str, bytes]:
+    """Status, content type and body for one admin request."""
+    if path not in ("/ready", "/stats", "/config_dump"):
+        return 404, "text/plain", b"not found\n"
+    if method != "GET":
+        return 405, "text/plain", b"method not allowed\n"
+    if path == "/ready":
+        if view.ready:
+            return 200, "text/plain", b"ready\n"
+        return 503, "text/plain", f"not ready: {view.not_ready_reason()}\n".encode()
+    data = view.stats_json() if path == "/stats" else view.config_json()
+    return 200, "application/json", json.dumps(data, indent=1).encode() + b"\n"

@@ -1,0 +1,203 @@
+"""The sidecar: listeners, the current snapshot and what derives from it, the app prober, the admin port.
+
+``apply(snapshot)`` swaps the whole ``ProxyState`` at once; a request keeps the state it started with. Inbound
+listeners follow the snapshot's ports; a snapshot whose ports cannot be bound is refused (ValueError) and the
+previous one stays. Pools of endpoints that left the config are drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kizuna.proxy.admin import admin_protocol
+from kizuna.proxy.downstream import HttpServerConnection
+from kizuna.proxy.health import ReadinessProber
+from kizuna.proxy.inbound import InboundHandler
+from kizuna.proxy.listener import ConnectionInfo, Listener
+from kizuna.proxy.outbound import OutboundDispatcher
+from kizuna.proxy.pool import PoolRegistry
+from kizuna.proxy.state import ProxyState
+from kizuna.proxy.stats import Stats
+from kizuna.proxy.upstream import UpstreamConnection
+from kizuna.proxyconfig.bootstrap import Bootstrap
+from kizuna.proxyconfig.model import EMPTY_SNAPSHOT, Snapshot
+
+if TYPE_CHECKING:
+    from kizuna.proxy.discovery import DiscoveryClient
+
+DRAIN_SECONDS = 5.0
+"""On stop, how long requests in flight get to finish."""
+
+
+class Sidecar:
+    """One sidecar proxy process's worth of state and listeners."""
+
+    def __init__(self, bootstrap: Bootstrap) -> None:
+        self.bootstrap = bootstrap
+        self.stats = Stats()
+        self.pools: PoolRegistry[UpstreamConnection] = PoolRegistry()
+        self.state = ProxyState(EMPTY_SNAPSHOT, self.pools, self.stats)
+        self.connections: set[asyncio.BaseProtocol] = set()
+        self.discovery: DiscoveryClient | None = None
+        self._config_applied = False
+        self._app_ready = False
+        self._health_listener: Callable[[bool], None] | None = None
+        self._prober = ReadinessProber(bootstrap.node, bootstrap.readiness, self._on_app_ready)
+        self._listeners: dict[int, Listener] = {}
+        self._outbound: Listener | None = None
+        self._admin: Listener | None = None
+        self._inbound_handler: InboundHandler | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._started = False
+
+    # -- what the discovery client and admin read ---------------------------------------------------------
+
+    @property
+    def version(self) -> str:
+        """The version of the snapshot in use ("" before any)."""
+        return self.state.snapshot.version
+
+    @property
+    def config_applied(self) -> bool:
+        """True once a snapshot was applied."""
+        return self._config_applied
+
+    @property
+    def app_ready(self) -> bool:
+        """The app's readiness as last probed."""
+        return self._app_ready
+
+    @property
+    def ready(self) -> bool:
+        """Ready to serve: a config is applied and the app is ready."""
+        return self._config_applied and self._app_ready
+
+    @property
+    def control_plane_connected(self) -> bool:
+        return self.discovery is not None and bool(self.discovery.connected)
+
+    def set_health_listener(self, callback: Callable[[bool], None]) -> None:
+        """``callback(ready)`` is called on every change of the app's readiness."""
+        self._health_listener = callback
+
+    def not_ready_reason(self) -> str:
+        if not self._config_applied:
+            return "no config applied"
+        return "app not ready" if not self._app_ready else ""
+
+    def stats_json(self) -> dict[str, Any]:
+        data = self.stats.to_json()
+        data.update(version=self.version, config_applied=self._config_applied, app_ready=self._app_ready,
+                    control_plane_connected=self.control_plane_connected)
+        return data
+
+    def config_json(self) -> dict[str, Any]:
+        return {"version": self.version, "snapshot": self.state.snapshot.to_json()}
+
+    # -- configuration ------------------------------------------------------------------------------------
+
+    def apply(self, snapshot: Snapshot) -> None:
+        """Use ``snapshot`` from now on. Raises ValueError (the previous one stays) when it cannot be used."""
+        try:
+            state = ProxyState(snapshot, self.pools, self.stats)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"unusable snapshot {snapshot.version!r}: {exc}") from exc
+        ports = {p.port for p in snapshot.inbound}
+        taken = ports & {self.bootstrap.admin_port, self.bootstrap.outbound_port}
+        if taken:
+            raise ValueError(f"inbound port {min(taken)} is one of the sidecar's own ports")
+        opened: dict[int, Listener] = {}
+        for port in sorted(ports - self._listeners.keys()):
+            try:
+                opened[port] = Listener("inbound", self.bootstrap.node.mesh_address, port,
+                                        self._accept_inbound)
+            except OSError as exc:
+                for listener in opened.values():
+                    listener.close()
+                raise ValueError(f"cannot listen on inbound port {port}: {exc.strerror or exc}") from exc
+        self.state = state
+        self._config_applied = True
+        for port in self._listeners.keys() - ports:
+            self._listeners.pop(port).close()
+        self._listeners.update(opened)
+        if self._started:
+            for listener in opened.values():
+                self._spawn(listener.start())
+        self.pools.retain(state.endpoints())
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen, load the static snapshot if any, start probing the app and the discovery client."""
+        loop = asyncio.get_running_loop()
+        node = self.bootstrap.node
+        self._inbound_handler = InboundHandler(self, self.stats, self.connections, loop)
+        outbound = OutboundDispatcher(self, self.stats, loop)
+        self._outbound = Listener("outbound", node.mesh_address, self.bootstrap.outbound_port,
+                                  lambda info: HttpServerConnection(outbound, self.stats, self.connections))
+        self._admin = Listener("admin", node.mesh_address, self.bootstrap.admin_port,
+                               lambda info: admin_protocol(self))
+        if self.bootstrap.static_snapshot:
+            text = Path(self.bootstrap.static_snapshot).read_text()
+            self.apply(Snapshot.from_json(json.loads(text)))
+        self._started = True
+        for listener in (self._outbound, self._admin, *self._listeners.values()):
+            await listener.start()
+        self._spawn(self._prober.run())
+        if self.bootstrap.control_plane:
+            # Imported here: the discovery client is optional and the proxy must start without it.
+            from kizuna.proxy.discovery import DiscoveryClient
+
+            self.discovery = DiscoveryClient(self.bootstrap, self)
+            self._spawn(self.discovery.run())
+
+    async def stop(self, drain: float = DRAIN_SECONDS) -> None:
+        """Stop listening, let requests in flight finish for up to ``drain`` seconds, close everything."""
+        for listener in (self._outbound, self._admin, *self._listeners.values()):
+            if listener is not None:
+                listener.close()
+        self._listeners.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._close_idle()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain
+        while self._busy() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+            self._close_idle()
+        for conn in list(self.connections):
+            transport = getattr(conn, "transport", None)
+            if transport is not None:
+                transport.abort()
+        self.pools.close()
+        await asyncio.sleep(0)
+
+    def _busy(self) -> bool:
+        return any(isinstance(c, HttpServerConnection) and c.exchange is not None for c in self.connections)
+
+    def _close_idle(self) -> None:
+        """Close client connections with no request in flight; the others close after their response."""
+        for conn in list(self.connections):
+            if isinstance(conn, HttpServerConnection):
+                conn.closing = True
+                if conn.exchange is None:
+                    conn.transport.close()
+
+    def _accept_inbound(self, info: ConnectionInfo) -> asyncio.BaseProtocol:
+        assert self._inbound_handler is not None
+        return self._inbound_handler(info)
+
+    def _on_app_ready(self, ready: bool) -> None:
+        self._app_ready = ready
+        if self._health_listener is not None:
+            self._health_listener(ready)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

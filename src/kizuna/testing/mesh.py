@@ -1,0 +1,222 @@
+"""Small meshes for tests and benchmarks: snapshots for a client and a server sidecar, and a loop to run them.
+
+``two_hop_snapshots`` is the static two-sidecar config the benchmark uses: client → client sidecar (outbound)
+→ server sidecar (inbound) → app. ``BackgroundLoop`` runs sidecars and upstreams in-process on a uvloop
+thread, so plain synchronous tests can drive them with real clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import random
+import socket
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import uvloop
+
+from kizuna.proxy.sidecar import Sidecar
+from kizuna.proxyconfig.bootstrap import Bootstrap, Node, ReadinessProbe
+from kizuna.proxyconfig.model import (
+    Cluster,
+    Endpoint,
+    InboundPort,
+    LbPolicy,
+    Protocol,
+    RetryPolicy,
+    Route,
+    RouteAction,
+    Snapshot,
+    VirtualHost,
+    WeightedCluster,
+    cluster_name,
+)
+from kizuna.testing.upstream import TcpEchoServer, UpstreamServer
+
+T = TypeVar("T")
+DEFAULT_RETRY = RetryPolicy()
+
+
+def service_hosts(service: str, namespace: str = "default") -> tuple[str, ...]:
+    """Every name a service answers to inside the mesh, short to fully qualified."""
+    return (service, f"{service}.{namespace}", f"{service}.{namespace}.svc",
+            f"{service}.{namespace}.svc.cluster.local")
+
+
+def service_cluster(service: str, port: int, endpoints: list[tuple[str, int]], subset: str = "",
+                    lb_policy: LbPolicy = "LEAST_REQUEST", protocol: Protocol = "http",
+                    namespace: str = "default", connect_timeout: float = 10.0) -> Cluster:
+    """The outbound cluster of ``service:port`` (one subset) with its endpoints."""
+    fqdn = f"{service}.{namespace}.svc.cluster.local"
+    return Cluster(cluster_name("outbound", port, subset, fqdn), fqdn, port, subset, protocol, lb_policy,
+                   tuple(Endpoint(a, p, workload=f"{service}-{i}") for i, (a, p) in enumerate(endpoints)),
+                   connect_timeout)
+
+
+def simple_virtual_host(service: str, port: int, clusters: list[tuple[str, int]] | str,
+                        timeout: float | None = None, retry: RetryPolicy = DEFAULT_RETRY,
+                        protocol: Protocol = "http", namespace: str = "default") -> VirtualHost:
+    """A virtual host with one catch-all route to ``clusters`` (a name, or (name, weight) pairs)."""
+    weighted = ([WeightedCluster(clusters, 100)] if isinstance(clusters, str)
+                else [WeightedCluster(name, weight) for name, weight in clusters])
+    fqdn = f"{service}.{namespace}.svc.cluster.local"
+    return VirtualHost(f"{fqdn}:{port}", service_hosts(service, namespace), port, protocol,
+                       (Route("default", (), RouteAction(tuple(weighted), timeout, retry)),))
+
+
+def two_hop_snapshots(client_mesh_addr: str, server_mesh_addr: str, app_addr: str, app_port: int,
+                      service: str = "bench", port: int = 80,
+                      inbound_protocol: Protocol = "http") -> tuple[Snapshot, Snapshot]:
+    """Snapshots for a client sidecar (outbound ``service:port`` → the server sidecar) and a server sidecar
+    (inbound ``app_port`` on its mesh address → the app at ``app_addr:app_port``).
+
+    ``client_mesh_addr`` is not referenced by the client's own snapshot (its listeners come from its
+    bootstrap); it is taken so callers describe the whole topology in one place.
+    """
+    del client_mesh_addr
+    cluster = service_cluster(service, port, [(server_mesh_addr, app_port)])
+    client = Snapshot("two-hop-client", virtual_hosts=(simple_virtual_host(service, port, cluster.name),),
+                      clusters=(cluster,))
+    inbound = InboundPort(app_port, app_addr, app_port, inbound_protocol)
+    server = Snapshot("two-hop-server", inbound=(inbound,))
+    return client, server
+
+
+def sidecar_bootstrap(node_id: str, mesh_address: str, pod_address: str = "127.0.0.1",
+                      static_snapshot: str | None = None, admin_port: int = 15000,
+                      outbound_port: int = 15001, readiness: ReadinessProbe | None = None) -> Bootstrap:
+    """A bootstrap for a sidecar with no control plane; without ``readiness`` the app counts as ready."""
+    return Bootstrap(Node(node_id, node_id.split(".")[0], pod_address=pod_address, mesh_address=mesh_address),
+                     static_snapshot=static_snapshot, admin_port=admin_port, outbound_port=outbound_port,
+                     readiness=readiness)
+
+
+_used: set[str] = set()
+
+
+def loopback_addresses(count: int, prefix: str = "127.20") -> list[str]:
+    """``count`` distinct addresses in ``prefix``.0.0/16 not handed out before by this process (random, so
+    concurrent test runs rarely collide)."""
+    found: list[str] = []
+    while len(found) < count:
+        address = f"{prefix}.{random.randint(1, 254)}.{random.randint(1, 254)}"
+        if address not in _used:
+            _used.add(address)
+            found.append(address)
+    return found
+
+
+class BackgroundLoop:
+    """A uvloop event loop running in a daemon thread; synchronous code submits coroutines to it."""
+
+    def __init__(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="kizuna-test-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        """Run ``coro`` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Cancel what still runs, stop the loop and its thread."""
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_all())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+async def _call(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
+
+
+class LocalMesh:
+    """Sidecars and upstreams started in-process on a ``BackgroundLoop``; ``close`` stops all of them."""
+
+    def __init__(self, loop: BackgroundLoop) -> None:
+        self.loop = loop
+        self.sidecars: list[Sidecar] = []
+        self.servers: list[UpstreamServer | TcpEchoServer] = []
+
+    def upstream(self, address: str, port: int = 0, **options: Any) -> UpstreamServer:
+        """A programmable HTTP app on ``address:port`` (see ``UpstreamServer`` for the options)."""
+        server = self.loop.run(UpstreamServer(address, port, **options).start())
+        self.servers.append(server)
+        return server
+
+    def echo(self, address: str, port: int = 0, greeting: bytes = b"") -> TcpEchoServer:
+        """A TCP echo app, server-first when ``greeting`` is set."""
+        server = self.loop.run(TcpEchoServer(address, port, greeting).start())
+        self.servers.append(server)
+        return server
+
+    def sidecar(self, mesh_address: str, snapshot: Snapshot | None = None, **options: Any) -> Sidecar:
+        """A started sidecar listening on ``mesh_address`` (see ``sidecar_bootstrap`` for the options)."""
+        sidecar = Sidecar(sidecar_bootstrap(f"sidecar-{mesh_address}.default", mesh_address, **options))
+        self.loop.run(sidecar.start())
+        self.sidecars.append(sidecar)
+        if snapshot is not None:
+            self.apply(sidecar, snapshot)
+        return sidecar
+
+    def apply(self, sidecar: Sidecar, snapshot: Snapshot) -> None:
+        """``sidecar.apply`` on the loop's thread; its ValueError comes back here."""
+        self.loop.run(_call(sidecar.apply, snapshot))
+
+    def close(self) -> None:
+        for sidecar in self.sidecars:
+            self.loop.run(sidecar.stop(drain=0.5))
+        for server in self.servers:
+            self.loop.run(server.stop())
+        self.sidecars.clear()
+        self.servers.clear()
+
+
+class Reply:
+    """A response read off a socket: status, headers by lower-case name, body."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"Reply({self.status}, {self.headers}, {self.body[:60]!r})"
+
+
+class _FileSocket:
+    """Lets ``http.client.HTTPResponse`` read consecutive responses from one buffered file, which it must
+    not close after the first."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+
+    def makefile(self, mode: str) -> Any:
+        return self
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def read_replies(sock: socket.socket, count: int, method: str = "GET") -> list[Reply]:
+    """Read ``count`` pipelined responses from ``sock`` (bodies framed by length, chunks or close)."""
+    replies = []
+    with sock.makefile("rb") as file:
+        for _ in range(count):
+            response = http.client.HTTPResponse(_FileSocket(file), method=method)  # type: ignore[arg-type]
+            response.begin()
+            body = response.read()
+            replies.append(Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, body))
+    return replies
