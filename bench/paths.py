@@ -173,9 +173,8 @@ def start_kizuna(procs: Processes, layout: Layout, workdir: Path,
                  cpus: frozenset[int] | None) -> PathUnderTest:
     """Two kizuna sidecars on static snapshots (no control plane), the client one used as HTTP proxy."""
     # Imported here so the other paths run while the proxy is still being written.
-    from kizuna.testing.mesh import two_hop_snapshots
-
     from kizuna.proxyconfig.bootstrap import Bootstrap, Node
+    from kizuna.testing.mesh import two_hop_snapshots
 
     o_addr, o_port = layout.origin
     client_mesh, server_mesh = layout.kizuna_client_mesh, layout.kizuna_server_mesh

@@ -204,3 +204,17 @@ def parse_proc_stat(text: str) -> dict[str, dict[str, float]]:
 def system_cpu() -> dict[str, dict[str, float]]:
     """The machine's CPU accounting now (see :func:`parse_proc_stat`)."""
     return parse_proc_stat(Path("/proc/stat").read_text())
+
+
+def repin(pid: int, cpus: frozenset[int]) -> None:
+    """Move every thread of ``pid`` and its descendants to ``cpus`` (each thread has its own mask)."""
+    for p in process_tree(pid):
+        try:
+            threads = [int(t) for t in os.listdir(f"/proc/{p}/task")]
+        except OSError:
+            continue
+        for tid in threads:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError:
+                pass  # a thread that just exited

@@ -198,7 +198,8 @@ def format_table(result: dict[str, Any]) -> str:
                          f"{_fmt(rss / 1024 if rss else None, 1):>10}")
     busy_before = result.get("busy_before_vcpu", 0.0)
     lines += ["", "Machine CPU per phase (/proc/stat): busy/stolen vCPU per core; 'others' = busy beyond our",
-              f"processes, i.e. interference (+-0.05 is tick noise). Busy before the run: {busy_before:.2f}"]
+              "processes, i.e. interference. /proc/stat samples at clock ticks and misses short bursts on a",
+              f"mostly idle core: small or negative values are noise. Busy before the run: {busy_before:.2f}"]
     for name, data in result["paths"].items():
         for phase in ("fixed", "saturation"):
             machine = data[phase].get("machine", {})
@@ -206,6 +207,10 @@ def format_table(result: dict[str, Any]) -> str:
                      for cpu, v in sorted(machine.items()) if cpu != "cpu"]
             others = data[phase].get("others_vcpu")
             lines.append(f"{name:<9}{phase:<12}" + "   ".join(cells) + f"   others {_fmt(others, 2)}")
+    for name, data in result["paths"].items():
+        for attempt in data.get("earlier_attempts", ()):
+            lines.append(f"note: {name} was measured again: other work disturbed "
+                         f"{', '.join(attempt['disturbed'])} of an earlier attempt")
     if cmp.get("disturbed"):
         lines += ["", f"WARNING: other work on the machine used > {DISTURBED_VCPU} vCPU during "
                   f"{', '.join(cmp['disturbed'])}:",
@@ -221,8 +226,9 @@ def format_table(result: dict[str, Any]) -> str:
     prof = result.get("profile")
     if prof and prof.get("hot", {}).get("by_self"):
         hot = prof["hot"]
-        lines += ["", f"py-spy --native, {prof['process']} under saturation ({prof['seconds']:g} s, "
-                  f"{hot['total_samples']} samples, {hot['waiting_percent']:.0f}% waiting in epoll left out)",
+        lines += ["", f"py-spy --native, {prof['process']} under saturation, alone on its core "
+                  f"({prof['seconds']:g} s, {hot['total_samples']} samples, {hot['waiting_percent']:.0f}% "
+                  "asleep in epoll left out)",
                   f"files: {', '.join(prof['files'].values())}",
                   f"  {'self %':>7}  {'total %':>7}  function (share of on-CPU samples)"]
         for row in prof["hot"]["by_self"]:

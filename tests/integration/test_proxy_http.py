@@ -230,6 +230,16 @@ def test_pipelined_requests_are_answered_in_order(hop: TwoHop) -> None:
     assert json.loads(replies[2].body)["body"] == "hi"
 
 
+def test_a_client_that_half_closes_after_pipelining_gets_every_answer(hop: TwoHop) -> None:
+    with hop.raw() as sock:
+        sock.sendall(b"GET http://httpbin:8000/delay/0.1 HTTP/1.1\r\nHost: httpbin:8000\r\n\r\n"
+                     b"GET http://httpbin:8000/bytes/4 HTTP/1.1\r\nHost: httpbin:8000\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        replies = read_replies(sock, 2)
+        assert [r.body for r in replies] == [b"late\n", b"xxxx"]
+        assert sock.recv(1) == b""
+
+
 def test_connection_close_is_honoured(hop: TwoHop) -> None:
     with hop.raw() as sock:
         sock.sendall(b"GET http://httpbin:8000/bytes/3 HTTP/1.1\r\nHost: httpbin:8000\r\n"
@@ -309,3 +319,26 @@ def test_unreachable_endpoint_gets_503_after_the_default_retries(
     assert response.status == 503
     assert response.getheader("x-kizuna-error") == "upstream connect error"
     assert sidecar.stats.retries == 2  # Istio's default: 2 retries, connect-failure among the conditions
+
+
+def test_a_client_that_stops_reading_stops_the_app_instead_of_filling_memory(hop: TwoHop) -> None:
+    chunks, size = 2048, 65536  # 128 MiB on offer
+    with hop.raw() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"GET http://httpbin:8000/chunked/%d/%d HTTP/1.1\r\nHost: httpbin:8000\r\n\r\n"
+                     % (chunks, size))
+        received = sock.recv(65536)
+        time.sleep(0.5)
+        # Socket buffers on the way hold a few MiB; without flow control both sidecars would read it all.
+        stalled_at = hop.app.body_bytes_sent
+        assert stalled_at < 48 * 2**20
+        time.sleep(0.2)
+        assert hop.app.body_bytes_sent - stalled_at < 2**20
+        # Reading again resumes the stream end to end.
+        while len(received) < 16 * 2**20:
+            data = sock.recv(2**20)
+            assert data
+            received += data
+    assert hop.app.body_bytes_sent > stalled_at
+    body = received.partition(b"\r\n\r\n")[2]
+    assert body.startswith(b"10000\r\n" + b"a" * size)

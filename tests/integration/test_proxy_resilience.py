@@ -186,3 +186,18 @@ def test_config_swap_under_load_fails_no_request(mesh: LocalMesh) -> None:
     assert failures == []
     assert served["a"] > 0 and served["b"] > 0
     assert sidecar.version == "a"
+
+
+def test_reset_before_response_is_retried_when_the_policy_says_reset(mesh: LocalMesh) -> None:
+    addr, bad_addr, good_addr = loopback_addresses(3)
+    bad = mesh.upstream(bad_addr, name="bad", drop=True)
+    good = mesh.upstream(good_addr, name="good")
+    cluster = service_cluster("resets", 80, [(bad_addr, bad.port), (good_addr, good.port)],
+                              lb_policy="ROUND_ROBIN")
+    sidecar = mesh.sidecar(addr, snapshot("1", cluster, retry=RetryPolicy(retry_on=frozenset({"reset"}))))
+    assert {get(addr, "http://resets/")[::3] for _ in range(6)} == {(200, "good")}
+    assert sidecar.stats.retries >= 3
+    # Istio's default policy does not retry a reset: the client sees why it failed.
+    mesh.apply(sidecar, snapshot("2", cluster))
+    results = {get(addr, "http://resets/")[:2] for _ in range(6)}
+    assert results == {(200, None), (503, "upstream reset")}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+
 from bench import wrk
 from bench.paced import request_bytes
 from bench.procs import CLOCK_TICKS, parse_proc_stat, parse_stat_cpu_ticks, parse_status_kb
 from bench.profile import function_name, hot_functions, parse_collapsed
+from bench.report import comparisons
 from bench.settings import BenchSettings, from_env, parse_args
 from bench.stats import percentile, summarize_ns
 
@@ -161,3 +163,35 @@ def test_settings_flags_override_environment() -> None:
 def test_settings_reject_unknown_paths() -> None:
     with pytest.raises(ValueError, match="envoy"):
         parse_args(["--paths", "direct,envoy"], {})
+
+
+def _path(p90_ms: float, rps: float, procs: dict[str, tuple[float, float, int]],
+          others: float = 0.0) -> dict[str, object]:
+    """A result entry: latency, wrk rps, per process (vCPU at rate, req/CPU-s at saturation, peak RSS kB)."""
+    return {
+        "fixed": {"latency": {"count": 100, "p50_ms": p90_ms / 2, "p90_ms": p90_ms, "p99_ms": p90_ms * 2},
+                  "others_vcpu": others},
+        "saturation": {"rps": rps, "others_vcpu": 0.0},
+        "processes": {name: {"fixed": {"vcpu": vcpu}, "saturation": {"requests_per_cpu_second": per_cpu},
+                             "peak_rss_kb": rss} for name, (vcpu, per_cpu, rss) in procs.items()},
+    }
+
+
+def test_comparisons_judge_kizuna_against_haproxy_and_direct() -> None:
+    result = {"paths": {
+        "direct": _path(0.05, 100_000, {}),
+        "kizuna": _path(0.45, 6_000, {"kz-client": (0.08, 20_000, 30 * 1024),
+                                      "kz-server": (0.12, 30_000, 20 * 1024)}),
+        "haproxy": _path(0.30, 10_000, {"hp-client": (0.05, 50_000, 14 * 1024),
+                                        "hp-server": (0.05, 50_000, 14 * 1024)}, others=0.5),
+    }}
+    cmp = comparisons(result)
+    assert cmp["added_latency_ms"]["kizuna"]["p90"] == pytest.approx(0.40)
+    assert cmp["disturbed"] == ["haproxy/fixed"]
+    verdicts = {t["name"]: (round(t["value"], 3), t["result"]) for t in cmp["targets"]}
+    assert verdicts["saturation throughput, kizuna path / HAProxy path"] == (0.6, "ok")
+    assert verdicts["requests per CPU-second, kizuna / HAProxy, client hop"] == (0.4, "MISS")
+    assert verdicts["requests per CPU-second, kizuna / HAProxy, server hop"] == (0.6, "ok")
+    assert verdicts["sidecar vCPU at the fixed rate (max of the two)"] == (0.12, "MISS")
+    assert verdicts["sidecar peak RSS, MiB (max of the two)"] == (30.0, "ok")
+    assert verdicts["added 2-hop p90 latency over direct, ms"] == (0.4, "ok")

@@ -12,7 +12,7 @@ framing itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 import httptools
 
@@ -36,9 +36,12 @@ _CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade", b""
 Headers = tuple[tuple[bytes, bytes], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
-    """A parsed request line and headers; ``headers`` holds end-to-end headers only, in original case."""
+class RequestHead(NamedTuple):
+    """A parsed request line and headers; ``headers`` holds end-to-end headers only, in original case.
+
+    Heads are named tuples: immutable like the events, and five times cheaper to build than a frozen
+    dataclass, which matters at two heads per request per hop.
+    """
 
     method: bytes
     target: bytes
@@ -61,8 +64,7 @@ class RequestHead:
         return self.chunked or bool(self.content_length)
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
+class ResponseHead(NamedTuple):
     """A parsed status line and headers; ``headers`` holds end-to-end headers only."""
 
     status: int
@@ -119,67 +121,56 @@ Event = RequestReceived | ResponseReceived | BodyReceived | MessageEnded | Upgra
 MESSAGE_ENDED: Final = MessageEnded()
 
 
+# Headers the parser reads instead of passing on (x-request-id is read and passed on).
+_INTERPRETED: Final = HOP_BY_HOP | {b"content-length", b"host", b"expect", b"x-request-id"}
+
+
 class _Parser:
     """What request and response parsing share: header sorting, the event list and error mapping."""
 
     def __init__(self) -> None:
         self._events: list[Event] = []
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0
+        self._special: dict[bytes, bytes] = {}
+        """This head's interpreted headers by lower-case name; repeats joined with ``,``."""
         self._in_head = False
         self._in_message = False
         self._done = False
-        self._content_length: int | None = None
-        self._chunked = False
-        self._connection: bytes = b""
-        self._upgrade: bytes | None = None
-        self._host = b""
-        self._expect_continue = False
-        self._has_request_id = False
-
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._head_bytes = 0
-        self._in_head = True
-        self._in_message = True
-        self._content_length = None
-        self._chunked = False
-        self._connection = b""
-        self._upgrade = None
-        self._host = b""
-        self._expect_continue = False
-        self._has_request_id = False
+        self._head_size = 0
+        """Bytes fed while the current head was incomplete (llhttp has no limit of its own)."""
+        self._feed_size = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             return  # trailers: dropped, as the Trailer header announcing them is hop-by-hop
-        self._head_bytes += len(name) + len(value)
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise ValueError("headers too large")
         lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"connection":
-                token = value.lower()
-                self._connection = self._connection + b"," + token if self._connection else token
-            elif lower == b"transfer-encoding":
-                self._chunked = value.lower().rstrip().endswith(b"chunked")
-            elif lower == b"upgrade":
-                self._upgrade = value
-        elif lower == b"content-length":
-            self._content_length = int(value)
-        elif lower == b"host":
-            self._host = value
-        elif lower == b"expect":
-            self._expect_continue = value.lower() == b"100-continue"
-        else:
-            if lower == b"x-request-id":
-                self._has_request_id = True
-            self._headers.append((name, value))
+        if lower in _INTERPRETED:
+            special = self._special
+            special[lower] = special[lower] + b"," + value if lower in special else value
+            if lower != b"x-request-id":
+                return
+        self._headers.append((name, value))
+
+    def _check_head_size(self, first_line: bytes) -> None:
+        """Refuse a head over ``MAX_HEAD_BYTES``, counted exactly only when this feed could hold one."""
+        if self._head_size + self._feed_size > MAX_HEAD_BYTES:
+            size = len(first_line) + sum(len(n) + len(v) for n, v in self._headers)
+            if size + sum(len(v) for v in self._special.values()) > MAX_HEAD_BYTES:
+                raise ValueError("head too large")
+
+    def _framing(self) -> tuple[int | None, bool]:
+        """Content-Length and chunked from the interpreted headers (llhttp already refused conflicts)."""
+        special = self._special
+        length = special.get(b"content-length")
+        coding = special.get(b"transfer-encoding")
+        return (int(length.split(b",")[0]) if length is not None else None,
+                coding is not None and coding.lower().rstrip().endswith(b"chunked"))
 
     def _end_to_end_headers(self) -> Headers:
         """The kept headers, minus any that ``Connection`` names as hop-by-hop for this connection."""
-        if self._connection:
-            named = {t.strip() for t in self._connection.split(b",")} - _CONNECTION_OPTIONS
+        connection = self._special.get(b"connection")
+        if connection:
+            named = {t.strip() for t in connection.lower().split(b",")} - _CONNECTION_OPTIONS
             if named:
                 return tuple(h for h in self._headers if h[0].lower() not in named)
         return tuple(self._headers)
@@ -191,14 +182,18 @@ class _Parser:
         self._in_message = False
         self._events.append(MESSAGE_ENDED)
 
-    def _fail(self, reason: str) -> None:
-        self._done = True
-        self._events.append(ParseFailed(reason))
-
-    def _take(self) -> list[Event]:
+    def _after_feed(self, size: int) -> list[Event]:
+        if self._in_head and not self._done:
+            self._head_size += size
+            if self._head_size > MAX_HEAD_BYTES:
+                self._fail("head too large")
         events = self._events
         self._events = []
         return events
+
+    def _fail(self, reason: str) -> None:
+        self._done = True
+        self._events.append(ParseFailed(reason))
 
     @property
     def in_message(self) -> bool:
@@ -217,28 +212,43 @@ class RequestParser(_Parser):
         """True once a CONNECT/Upgrade head ended the HTTP part of the stream."""
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        self._headers = []
+        self._special = {}
+        self._in_head = True
+        self._in_message = True
+        self._head_size = 0
         self._url = b""
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > MAX_HEAD_BYTES:
-            raise ValueError("request target too large")
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._check_head_size(self._url)
         p = self._parser
-        upgrade = p.should_upgrade()
         method = p.get_method()
-        self._events.append(RequestReceived(RequestHead(
-            method, self._url, p.get_http_version().encode(), self._end_to_end_headers(), self._host,
-            self._content_length, self._chunked, p.should_keep_alive(), self._expect_continue,
-            (self._upgrade or b"") if upgrade and method != b"CONNECT" else None, self._has_request_id)))
+        special = self._special
+        host = special.get(b"host", b"")
+        if len(special) == 1 and host:
+            # The common head: nothing but Host among the interpreted headers.
+            head = RequestHead(method, self._url, p.get_http_version().encode(), tuple(self._headers), host,
+                               None, False, p.should_keep_alive(), False, None, False)
+        else:
+            if b"," in host:
+                raise ValueError("more than one Host header")
+            length, chunked = self._framing()
+            upgrade = special.get(b"upgrade", b"") if p.should_upgrade() and method != b"CONNECT" else None
+            head = RequestHead(method, self._url, p.get_http_version().encode(), self._end_to_end_headers(),
+                               host, length, chunked, p.should_keep_alive(),
+                               special.get(b"expect", b"").lower() == b"100-continue", upgrade,
+                               b"x-request-id" in special)
+        self._events.append(RequestReceived(head))
 
     def feed(self, data: bytes) -> list[Event]:
         """Parse ``data``; returns the events it completed."""
         if self._done:
             return []
+        self._feed_size = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -247,7 +257,7 @@ class RequestParser(_Parser):
             self._events.append(Upgraded(bytes(data[exc.args[0]:])))
         except httptools.HttpParserError as exc:
             self._fail(str(exc.__context__ or exc))
-        return self._take()
+        return self._after_feed(len(data))
 
 
 class ResponseParser(_Parser):
@@ -270,7 +280,11 @@ class ResponseParser(_Parser):
         self._head_request = method == b"HEAD"
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        self._headers = []
+        self._special = {}
+        self._in_head = True
+        self._in_message = True
+        self._head_size = 0
         self._reason = b""
         self._until_close = False
 
@@ -279,24 +293,26 @@ class ResponseParser(_Parser):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._check_head_size(self._reason)
         p = self._parser
         status = p.get_status_code()
-        upgrade = self._upgrade if status == 101 else None
+        length, chunked = self._framing() if self._special else (None, False)
+        upgrade = self._special.get(b"upgrade", b"") if status == 101 else None
         self._events.append(ResponseReceived(ResponseHead(
-            status, self._reason, p.get_http_version().encode(), self._end_to_end_headers(),
-            self._content_length, self._chunked, p.should_keep_alive(), upgrade)))
+            status, self._reason, p.get_http_version().encode(), self._end_to_end_headers(), length, chunked,
+            p.should_keep_alive(), upgrade)))
         if status < 200:
             return
         if self._head_request:
             self._stop_after_head = True
             raise _HeadComplete
-        self._until_close = (self._content_length is None and not self._chunked
-                             and status not in (204, 304))
+        self._until_close = length is None and not chunked and status not in (204, 304)
 
     def feed(self, data: bytes) -> list[Event]:
         """Parse ``data``; returns the events it completed."""
         if self._done:
             return []
+        self._feed_size = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -311,7 +327,7 @@ class ResponseParser(_Parser):
                 self._events.append(MESSAGE_ENDED)
             else:
                 self._fail(str(exc.__context__ or exc))
-        return self._take()
+        return self._after_feed(len(data))
 
     def feed_eof(self) -> list[Event]:
         """The peer closed: ends a body delimited by close, or reports a message cut short."""
@@ -321,11 +337,14 @@ class ResponseParser(_Parser):
             self._in_message = False
             return [MESSAGE_ENDED]
         self._fail("connection closed before the message ended")
-        return self._take()
+        return self._after_feed(0)
 
 
 class _HeadComplete(Exception):
     """Raised inside llhttp's callback to stop parsing after the head of a HEAD response."""
+
+
+NO_BODY_STATUSES: Final = frozenset(range(100, 200)) | {204, 304}
 
 
 def response_has_body(method: bytes, status: int) -> bool:
@@ -335,18 +354,21 @@ def response_has_body(method: bytes, status: int) -> bool:
     return not (method == b"CONNECT" and status < 300)
 
 
-def encode_headers(parts: list[bytes], headers: Headers) -> None:
-    """Append ``name: value CRLF`` lines for ``headers`` to ``parts``."""
+def _header_lines(parts: list[bytes], headers: Headers) -> None:
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
 
 
-def framing_headers(parts: list[bytes], framing: int, length: int | None) -> None:
-    """Append the header that announces ``framing`` (nothing for no body or a body until close)."""
-    if framing == BODY_LENGTH:
-        parts += (b"Content-Length: ", str(length).encode(), b"\r\n")
-    elif framing == BODY_CHUNKED:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
+_FRAMING_LINE: Final = {BODY_NONE: b"", BODY_CHUNKED: b"Transfer-Encoding: chunked\r\n",
+                        BODY_UNTIL_CLOSE: b""}
+
+
+def _framing_line(framing: int, length: int | None) -> bytes:
+    if framing != BODY_LENGTH:
+        return _FRAMING_LINE[framing]
+    if length is None:
+        raise ValueError("a body with a length needs the length")
+    return b"Content-Length: %d\r\n" % length
 
 
 def encode_request_head(method: bytes, target: bytes, host: bytes, headers: Headers, framing: int,
@@ -354,13 +376,13 @@ def encode_request_head(method: bytes, target: bytes, host: bytes, headers: Head
                         extra: Headers = ()) -> bytes:
     """An HTTP/1.1 request head. ``upgrade`` adds ``Connection: upgrade`` and ``Upgrade``; ``extra`` headers
     are appended after ``headers``."""
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    if host:
-        parts += (b"Host: ", host, b"\r\n")
-    encode_headers(parts, headers)
+    parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"] if host else [
+        method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
     if extra:
-        encode_headers(parts, extra)
-    framing_headers(parts, framing, length)
+        _header_lines(parts, extra)
+    parts.append(_framing_line(framing, length))
     if upgrade is not None:
         parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     parts.append(b"\r\n")
@@ -371,9 +393,10 @@ def encode_response_head(status: int, reason: bytes, headers: Headers, framing: 
                          length: int | None = None, connection: bytes | None = None,
                          upgrade: bytes | None = None) -> bytes:
     """An HTTP/1.1 status line and headers. ``connection`` is written as the Connection header when given."""
-    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
-    encode_headers(parts, headers)
-    framing_headers(parts, framing, length)
+    parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(_framing_line(framing, length))
     if upgrade is not None:
         parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     elif connection is not None:

@@ -67,7 +67,7 @@ class LeastRequest(Balancer[T]):
     __slots__ = ()
 
     def pick(self, exclude: Collection[T] = ()) -> T | None:
-        items = self._candidates(exclude)
+        items = self._candidates(exclude) if exclude else self.items
         n = len(items)
         if n <= 1:
             return items[0] if n else None

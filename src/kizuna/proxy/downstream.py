@@ -26,13 +26,11 @@ from kizuna.protocols.http1 import (
 from kizuna.proxy.errors import MALFORMED_REQUEST, SyntheticResponse
 from kizuna.proxy.exchange import Exchange
 from kizuna.proxy.stats import Stats
-from kizuna.proxy.tcp import Relay, adopt, link
+from kizuna.proxy.tcp import WRITE_HIGH_WATER, Relay, adopt, link
 
-WRITE_HIGH_WATER: Final = 64 * 1024
-
-# Reasons to stop reading from the client (bits; reading resumes when none is left).
+# Reasons to stop reading from the client (bits; reading resumes when none is left). The exchange's own
+# reason, a full upstream buffer, is exchange.PAUSE_UPSTREAM_FULL (2).
 PAUSE_PIPELINE: Final = 1
-PAUSE_UPSTREAM_FULL: Final = 2  # the same bit as exchange.PAUSE_UPSTREAM_FULL
 PAUSE_TUNNEL: Final = 4
 
 
@@ -46,7 +44,7 @@ class HttpServerConnection(asyncio.Protocol):
     """One client connection speaking HTTP/1.1 (or 1.0) to the sidecar."""
 
     __slots__ = ("dispatcher", "stats", "registry", "transport", "parser", "exchange", "in_request",
-                 "queue", "paused", "write_paused", "closing", "raw")
+                 "queue", "paused", "write_paused", "closing", "peer_eof", "raw")
 
     def __init__(self, dispatcher: Dispatcher, stats: Stats, registry: set[asyncio.BaseProtocol]) -> None:
         self.dispatcher = dispatcher
@@ -61,6 +59,7 @@ class HttpServerConnection(asyncio.Protocol):
         self.paused = 0
         self.write_paused = False
         self.closing = False
+        self.peer_eof = False
         self.raw: list[bytes] | None = None
         """After a CONNECT or Upgrade head: client bytes held for the tunnel."""
 
@@ -87,10 +86,10 @@ class HttpServerConnection(asyncio.Protocol):
             self._handle(events)
 
     def eof_received(self) -> bool:
-        # A client that half-closes after its request still gets the answer; close once it is sent.
+        # A client that half-closes after its requests still gets the answers; close once they are sent.
         if self.exchange is None and not self.queue:
             return False
-        self.closing = True
+        self.peer_eof = True
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -199,6 +198,8 @@ class HttpServerConnection(asyncio.Protocol):
             self._handle(events)
         if not self.queue:
             self.resume_reading(PAUSE_PIPELINE)
+            if self.peer_eof and self.exchange is None:
+                self._close()
 
     def abort(self) -> None:
         """Drop the connection: a response was cut short and cannot be finished properly."""

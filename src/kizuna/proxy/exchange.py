@@ -23,12 +23,12 @@ from kizuna.protocols.http1 import (
     BODY_NONE,
     BODY_UNTIL_CLOSE,
     LAST_CHUNK,
+    NO_BODY_STATUSES,
     RequestHead,
     ResponseHead,
     encode_chunk,
     encode_request_head,
     encode_response_head,
-    response_has_body,
 )
 from kizuna.proxy.errors import (
     NO_HEALTHY_UPSTREAM,
@@ -55,8 +55,8 @@ CONNECT: Final = 2  # CONNECT host:port; a raw relay once the upstream connectio
 
 CONNECT_ESTABLISHED: Final = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
-# Reasons the downstream connection stops reading.
 PAUSE_UPSTREAM_FULL: Final = 2
+"""The exchange's reason for the downstream connection to stop reading (a bit; see downstream)."""
 
 
 class Downstream(Protocol):
@@ -222,7 +222,7 @@ class Exchange:
         if not current:
             # The try was given up while connecting; the connection can still serve someone else.
             if isinstance(conn, UpstreamConnection):
-                conn.finish(reusable=True)
+                conn.finish(True, self.loop.time())
             elif isinstance(conn, Relay) and conn.transport is not None:
                 conn.transport.close()
             return
@@ -256,13 +256,18 @@ class Exchange:
             return b"".join(parts)
         data = self.head_bytes
         if data is None:
-            # The whole body is here: send it with a length even if it came chunked (apps handle it best).
-            body = b"".join(self.body)
-            self.body = []
-            framing = BODY_LENGTH if body or head.chunked or head.content_length is not None else BODY_NONE
             upgrade = head.upgrade if self.mode == UPGRADE else None
-            data = self.head_bytes = encode_request_head(head.method, self.target, self.host, head.headers,
-                                                         framing, len(body), upgrade, self.extra) + body
+            if not self.body and not head.chunked and head.content_length is None:
+                data = encode_request_head(head.method, self.target, self.host, head.headers, BODY_NONE, None,
+                                           upgrade, self.extra)
+            else:
+                # The whole body is here: send it with a length even if it came chunked (apps handle that
+                # best), in the same write as the head.
+                body = b"".join(self.body)
+                self.body = []
+                data = encode_request_head(head.method, self.target, self.host, head.headers, BODY_LENGTH,
+                                           len(body), upgrade, self.extra) + body
+            self.head_bytes = data  # kept for retries
         self.request_sent = True
         return data
 
@@ -329,6 +334,8 @@ class Exchange:
 
     def _finish(self) -> None:
         self.done = True
+        # A full upstream buffer may have paused the client; this exchange no longer waits on it.
+        self.down.resume_reading(PAUSE_UPSTREAM_FULL)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -351,9 +358,9 @@ class Exchange:
         status = head.status
         if status < 200 and status != 101:
             return  # informational: the client already had our own 100 Continue
-        counters = self.dest.cluster.counters
-        counters[status // 100 - 1] += 1
-        if self.retries_left > 0 and not self.streaming and self.dest.retry.status_retriable(status):
+        dest = self.dest
+        dest.cluster.counters[status // 100 - 1] += 1
+        if status in dest.retry.retriable_statuses and self.retries_left > 0 and not self.streaming:
             self._abandon()
             self._retry()
             return
@@ -368,7 +375,8 @@ class Exchange:
         keep_alive = self.keep_alive
         http11 = request.version == b"1.1"
         length = head.content_length
-        if not response_has_body(request.method, status):
+        if status in NO_BODY_STATUSES or request.method == b"HEAD" or (
+                request.method == b"CONNECT" and status < 300):
             self.framing = BODY_NONE
             # A HEAD or 304 response still tells the length the body would have had.
             announce = BODY_LENGTH if length is not None and status != 204 else BODY_NONE
@@ -406,7 +414,7 @@ class Exchange:
         self.conn = None
         self._finish()
         if conn is not None:
-            conn.finish(reusable=self.request_sent)
+            conn.finish(self.request_sent, self.loop.time())
         self.down.exchange_done(self.keep_alive and self.request_done)
 
     def response_upgraded(self, tail: bytes) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Mapping
-from typing import Protocol
+from typing import Final, Protocol
 
 from kizuna.protocols.http1 import RequestHead, split_absolute_target, split_authority
 from kizuna.proxy.downstream import HttpServerConnection
@@ -18,6 +18,8 @@ from kizuna.proxy.errors import CLUSTER_NOT_FOUND, MALFORMED_REQUEST, NO_ROUTE, 
 from kizuna.proxy.exchange import CONNECT, HTTP, UPGRADE, Exchange
 from kizuna.proxy.state import ProxyState
 from kizuna.proxy.stats import Stats
+
+AUTHORITY_CACHE_SIZE: Final = 1024
 
 
 class StateSource(Protocol):
@@ -58,12 +60,14 @@ class HeaderView(Mapping[str, str]):
 class OutboundDispatcher:
     """Routes each request of the outbound listener."""
 
-    __slots__ = ("source", "stats", "loop")
+    __slots__ = ("source", "stats", "loop", "_authorities")
 
     def __init__(self, source: StateSource, stats: Stats, loop: asyncio.AbstractEventLoop) -> None:
         self.source = source
         self.stats = stats
         self.loop = loop
+        # Apps call the same few services over and over: remember how their authorities split.
+        self._authorities: dict[tuple[bytes, bytes], tuple[str, int]] = {}
 
     def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse:
         self.stats.outbound_rq_total += 1
@@ -72,24 +76,32 @@ class OutboundDispatcher:
             return self._tunnel(down, head, state)
         target = head.target
         if target[:1] == b"/":
-            authority, path = head.host, target
-            default_port = 80
+            authority, path, scheme = head.host, target, b"http"
         else:
             try:
                 scheme, authority, path = split_absolute_target(target)
             except ValueError:
                 return MALFORMED_REQUEST
-            default_port = 443 if scheme == b"https" else 80
-        try:
-            host, port = split_authority(authority, default_port)
-        except ValueError:
-            return MALFORMED_REQUEST
-        if not host:
-            return MALFORMED_REQUEST
-        route = state.router.select(host, port, head.method.decode("latin-1"), path.decode("latin-1"),
-                                    HeaderView(head, authority))
+        key = (authority, scheme)
+        host_port = self._authorities.get(key)
+        if host_port is None:
+            try:
+                host_port = split_authority(authority, 443 if scheme == b"https" else 80)
+            except ValueError:
+                return MALFORMED_REQUEST
+            if not host_port[0]:
+                return MALFORMED_REQUEST
+            if len(self._authorities) >= AUTHORITY_CACHE_SIZE:
+                self._authorities.clear()
+            self._authorities[key] = host_port
+        host, port = host_port
+        router = state.router
+        route = router.unconditional(host, port)
         if route is None:
-            return NO_ROUTE
+            route = router.select(host, port, head.method.decode("latin-1"), path.decode("latin-1"),
+                                  HeaderView(head, authority))
+            if route is None:
+                return NO_ROUTE
         dest = state.destination(route)
         if dest is None:
             return CLUSTER_NOT_FOUND

@@ -21,7 +21,7 @@ class RetryRules:
     """A route's retry policy as flags, so the hot path tests booleans instead of parsing strings."""
 
     __slots__ = ("attempts", "per_try_timeout", "on_connect_failure", "on_reset", "on_timeout",
-                 "on_5xx", "on_gateway_error", "status_codes")
+                 "on_5xx", "on_gateway_error", "status_codes", "retriable_statuses")
 
     def __init__(self, policy: RetryPolicy) -> None:
         on = policy.retry_on
@@ -34,6 +34,8 @@ class RetryRules:
         self.status_codes = (frozenset(policy.retriable_status_codes) if "retriable-status-codes" in on
                              else frozenset())
         self.on_timeout = self.on_reset or 504 in self.status_codes
+        self.retriable_statuses = frozenset(c for c in range(100, 600) if self.status_retriable(c))
+        """Every status ``status_retriable`` accepts, for a set lookup per response."""
 
     def status_retriable(self, status: int) -> bool:
         """True when a response with ``status`` is discarded and retried."""

@@ -18,22 +18,26 @@ from kizuna.proxyconfig.model import HeaderMatch, Route, RouteMatch, Snapshot, V
 class Router:
     """Index of a snapshot's virtual hosts by (host, port), and Istio route matching over them."""
 
-    __slots__ = ("_hosts", "_catch_all")
+    __slots__ = ("_hosts", "_unconditional")
 
     def __init__(self, snapshot: Snapshot) -> None:
         self._hosts: dict[tuple[str, int], VirtualHost] = {}
-        # Virtual hosts whose first route matches everything answer without looking at the request.
-        self._catch_all: dict[int, Route] = {}
         for vh in snapshot.virtual_hosts:
             for host in vh.hosts:
                 # The first virtual host to claim a name wins, as the control plane orders them.
                 self._hosts.setdefault((host.lower().rstrip("."), vh.port), vh)
-            if vh.routes and not vh.routes[0].matches:
-                self._catch_all[id(vh)] = vh.routes[0]
+        # Where the first route matches everything, the request need not be looked at.
+        self._unconditional = {key: vh.routes[0] for key, vh in self._hosts.items()
+                               if vh.routes and not vh.routes[0].matches}
 
     def virtual_host(self, host: str, port: int) -> VirtualHost | None:
         """The virtual host serving ``host`` (lower-case, no port) on ``port``."""
         return self._hosts.get((host, port))
+
+    def unconditional(self, host: str, port: int) -> Route | None:
+        """The route every request to (host, port) takes, when its virtual host's first route matches all;
+        else None (then ``select`` decides). The proxy asks this first, to skip decoding the request."""
+        return self._unconditional.get((host, port))
 
     def select(self, host: str, port: int, method: str, path: str,
                headers: Mapping[str, str]) -> Route | None:
@@ -42,12 +46,12 @@ class Router:
         ``path`` is the request target in origin form, query string included; ``headers`` maps lower-case
         names to values (repeated headers joined with ``,``) and is read only when a match needs it.
         """
+        route = self._unconditional.get((host, port))
+        if route is not None:
+            return route
         vh = self._hosts.get((host, port))
         if vh is None:
             return None
-        route = self._catch_all.get(id(vh))
-        if route is not None:
-            return route
         uri, _, query = path.partition("?")
         request = _Request(method, uri, query, port, headers)
         for route in vh.routes:

@@ -61,21 +61,25 @@ INBOUND_CONNECT_TIMEOUT: Final = 5.0
 class ProxyState:
     """Router, clusters and inbound targets of one snapshot."""
 
-    __slots__ = ("snapshot", "router", "clusters", "inbound", "_routes")
+    __slots__ = ("snapshot", "router", "clusters", "inbound", "_routes", "_single")
 
     def __init__(self, snapshot: Snapshot, pools: PoolRegistry[UpstreamConnection], stats: Stats) -> None:
         self.snapshot = snapshot
         self.router = Router(snapshot)
         self.clusters = {c.name: ClusterState(c, [pools.get(e.address, e.port) for e in c.endpoints], stats)
                          for c in snapshot.clusters}
-        # Per route: cluster name -> Destination, so a request only draws the weighted choice.
+        # Per route: cluster name -> Destination, so a request only draws the weighted choice; a route with
+        # one cluster has its Destination ready (None when that cluster is missing).
         self._routes: dict[int, dict[str, Destination]] = {}
+        self._single: dict[int, Destination | None] = {}
         for vh in snapshot.virtual_hosts:
             for route in vh.routes:
                 rules = RetryRules(route.action.retry)
-                self._routes[id(route)] = {
+                dests = self._routes[id(route)] = {
                     wc.cluster: Destination(self.clusters[wc.cluster], route.action.timeout, rules)
                     for wc in route.action.clusters if wc.cluster in self.clusters}
+                if len(route.action.clusters) == 1:
+                    self._single[id(route)] = dests.get(route.action.clusters[0].cluster)
         self.inbound: dict[int, InboundTarget] = {}
         for port in snapshot.inbound:
             name = f"inbound|{port.port}||"
@@ -86,8 +90,11 @@ class ProxyState:
 
     def destination(self, route: Route) -> Destination | None:
         """The weighted choice among the route's clusters; None when that cluster is not in the snapshot."""
+        key = id(route)
+        if key in self._single:
+            return self._single[key]
         clusters = route.action.clusters
-        return self._routes[id(route)].get(pick_weighted(clusters).cluster) if clusters else None
+        return self._routes[key].get(pick_weighted(clusters).cluster) if clusters else None
 
     def endpoints(self) -> set[tuple[str, int]]:
         """Every (address, port) this state may dial; the pools of all others can go."""

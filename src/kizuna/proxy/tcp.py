@@ -13,6 +13,7 @@ from typing import Final, cast
 from kizuna.proxy.stats import Stats
 
 WRITE_HIGH_WATER: Final = 64 * 1024
+"""Every proxy transport's write buffer high-water mark: above it, the other side stops reading."""
 
 
 class Relay(asyncio.Protocol):

@@ -7,7 +7,7 @@ with no coroutine per read. Between requests the connection sits idle in its end
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, cast
 
 from kizuna.protocols.http1 import (
     BodyReceived,
@@ -20,11 +20,10 @@ from kizuna.protocols.http1 import (
 from kizuna.proxy.errors import UPSTREAM_PROTOCOL_ERROR, UPSTREAM_RESET
 from kizuna.proxy.pool import IDLE_TIMEOUT, EndpointPool
 from kizuna.proxy.stats import Stats
+from kizuna.proxy.tcp import WRITE_HIGH_WATER
 
 if TYPE_CHECKING:
     from kizuna.proxy.exchange import Exchange
-
-WRITE_HIGH_WATER: Final = 64 * 1024
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -79,11 +78,11 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    def finish(self, reusable: bool) -> None:
+    def finish(self, reusable: bool, now: float) -> None:
         """The exchange is over: back to the pool when the connection can carry another request."""
         self.exchange = None
         if reusable and self.keep_alive and self.transport is not None:
-            self.idle_since = asyncio.get_running_loop().time()
+            self.idle_since = now
             self.pool.release(self)
         else:
             self.close()
@@ -114,7 +113,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.received = True
-        for event in self.parser.feed(data):
+        events = self.parser.feed(data)
+        for event in events:
             if isinstance(event, BodyReceived):
                 ex.response_body(event.data)
             elif isinstance(event, ResponseReceived):
@@ -136,7 +136,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self.keep_alive = False
                 ex.upstream_failed(UPSTREAM_PROTOCOL_ERROR)
             if self.exchange is not ex:
-                # The exchange ended or gave up on this connection; anything after is not for anyone.
+                # The exchange ended or gave up on this connection. Bytes beyond the response it asked for
+                # mean the framing is off: this connection must not carry another request.
+                if self.parser.in_message or event is not events[-1]:
+                    self.close()
                 break
         ex.flush()
 

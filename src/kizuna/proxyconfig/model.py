@@ -63,7 +63,7 @@ class StringMatch:
         ignore = bool(data.get("ignoreCase", False))
         for kind in ("exact", "prefix", "regex"):
             if kind in data:
-                return cls(kind, str(data[kind]), ignore)  # type: ignore[arg-type]
+                return cls(kind, str(data[kind]), ignore)
         raise ValueError(f"string match needs exact, prefix or regex: {data!r}")
 
 

@@ -50,11 +50,15 @@ class UpstreamServer:
     """Seconds to wait before answering every request (a slow endpoint)."""
     idle_close: float | None = None
     """Close keep-alive connections idle this long (an app with a short keep-alive timeout)."""
+    drop: bool = False
+    """Close every connection as soon as a request arrives, without answering (a crashing endpoint)."""
     close_reused: bool = False
     """Close, without answering, any request after a connection's first: the keep-alive race where the app
     closes an idle connection just as the proxy sends on it."""
     requests: list[Recorded] = field(default_factory=list)
     connections: int = 0
+    body_bytes_sent: int = 0
+    """Chunked body bytes written so far (the socket took them), to watch backpressure reach the app."""
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
@@ -105,7 +109,7 @@ class UpstreamServer:
                 body += (await reader.readexactly(size + 2))[:-2]
         elif "content-length" in names:
             body = await reader.readexactly(int(names["content-length"]))
-        if self.close_reused and served > 0:
+        if self.drop or (self.close_reused and served > 0):
             return False
         self.requests.append(Recorded(method, target, version, headers, body))
         if self.delay:
@@ -145,6 +149,7 @@ class UpstreamServer:
                     chunk = bytes([97 + i % 26]) * size
                     writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                     await writer.drain()
+                    self.body_bytes_sent += size
                 writer.write(b"0\r\n\r\n")
             await writer.drain()
             return keep_alive
