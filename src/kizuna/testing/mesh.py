@@ -2,7 +2,8 @@
 
 ``two_hop_snapshots`` is the static two-sidecar config the benchmark uses: client → client sidecar (outbound)
 → server sidecar (inbound) → app. ``BackgroundLoop`` runs sidecars and upstreams in-process on a uvloop
-thread, so plain synchronous tests can drive them with real clients.
+thread and ``LocalMesh`` starts and stops them, so plain synchronous tests drive them with real clients;
+``read_replies`` reads pipelined responses off a raw socket.
 """
 
 from __future__ import annotations
