@@ -43,6 +43,12 @@ def test_least_request_prefers_the_idle_endpoint() -> None:
     assert all(lr.pick() is idle for _ in range(100))
 
 
+def test_least_request_spreads_sequential_requests_over_two_idle_endpoints() -> None:
+    # Sequential traffic leaves both endpoints idle at every pick: a tie must not always go to the first one.
+    picks = Counter(LeastRequest(items(2)).pick().name for _ in range(2000))  # type: ignore[union-attr]
+    assert 800 < picks["e0"] < 1200
+
+
 def test_least_request_never_picks_the_busiest_of_several() -> None:
     endpoints = [Item("a", 0), Item("b", 1), Item("c", 5)]
     lr = LeastRequest(endpoints)

@@ -73,6 +73,8 @@ class LeastRequest(Balancer[T]):
             return items[0] if n else None
         if n == 2:
             a, b = items
+            if a.active == b.active:  # a tie must not always favour the first endpoint
+                return a if random.random() < 0.5 else b
         else:
             a, b = random.sample(items, 2)
         return b if b.active < a.active else a
