@@ -17,7 +17,6 @@ import pytest
 from kizuna.proxy.sidecar import Sidecar
 from kizuna.proxyconfig.model import Snapshot
 from kizuna.testing.mesh import (
-    BackgroundLoop,
     LocalMesh,
     loopback_addresses,
     read_replies,
@@ -32,24 +31,6 @@ pytestmark = pytest.mark.integration
 APP_PORT = 8080
 SERVICE_PORT = 8000
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-
-
-@pytest.fixture(scope="module")
-def bg() -> Iterator[BackgroundLoop]:
-    loop = BackgroundLoop()
-    try:
-        yield loop
-    finally:
-        loop.close()
-
-
-@pytest.fixture
-def mesh(bg: BackgroundLoop) -> Iterator[LocalMesh]:
-    m = LocalMesh(bg)
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,24 +29,6 @@ from kizuna.testing.mesh import (
 pytestmark = pytest.mark.integration
 
 HEAVY = ("pydantic", "yaml", "kizuna.api", "kizuna.controlplane", "kizuna.runtime", "kizuna.cli")
-
-
-@pytest.fixture(scope="module")
-def bg() -> Iterator[BackgroundLoop]:
-    loop = BackgroundLoop()
-    try:
-        yield loop
-    finally:
-        loop.close()
-
-
-@pytest.fixture
-def mesh(bg: BackgroundLoop) -> Iterator[LocalMesh]:
-    m = LocalMesh(bg)
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def admin(address: str, path: str) -> tuple[int, bytes]:

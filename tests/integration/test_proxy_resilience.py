@@ -6,13 +6,11 @@ import http.client
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 
 from kizuna.proxyconfig.model import Cluster, RetryPolicy, Snapshot
 from kizuna.testing.mesh import (
-    BackgroundLoop,
     LocalMesh,
     loopback_addresses,
     service_cluster,
@@ -21,24 +19,6 @@ from kizuna.testing.mesh import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def bg() -> Iterator[BackgroundLoop]:
-    loop = BackgroundLoop()
-    try:
-        yield loop
-    finally:
-        loop.close()
-
-
-@pytest.fixture
-def mesh(bg: BackgroundLoop) -> Iterator[LocalMesh]:
-    m = LocalMesh(bg)
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 DEFAULT_RETRY = RetryPolicy()

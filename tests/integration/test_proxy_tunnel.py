@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from kizuna.proxy.sidecar import Sidecar
 from kizuna.proxyconfig.model import InboundPort, Protocol, Snapshot
 from kizuna.testing.mesh import (
-    BackgroundLoop,
     LocalMesh,
     loopback_addresses,
     read_replies,
@@ -22,24 +20,6 @@ from kizuna.testing.mesh import (
 pytestmark = pytest.mark.integration
 
 PORT = 7000
-
-
-@pytest.fixture(scope="module")
-def bg() -> Iterator[BackgroundLoop]:
-    loop = BackgroundLoop()
-    try:
-        yield loop
-    finally:
-        loop.close()
-
-
-@pytest.fixture
-def mesh(bg: BackgroundLoop) -> Iterator[LocalMesh]:
-    m = LocalMesh(bg)
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def server_sidecar(mesh: LocalMesh, app_addr: str, app_port: int, protocol: Protocol) -> tuple[Sidecar, str]:
