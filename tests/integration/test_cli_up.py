@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 
+from kizuna.testing.samples import ISTIO_SAMPLES
+
 pytestmark = pytest.mark.integration
 
-BOOKINFO = Path("/work/shared/istio-samples/samples/bookinfo/platform/kube/bookinfo.yaml")
+BOOKINFO = ISTIO_SAMPLES / "samples/bookinfo/platform/kube/bookinfo.yaml"
 
 WEB = """\
 apiVersion: v1

@@ -13,8 +13,9 @@ import pytest
 from kizuna.api import SUPPORTED_KINDS, Document, ValidationError, load_documents, parse, parse_all
 from kizuna.api.virtualservice import VirtualServiceSpec
 from kizuna.api.workloads import DeploymentSpec
+from kizuna.testing.samples import ISTIO_SAMPLES
 
-CORPUS = Path("/work/shared/istio-samples")
+CORPUS = ISTIO_SAMPLES
 FILES = sorted(p for sub in ("samples", "tasks") for p in (CORPUS / sub).rglob("*")
                if p.suffix in (".yaml", ".yml"))
 

@@ -23,8 +23,9 @@ from kizuna.proxyconfig.model import (
     VirtualHost,
     WeightedCluster,
 )
+from kizuna.testing.samples import ISTIO_SAMPLES
 
-CORPUS = Path("/work/shared/istio-samples")
+CORPUS = ISTIO_SAMPLES
 BOOKINFO = CORPUS / "samples/bookinfo"
 NET = BOOKINFO / "networking"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -12,9 +11,10 @@ from kizuna.controlplane.compile import compile_snapshot
 from kizuna.controlplane.instances import Instance
 from kizuna.proxyconfig.bootstrap import Node
 from kizuna.proxyconfig.model import Snapshot
+from kizuna.testing.samples import ISTIO_SAMPLES
 from kizuna.testing.simulation import Simulation, cluster, simulate, simulate_route
 
-CORPUS = Path("/work/shared/istio-samples")
+CORPUS = ISTIO_SAMPLES
 BOOKINFO = CORPUS / "samples/bookinfo"
 NET = BOOKINFO / "networking"
 REVIEWS = "reviews.default.svc.cluster.local"

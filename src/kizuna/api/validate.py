@@ -216,10 +216,12 @@ def parse(doc: Document, default_namespace: str = DEFAULT_NAMESPACE) -> Resource
     return Resource(api_version, kind, parsed.metadata, parsed.spec, copy.deepcopy(raw), doc.source)
 
 
-def parse_all(docs: Sequence[Document], default_namespace: str = DEFAULT_NAMESPACE) -> list[Resource]:
+def parse_all(docs: Sequence[Document], default_namespace: str = DEFAULT_NAMESPACE,
+              unique: bool = True) -> list[Resource]:
     """Validate every document; on any problem raise one ValidationError with all of them (nothing partial).
 
-    The same resource defined twice in one set is an error too: which copy should win would be a guess.
+    With ``unique`` (what apply needs), the same resource defined twice in one set is an error too: which copy
+    should win would be a guess. Offline validation of alternatives (Istio's samples) passes ``unique=False``.
     """
     resources: list[Resource] = []
     errors: list[str] = []
@@ -231,7 +233,7 @@ def parse_all(docs: Sequence[Document], default_namespace: str = DEFAULT_NAMESPA
             errors.extend(exc.errors)
             continue
         first = seen.get(resource.key)
-        if first is not None:
+        if unique and first is not None:
             where = first.source if first.source != doc.source else f"document {first.index + 1}"
             errors.extend(_format(doc, [("", f"defined more than once (also in {where})")]))
             continue

@@ -73,7 +73,7 @@ def validate(args: argparse.Namespace) -> int:
     """``kizuna validate -f PATH``: offline; every problem on its own line with file, resource and field."""
     from kizuna.runtime.manifests import load
 
-    _, resources = load(args.filename, args.recursive)
+    _, resources = load(args.filename, args.recursive, unique=False)
     files = sorted({r.source for r in resources})
     print(f"{len(resources)} resource{'s' if len(resources) != 1 else ''} in {len(files)} "
           f"file{'s' if len(files) != 1 else ''}: valid")

@@ -28,9 +28,11 @@ def manifest_paths(paths: Sequence[str], recursive: bool = False) -> list[str]:
     return out
 
 
-def load(paths: Sequence[str], recursive: bool = False) -> tuple[list[Document], list[Any]]:
-    """Read and validate offline: ``(documents, resources)``; raises ValidationError listing every problem."""
+def load(paths: Sequence[str], recursive: bool = False, unique: bool = True) -> tuple[list[Document], list[Any]]:
+    """Read and validate offline: ``(documents, resources)``; raises ValidationError listing every problem.
+
+    ``unique=False`` accepts the same resource in several files (alternatives, as in Istio's samples)."""
     documents = load_documents(manifest_paths(paths, recursive))
     if not documents:
         raise UserError(f"no manifests (*.yaml, *.yml, *.json) in {', '.join(paths)}")
-    return documents, list(parse_all(documents))
+    return documents, list(parse_all(documents, unique=unique))
