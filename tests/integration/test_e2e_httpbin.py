@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,6 +112,7 @@ def client(mesh: Mesh, kit: Any) -> Client:
     return Client(mesh, kit.wait_until)
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (Debian package curl)")
 def test_exec_runs_curl_through_the_sidecar(mesh: Mesh) -> None:
     result = mesh.kizuna("exec", "sleep", "--", "curl", "-s", "-i", "http://httpbin:8000/headers")
     assert result.returncode == 0, result.stderr
