@@ -9,12 +9,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # Istio's sidecar ports (MESH-FACTS §4.3), reused so istio-init style capture rules apply unchanged.
 ADMIN_PORT = 15000
 OUTBOUND_PORT = 15001
 INBOUND_CAPTURE_PORT = 15006
+
+Capture = Literal["proxy", "iptables"]
+"""How traffic reaches the sidecar: ``proxy`` — apps use HTTP_PROXY and other sidecars dial the inbound ports
+on the mesh address; ``iptables`` — istio-init style REDIRECT in the pod's network namespace to the outbound
+(15001) and inbound capture (15006) ports, original destination from SO_ORIGINAL_DST."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,20 +88,29 @@ class Bootstrap:
     outbound_port: int = OUTBOUND_PORT
     readiness: ReadinessProbe | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    capture: Capture = "proxy"
+    """How traffic reaches this sidecar (see ``Capture``)."""
+    inbound_capture_port: int = INBOUND_CAPTURE_PORT
+    """With ``iptables`` capture: where inbound connections are redirected to."""
 
     def to_json(self) -> dict[str, Any]:
         return {"node": self.node.to_json(), "controlPlane": self.control_plane, "tokenFile": self.token_file,
                 "staticSnapshot": self.static_snapshot, "adminPort": self.admin_port,
                 "outboundPort": self.outbound_port,
-                "readiness": self.readiness.to_json() if self.readiness else None, "extra": self.extra}
+                "readiness": self.readiness.to_json() if self.readiness else None, "extra": self.extra,
+                "capture": self.capture, "inboundCapturePort": self.inbound_capture_port}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Bootstrap:
         r = data.get("readiness")
+        capture = data.get("capture", "proxy")
+        if capture not in ("proxy", "iptables"):
+            raise ValueError(f"capture must be proxy or iptables, not {capture!r}")
         return cls(Node.from_json(data["node"]), data.get("controlPlane"), data.get("tokenFile"),
                    data.get("staticSnapshot"), int(data.get("adminPort", ADMIN_PORT)),
                    int(data.get("outboundPort", OUTBOUND_PORT)),
-                   ReadinessProbe.from_json(r) if r else None, dict(data.get("extra", {})))
+                   ReadinessProbe.from_json(r) if r else None, dict(data.get("extra", {})),
+                   capture, int(data.get("inboundCapturePort", INBOUND_CAPTURE_PORT)))
 
     @classmethod
     def load(cls, path: str | Path) -> Bootstrap:

@@ -218,15 +218,21 @@ class VirtualHost:
     port: int
     protocol: Protocol
     routes: tuple[Route, ...]
+    addresses: tuple[str, ...] = ()
+    """The service's virtual IPs (``spec.clusterIP``): with transparent capture, a connection whose original
+    destination is ``address:port`` belongs to this virtual host (how opaque TCP is routed)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "hosts": list(self.hosts), "port": self.port, "protocol": self.protocol,
-                "routes": [r.to_json() for r in self.routes]}
+        out = {"name": self.name, "hosts": list(self.hosts), "port": self.port, "protocol": self.protocol,
+               "routes": [r.to_json() for r in self.routes]}
+        if self.addresses:
+            out["addresses"] = list(self.addresses)
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VirtualHost:
         return cls(str(data["name"]), tuple(data["hosts"]), int(data["port"]), data.get("protocol", "http"),
-                   tuple(Route.from_json(r) for r in data["routes"]))
+                   tuple(Route.from_json(r) for r in data["routes"]), tuple(data.get("addresses", ())))
 
 
 @dataclass(frozen=True, slots=True)
