@@ -72,6 +72,10 @@ class PathUnderTest:
     entry: tuple[str, int]
     proxies: list[Started] = field(default_factory=list)
     notes: str = ""
+    netns: str | None = None
+    """The network namespace the load tools run in (the transparent path), None for the host."""
+    origin: Started | None = None
+    """The path's own origin, when it cannot use the shared one (the transparent path's is in a namespace)."""
 
 
 def render_haproxy(template: str, out: Path, **values: str) -> Path:

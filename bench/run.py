@@ -29,6 +29,10 @@ from bench.paths import HOST_HEADER, STARTERS, TARGET, Layout, PathUnderTest, ki
 from bench.procs import Processes, Started, cpu_seconds, memory_kb, repin, system_cpu
 from bench.report import DISTURBED_VCPU, comparisons, format_table, machine_info
 from bench.settings import BenchSettings, parse_args
+from bench.transparent import cleanup as transparent_cleanup
+from bench.transparent import start_transparent, transparent_unavailable
+
+STARTERS = {**STARTERS, "transparent": start_transparent}
 
 
 def _say(text: str) -> None:
@@ -73,11 +77,16 @@ class _Meter:
         return out
 
 
+def _inside(path: PathUnderTest) -> list[str]:
+    """The prefix that runs a load tool in the path's network namespace (transparent path), else nothing."""
+    return ["ip", "netns", "exec", path.netns] if path.netns else []
+
+
 def fixed_rate(path: PathUnderTest, watched: list[Started], s: BenchSettings, cpus: frozenset[int] | None,
                log: Path) -> tuple[dict[str, Any], dict[str, dict[str, float | None]]]:
     """Run bench.paced through the path; CPU is metered only between its READY and its result."""
     host, port = path.entry
-    argv = [sys.executable, "-m", "bench.paced", host, str(port), "--rate", str(s.rate),
+    argv = [*_inside(path), sys.executable, "-m", "bench.paced", host, str(port), "--rate", str(s.rate),
             "--connections", str(s.connections), "--seconds", str(s.fixed_seconds),
             "--warmup", str(s.warmup_seconds), "--target", TARGET, "--host-header", HOST_HEADER]
     cpu_before = _children_cpu()
@@ -110,8 +119,9 @@ def saturation(path: PathUnderTest, watched: list[Started], s: BenchSettings, cp
                seconds: float) -> tuple[dict[str, Any], dict[str, dict[str, float | None]]]:
     """Run wrk through the path as fast as it goes; returns its result and the processes' CPU use."""
     host, port = path.entry
-    argv = wrk.command(f"http://{host}:{port}/", threads=s.saturation_threads,
-                       connections=s.saturation_connections, seconds=seconds, target=TARGET, host=HOST_HEADER)
+    argv = _inside(path) + wrk.command(f"http://{host}:{port}/", threads=s.saturation_threads,
+                                       connections=s.saturation_connections, seconds=seconds, target=TARGET,
+                                       host=HOST_HEADER)
     cpu_before = _children_cpu()
     meter = _Meter(watched)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30,
@@ -270,7 +280,8 @@ def run(s: BenchSettings) -> dict[str, Any]:
     with Processes(logs) as shared:
         origin = start_origin(shared, layout, logs, load_cpus)
         for name in s.path_list:
-            reason = kizuna_unavailable() if name == "kizuna" else None
+            reason = (kizuna_unavailable() if name in ("kizuna", "transparent") else None) or (
+                transparent_unavailable() if name == "transparent" else None)
             if reason:
                 _say(f"kizuna: skipped, {reason}")
                 result["skipped"][name] = reason
@@ -284,12 +295,17 @@ def run(s: BenchSettings) -> dict[str, Any]:
                 _say(f"{name}: starting")
                 try:
                     path = STARTERS[name](own, layout, logs, proxy_cpus)
-                    result["paths"][name] = measure_until_quiet(path, origin, s, load_cpus, logs)
+                    result["paths"][name] = measure_until_quiet(path, path.origin or origin, s, load_cpus,
+                                                                logs)
                 except (OSError, RuntimeError, ValueError, ImportError, subprocess.SubprocessError) as exc:
                     # One broken path must not cost the others' numbers; its logs are kept for a post-mortem.
                     _say(f"{name}: FAILED: {exc}")
                     result["failed"][name] = f"{exc.__class__.__name__}: {exc}"
                     continue
+                finally:
+                    if name == "transparent":
+                        own.stop_all()  # the namespaces go only once nothing runs in them
+                        transparent_cleanup()
                 if name == "kizuna" and s.profile_seconds > 0:
                     _say(f"kizuna: py-spy on {path.proxies[0].name} for {s.profile_seconds:g} s "
                          "under saturation")

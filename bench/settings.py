@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-ALL_PATHS = ("direct", "kizuna", "haproxy")
+ALL_PATHS = ("direct", "kizuna", "haproxy", "transparent")
 
 
 def _f(default: Any, help: str) -> Any:
@@ -25,7 +25,7 @@ def _f(default: Any, help: str) -> Any:
 class BenchSettings:
     """One benchmark run. Defaults give the full run (about two and a half minutes on 2 cores)."""
 
-    paths: str = _f(",".join(ALL_PATHS), "comma-separated paths to measure: direct, kizuna, haproxy")
+    paths: str = _f(",".join(ALL_PATHS), "comma-separated paths to measure: direct, kizuna, haproxy, transparent")
     rate: float = _f(1000.0, "fixed-rate phase: requests per second (open loop)")
     connections: int = _f(4, "fixed-rate phase: keep-alive connections")
     warmup_seconds: float = _f(2.0, "warm-up at the fixed rate before the fixed-rate run (not reported)")

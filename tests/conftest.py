@@ -135,13 +135,16 @@ class Mesh:
                     pass
 
 
-def _start(state: Path, paths: Sequence[str | Path], started: list[Mesh], extra: Sequence[str] = ()) -> Mesh:
-    mesh = Mesh(state, free_pod_cidr(str(state)))
+def _start(state: Path, paths: Sequence[str | Path], started: list[Mesh], extra: Sequence[str] = (),
+           transparent: bool = False) -> Mesh:
+    mesh = Mesh(state, "" if transparent else free_pod_cidr(str(state)))
     started.append(mesh)  # before anything runs: whatever happens next, teardown sees it
-    result = run_kizuna("up", "--detach", "--state-dir", state, "--pod-cidr", mesh.pod_cidr, *extra, *paths,
-                        timeout=120)
+    # Transparent mode picks its own free ranges (10.210.0.0/16 and 10.211.0.0/16, from the state dir).
+    where = ["--mode", "transparent"] if transparent else ["--pod-cidr", mesh.pod_cidr]
+    result = run_kizuna("up", "--detach", "--state-dir", state, *where, *extra, *paths, timeout=120)
     if (state / "runtime.json").exists():
         mesh.processes = mesh.runtime()["processes"]
+        mesh.pod_cidr = mesh.runtime()["podCidr"]
     assert result.returncode == 0, f"kizuna up failed:\n{result.stdout}\n{result.stderr}\n{mesh.logs()}"
     return mesh
 
@@ -153,6 +156,41 @@ def _stop(mesh: Mesh) -> None:
         run_kizuna("down", "--state-dir", mesh.state, timeout=60)
     finally:
         mesh.kill_all()
+        if not mesh.pod_cidr.startswith("127.") and transparent_missing() is None:
+            # Last resort, as kill_all is for processes: the test's namespaces, links and chains go too.
+            from kizuna.runtime.netns import Names, mesh_id, teardown
+
+            teardown(Names(mesh_id(mesh.state.absolute())))
+
+
+def transparent_missing() -> str | None:
+    """Why transparent-mode tests cannot run here (they need root, ip and iptables), or None."""
+    from kizuna.runtime.modes import missing_capability
+
+    return missing_capability()
+
+
+def network_leftovers(state: Path) -> dict[str, list[str]]:
+    """The mesh's transparent-mode host objects still present, found by name (netns, links, chains, files)."""
+    from kizuna.runtime.netns import Names, existing, mesh_id
+
+    return existing(Names(mesh_id(state.absolute())))
+
+
+def host_traces(state: Path) -> list[str]:
+    """What a user would see left on the host, with the tools they would use: ``ip netns list``, ``ip link``,
+    ``iptables-save`` and ``/etc/netns``."""
+    from kizuna.runtime.netns import mesh_id
+
+    prefix = f"kz{mesh_id(state.absolute())}"
+    found = [line for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True
+                                             ).stdout.splitlines() if line.startswith(prefix)]
+    found += [line for line in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True
+                                              ).stdout.splitlines() if f" {prefix}" in line]
+    found += [line for line in subprocess.run(["iptables-save"], capture_output=True, text=True
+                                              ).stdout.splitlines() if prefix[2:] in line]
+    found += [str(p) for p in Path("/etc/netns").glob(f"{prefix}*")]
+    return found
 
 
 class Kit:
@@ -167,6 +205,9 @@ class Kit:
     alive = staticmethod(alive)
     group_alive = staticmethod(group_alive)
     wait_until = staticmethod(wait_until)
+    transparent_missing = staticmethod(transparent_missing)
+    network_leftovers = staticmethod(network_leftovers)
+    host_traces = staticmethod(host_traces)
 
 
 @pytest.fixture(scope="session")
@@ -182,6 +223,25 @@ def mesh_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
     def start(*paths: str | Path, extra: Sequence[str] = ()) -> Mesh:
         return _start(tmp_path_factory.mktemp("mesh") / "state", paths, started, extra)
+
+    try:
+        yield start
+    finally:
+        for mesh in started:
+            _stop(mesh)
+
+
+@pytest.fixture(scope="module")
+def transparent_mesh_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Mesh]]:
+    """As ``mesh_factory``, in transparent mode (skips without root, ip and iptables); at module end every
+    mesh is stopped and its network removed."""
+    reason = transparent_missing()
+    if reason:
+        pytest.skip(reason)
+    started: list[Mesh] = []
+
+    def start(*paths: str | Path, extra: Sequence[str] = ()) -> Mesh:
+        return _start(tmp_path_factory.mktemp("mesh") / "state", paths, started, extra, transparent=True)
 
     try:
         yield start

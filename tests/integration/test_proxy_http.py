@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -326,3 +327,71 @@ def test_a_client_that_stops_reading_stops_the_app_instead_of_filling_memory(hop
     assert hop.app.body_bytes_sent > stalled_at
     body = received.partition(b"\r\n\r\n")[2]
     assert body.startswith(b"10000\r\n" + b"a" * size)
+
+
+@pytest.fixture
+def chatty_app() -> Iterator[tuple[str, list[int]]]:
+    """A raw app that answers every request with its response plus an unsolicited second one in the same
+    write: bytes nobody asked for. Yields its address and a one-item list counting its connections."""
+    address = loopback_addresses(1)[0]
+    listener = socket.create_server((address, APP_PORT))
+    listener.settimeout(0.2)
+    accepted = [0]
+    stop = threading.Event()
+    extra = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nbogus"
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            try:
+                while not stop.is_set():
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                    while b"\r\n\r\n" in data:
+                        _, data = data.split(b"\r\n\r\n", 1)
+                        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nreal" + extra)
+            except OSError:
+                return
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            accepted[0] += 1
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield address, accepted
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+
+
+def test_bytes_beyond_the_response_retire_the_upstream_connection(
+        mesh: LocalMesh, clients: list[http.client.HTTPConnection], chatty_app: tuple[str, list[int]]) -> None:
+    app_addr, accepted = chatty_app
+    client_addr, server_addr = loopback_addresses(2)
+    client_snap, server_snap = two_hop_snapshots(client_addr, server_addr, app_addr, APP_PORT,
+                                                 service="httpbin", port=SERVICE_PORT)
+    server = mesh.sidecar(server_addr, server_snap)
+    mesh.sidecar(client_addr, client_snap)
+    conn = http.client.HTTPConnection(client_addr, 15001, timeout=10)
+    clients.append(conn)
+    for _ in range(3):
+        conn.request("GET", "http://httpbin:8000/")
+        response = conn.getresponse()
+        # The client sees only the response it asked for; the unsolicited one never reaches it.
+        assert (response.status, response.read()) == (200, b"real")
+    # Framing cannot be trusted after stray bytes: each request needed a fresh connection to the app.
+    assert server.stats.upstream_cx_total == 3
+    assert accepted[0] == 3

@@ -309,3 +309,41 @@ def test_split_absolute_target(target: bytes, expected: tuple[bytes, bytes, byte
 def test_split_absolute_target_rejects_origin_form() -> None:
     with pytest.raises(ValueError):
         split_absolute_target(b"/just/a/path")
+
+
+def test_split_absolute_target_answers_the_same_when_asked_again() -> None:
+    # The second call is served from the cache of recent targets; a long one is never cached.
+    long_target = b"http://h:81/" + b"p" * 400 + b"?q=1"
+    for _ in range(2):
+        assert split_absolute_target(b"http://h:81/a?b") == (b"http", b"h:81", b"/a?b")
+        assert split_absolute_target(long_target) == (b"http", b"h:81", b"/" + b"p" * 400 + b"?q=1")
+        with pytest.raises(ValueError):
+            split_absolute_target(b"h:81/a")
+
+
+def test_back_to_back_responses_in_one_feed_each_get_their_own_head() -> None:
+    parser = ResponseParser()
+    parser.expect(b"GET")
+    events = parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\n\r\nok"
+                         b"HTTP/1.0 404 Nope\r\ncontent-length: 3\r\nConnection: close\r\n\r\nbad")
+    first, second = (e.head for e in events if isinstance(e, ResponseReceived))
+    assert (first.status, first.version, first.content_length, first.keep_alive, first.headers) == (
+        200, b"1.1", 2, True, ((b"X-A", b"1"),))
+    assert (second.status, second.reason, second.version, second.content_length, second.keep_alive) == (
+        404, b"Nope", b"1.0", 3, False)
+    assert second.headers == ()
+    assert body_of(events) == b"okbad"
+    assert sum(isinstance(e, MessageEnded) for e in events) == 2
+
+
+def test_a_repeated_content_length_is_refused() -> None:
+    # llhttp refuses it (a request-smuggling vector); the parser must not pick one of the two.
+    events = response_events(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok")
+    assert [type(e) for e in events] == [ParseFailed]
+
+
+def test_oversized_response_head_is_refused() -> None:
+    parser = ResponseParser()
+    parser.expect(b"GET")
+    events = parser.feed(b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"v" * MAX_HEAD_BYTES + b"\r\n\r\n")
+    assert isinstance(events[-1], ParseFailed)

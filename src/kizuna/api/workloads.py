@@ -6,6 +6,7 @@ imagePullPolicy, resources, securityContext...) is accepted and ignored, and sta
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Literal, Self
 
@@ -212,12 +213,42 @@ class ServicePort(KubeModel):
         return self.target_port if self.target_port is not None else self.port
 
 
+HEADLESS = "None"
+"""``spec.clusterIP: None``: a headless Service, which gets no virtual IP."""
+
+
+def _cluster_ip(value: object) -> str:
+    # Kubernetes: "" (allocate one), "None" (headless) or an IP address; kizuna's VIPs are IPv4.
+    if not isinstance(value, str):
+        raise ValueError("must be an IPv4 address, \"None\" or empty")
+    if value in ("", HEADLESS):
+        return value
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 address (or \"None\" for a headless Service)") from None
+
+
+ClusterIP = Annotated[str, PlainValidator(_cluster_ip)]
+
+
 class ServiceSpec(KubeModel):
-    """v1 ServiceSpec subset: the ports and the pod ``selector`` (same namespace)."""
+    """v1 ServiceSpec subset: the ports, the pod ``selector`` (same namespace) and the virtual IP.
+
+    ``clusterIP`` is allocated by the control plane from its service range when absent (empty); ``None``
+    means headless (no VIP). ``clusterIPs`` mirrors it, as Kubernetes does for single-stack Services.
+    """
 
     ports: list[ServicePort] = Field(default_factory=list)
     selector: Labels = Field(default_factory=dict)
     type: str = "ClusterIP"
+    cluster_ip: ClusterIP = Field(default="", alias="clusterIP")
+    cluster_ips: list[ClusterIP] = Field(default_factory=list, alias="clusterIPs")
+
+    @property
+    def virtual_ip(self) -> str | None:
+        """The Service's VIP, or None (not allocated yet, or headless)."""
+        return self.cluster_ip if self.cluster_ip not in ("", HEADLESS) else None
 
     @model_validator(mode="after")
     def _ports_distinct(self) -> Self:
@@ -233,6 +264,8 @@ class ServiceSpec(KubeModel):
                 errors.append((f"ports[{i}].port", f"duplicate port {port.port}/{port.protocol}"))
             seen_names.add(port.name)
             seen_ports.add((port.port, port.protocol))
+        if self.cluster_ips and self.cluster_ip and self.cluster_ips[0] != self.cluster_ip:
+            errors.append(("clusterIPs[0]", f"must equal clusterIP ({self.cluster_ip})"))
         if errors:
             raise FieldErrors(errors)
         return self

@@ -54,8 +54,18 @@ def apply(args: argparse.Namespace) -> int:
     from kizuna.runtime.manifests import load
 
     documents, _ = load(args.filename, args.recursive)
-    _print_results(_client(args).apply(documents, dry_run=args.dry_run), " (dry run)" if args.dry_run else "")
+    client = _client(args)
+    _print_results(client.apply(documents, dry_run=args.dry_run), " (dry run)" if args.dry_run else "")
+    if not args.dry_run:
+        _refresh_names(args, client)
     return 0
+
+
+def _refresh_names(args: argparse.Namespace, client: Any) -> None:
+    """Transparent mode: Service names and sidecar-less pods' VIP rules follow every apply and delete."""
+    from kizuna.runtime.transparent import refresh
+
+    refresh(_state(args), client)
 
 
 def delete(args: argparse.Namespace) -> int:
@@ -65,7 +75,9 @@ def delete(args: argparse.Namespace) -> int:
 
     # Deleting needs only kind and name: a manifest that no longer validates can still be deleted.
     documents = load_documents(manifest_paths(args.filename, args.recursive))
-    _print_results(_client(args).delete(documents))
+    client = _client(args)
+    _print_results(client.delete(documents))
+    _refresh_names(args, client)
     return 0
 
 
@@ -147,6 +159,10 @@ def controlplane(args: argparse.Namespace) -> int:
         recorded = (state.read_runtime() or {}).get("controlPlane")
         previous = (state.read_controlplane() or {}).get("address")
         listen = str(recorded or previous or "127.0.0.1:0")
+    service_cidr = settings_from(ControlPlaneSettings, args).service_cidr
+    service_cidr = service_cidr or (state.read_runtime() or {}).get("serviceCidr")
+    if service_cidr:
+        return run(str(state.root), listen, service_cidr=service_cidr)
     return run(str(state.root), listen)
 
 

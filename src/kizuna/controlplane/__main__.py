@@ -1,5 +1,5 @@
-"""``python -m kizuna.controlplane [--state-dir DIR] [--listen HOST:PORT]``: what ``kizuna controlplane``
-runs."""
+"""``python -m kizuna.controlplane [--state-dir DIR] [--listen HOST:PORT] [--service-cidr CIDR]``: what
+``kizuna controlplane`` runs."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the mesh's state dir (default: $KIZUNA_STATE_DIR or ./.kizuna)")
     parser.add_argument("--listen", default="127.0.0.1:0",
                         help="API and discovery address (default: %(default)s)")
+    parser.add_argument("--service-cidr", default=None,
+                        help="allocate Service clusterIPs (VIPs) from this IPv4 range (transparent mode)")
     args = parser.parse_args(argv)
-    return run(args.state_dir, args.listen)
+    return run(args.state_dir, args.listen, service_cidr=args.service_cidr)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ For the proxy's node it produces:
 * ``inbound``: one port per container port of its workload, forwarding to the app at the pod address, with
   the protocol of the Service port that targets it (``auto`` = sniff);
 * ``virtual_hosts``: one per (visible Service, port), answering to ``name``, ``name.ns``, ``name.ns.svc`` and
-  the FQDN, with the routes of the VirtualService for that host or a default route;
+  the FQDN and, when the Service has a clusterIP, at its VIP (``addresses``: how captured opaque TCP is
+  routed), with the routes of the VirtualService for that host or a default route;
 * ``clusters``: those the routes send to, plus each virtual host's default cluster, with ready endpoints.
 
 Everything is sorted, so equal inputs give equal snapshots and :func:`snapshot_digest` can tell a proxy's
@@ -51,7 +52,9 @@ def compile_for(index: MeshIndex, node: Node, version: str) -> Snapshot:
             default = cluster_name("outbound", port.port, "", service.fqdn)
             refs.setdefault(default, (service.fqdn, port.port, ""))
             name = f"{service.fqdn}:{port.port}"
-            virtual_hosts.append(VirtualHost(name, hosts, port.port, protocol, routes))
+            vip = service.spec.virtual_ip
+            virtual_hosts.append(VirtualHost(name, hosts, port.port, protocol, routes,
+                                             (vip,) if vip else ()))
     clusters = [build_cluster(index, node, name, refs[name]) for name in sorted(refs)]
     return Snapshot(version, _inbound(index, node), tuple(sorted(virtual_hosts, key=lambda v: v.name)),
                     tuple(clusters))

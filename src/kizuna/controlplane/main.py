@@ -23,6 +23,7 @@ from kizuna.controlplane.registry import Registry
 from kizuna.controlplane.server import ControlPlaneServer
 from kizuna.controlplane.store import STORE_DIR, FileStore, StoreError
 from kizuna.controlplane.token import load_or_create_token
+from kizuna.controlplane.vips import VipAllocator
 
 log = logging.getLogger("kizuna.controlplane")
 
@@ -54,10 +55,14 @@ def _remove_address_file(state_dir: Path) -> None:
         (state_dir / ADDRESS_FILE).unlink(missing_ok=True)
 
 
-async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asyncio.Event | None = None) -> int:
-    """Run the control plane until ``stop`` is set (or SIGTERM/SIGINT); returns the exit status."""
+async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asyncio.Event | None = None,
+                service_cidr: str | None = None) -> int:
+    """Run the control plane until ``stop`` is set (or SIGTERM/SIGINT); returns the exit status.
+
+    With ``service_cidr``, Services get a clusterIP (VIP) from that range (transparent mode)."""
     state = Path(state_dir)
     host, port = parse_listen(listen)
+    vips = VipAllocator(service_cidr) if service_cidr else None
     state.mkdir(parents=True, exist_ok=True)
     running = read_address_file(state)
     if running is not None and running.get("pid") != os.getpid() and pid_alive(int(running.get("pid", 0))):
@@ -73,7 +78,7 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
     registry = Registry(path=state / STORE_DIR / REGISTRY_FILE)
     restored = registry.restore()
     pusher = PushQueue(store, registry)
-    server = ControlPlaneServer(token, store, registry, pusher)
+    server = ControlPlaneServer(token, store, registry, pusher, vips=vips)
     try:
         bound_host, bound_port = await server.start(host, port)
     except OSError as exc:
@@ -107,15 +112,19 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
     return 0
 
 
-def run(state_dir: str, listen: str = "127.0.0.1:0") -> int:
-    """Entry point for ``kizuna controlplane``: blocks until SIGTERM/SIGINT, returns the exit status."""
+def run(state_dir: str, listen: str = "127.0.0.1:0", service_cidr: str | None = None) -> int:
+    """Entry point for ``kizuna controlplane``: blocks until SIGTERM/SIGINT, returns the exit status.
+
+    ``service_cidr`` (``--service-cidr``) turns on clusterIP allocation for Services."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         parse_listen(listen)
+        if service_cidr:
+            VipAllocator(service_cidr)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(state_dir, listen))
+        return runner.run(serve(state_dir, listen, service_cidr=service_cidr))

@@ -28,6 +28,7 @@ from kizuna.controlplane.push import Connection, PushQueue
 from kizuna.controlplane.registry import Registry
 from kizuna.controlplane.store import Key, MemoryStore, StoreError
 from kizuna.controlplane.token import token_matches
+from kizuna.controlplane.vips import VipAllocator
 from kizuna.proxyconfig.xds import (
     DISCOVERY_PATH,
     MAX_MESSAGE_BYTES,
@@ -74,8 +75,10 @@ class ControlPlaneServer:
     """The HTTP API and discovery endpoint over one store, registry and push queue."""
 
     def __init__(self, token: str, store: MemoryStore[Any], registry: Registry, pusher: PushQueue,
-                 parse: Parse = parse_all) -> None:
+                 parse: Parse = parse_all, vips: VipAllocator | None = None) -> None:
         self.token = token
+        self.vips = vips
+        """Allocates Service clusterIPs (transparent mode); None leaves Services without VIPs."""
         self.store = store
         self.registry = registry
         self.pusher = pusher
@@ -118,6 +121,9 @@ class ControlPlaneServer:
             return documents
         try:
             resources = list(self._parse(documents))
+            if self.vips is not None:
+                # The handler runs on the loop thread, so nothing else applies between this and the store.
+                resources = self.vips.assign(resources, self.store.list(kind="Service"))
         except ValidationError as exc:
             return error_response(422, *exc.errors)
         if body.get("dryRun"):

@@ -115,26 +115,29 @@ class HttpServerConnection(asyncio.Protocol):
 
     def _handle(self, events: list[Event]) -> None:
         """Act on parsed events in order, queueing those of a request that must wait for the one before."""
+        # Event classes are final: ``type(e) is C`` is a pointer compare where isinstance is a call.
         for i, event in enumerate(events):
-            if self.closing and self.exchange is None:
+            exchange = self.exchange
+            if exchange is None and self.closing:
                 return
-            if isinstance(event, BodyReceived):
-                if self.exchange is not None:
-                    self.exchange.request_body(event.data)
-            elif isinstance(event, MessageEnded):
+            kind = type(event)
+            if kind is MessageEnded:
                 self.in_request = False
-                if self.exchange is not None:
-                    self.exchange.request_end()
-            elif isinstance(event, Upgraded):
+                if exchange is not None:
+                    exchange.request_end()
+            elif kind is BodyReceived:
+                if exchange is not None:
+                    exchange.request_body(event.data)  # type: ignore[union-attr]
+            elif kind is Upgraded:
                 # Always follows the CONNECT/Upgrade request just handled, so never waits in the queue.
-                self._on_upgraded(event.tail)
-            elif self.exchange is not None and not self.in_request:
+                self._on_upgraded(event.tail)  # type: ignore[union-attr]
+            elif exchange is not None and not self.in_request:
                 # The next request (or garbage) waits for the current response.
                 self.queue.extend(events[i:])
                 self.pause_reading(PAUSE_PIPELINE)
                 return
-            elif isinstance(event, RequestReceived):
-                self._on_request(event.head)
+            elif kind is RequestReceived:
+                self._on_request(event.head)  # type: ignore[union-attr,arg-type]
             else:
                 self._on_malformed()
 
@@ -197,7 +200,8 @@ class HttpServerConnection(asyncio.Protocol):
             self.queue.clear()
             self._handle(events)
         if not self.queue:
-            self.resume_reading(PAUSE_PIPELINE)
+            if self.paused & PAUSE_PIPELINE:
+                self.resume_reading(PAUSE_PIPELINE)
             if self.peer_eof and self.exchange is None:
                 self._close()
 

@@ -64,6 +64,8 @@ class Downstream(Protocol):
 
     transport: asyncio.Transport
     write_paused: bool
+    paused: int
+    """Why reading from the client is paused: a set of bits, ``PAUSE_UPSTREAM_FULL`` among them."""
     registry: set[asyncio.BaseProtocol]
 
     def respond(self, response: SyntheticResponse, keep_alive: bool) -> None:
@@ -335,7 +337,8 @@ class Exchange:
     def _finish(self) -> None:
         self.done = True
         # A full upstream buffer may have paused the client; this exchange no longer waits on it.
-        self.down.resume_reading(PAUSE_UPSTREAM_FULL)
+        if self.down.paused & PAUSE_UPSTREAM_FULL:
+            self.down.resume_reading(PAUSE_UPSTREAM_FULL)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -407,9 +410,12 @@ class Exchange:
 
     def response_end(self) -> None:
         """The response is complete."""
+        out = self.out
         if self.framing == BODY_CHUNKED:
-            self.out.append(LAST_CHUNK)
-        self.flush()
+            out.append(LAST_CHUNK)
+        if out:  # flush() inlined: head, body and end usually go out here, in one write
+            self.down.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
         conn = self.conn
         self.conn = None
         self._finish()

@@ -2,6 +2,8 @@
 
 ``bootstrap.readiness`` with a path: HTTP GET on ``pod_address:port`` expecting 2xx or 3xx; without a path: a
 TCP connect. No probe but container ports: a TCP connect to the first port. Neither: the app counts as ready.
+With iptables capture the probe leaves from ``source`` (127.0.0.6, as Istio's agent probes), which the capture
+rules let through, so probes are not counted as inbound traffic.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from kizuna.proxyconfig.bootstrap import Node, ReadinessProbe
 class ReadinessProber:
     """Probes every ``period`` seconds and calls ``on_change(ready)`` when the answer changes."""
 
-    def __init__(self, node: Node, probe: ReadinessProbe | None, on_change: Callable[[bool], None]) -> None:
+    def __init__(self, node: Node, probe: ReadinessProbe | None, on_change: Callable[[bool], None],
+                 source: str | None = None) -> None:
         if probe is None and node.ports:
             probe = ReadinessProbe(port=node.ports[0])
         self.address = node.pod_address
+        self.local_addr = (source, 0) if source else None
         self.probe = probe
         self.on_change = on_change
         self.ready = False
@@ -41,7 +45,8 @@ class ReadinessProber:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(probe.timeout):
-                reader, writer = await asyncio.open_connection(self.address, probe.port)
+                reader, writer = await asyncio.open_connection(self.address, probe.port,
+                                                              local_addr=self.local_addr)
                 if probe.path is None:
                     return True
                 writer.write(f"GET {probe.path} HTTP/1.1\r\nHost: {self.address}:{probe.port}\r\n"

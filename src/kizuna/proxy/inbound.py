@@ -1,4 +1,7 @@
-"""Inbound: traffic from other sidecars to this workload, one listener per inbound port, forwarded to the app.
+"""Inbound: traffic from other sidecars to this workload, forwarded to the app.
+
+In proxy mode each inbound port has its own listener; with iptables capture every inbound connection arrives
+on the capture port and ``info.port`` is the port of its original destination (see ``capture``).
 
 Protocol "http" proxies HTTP/1.1 over a keep-alive pool to the app; "tcp" relays bytes; "auto" sniffs the
 first bytes for a bounded time (``SNIFF_TIMEOUT``), then proxies HTTP/1.x or relays anything else. A
@@ -101,10 +104,12 @@ class SniffingConnection(asyncio.Protocol):
 class InboundHandler:
     """Accepted inbound connections → the protocol their port's current setting asks for."""
 
-    __slots__ = ("source", "stats", "registry", "loop", "_dispatchers")
+    __slots__ = ("source", "stats", "registry", "loop", "bind", "_dispatchers")
 
     def __init__(self, source: StateSource, stats: Stats, registry: set[asyncio.BaseProtocol],
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, bind: str | None = None) -> None:
+        self.bind = bind
+        """Source address of relayed connections to the app (``127.0.0.6`` with iptables capture)."""
         self.source = source
         self.stats = stats
         self.registry = registry
@@ -114,13 +119,21 @@ class InboundHandler:
     def __call__(self, info: ConnectionInfo) -> asyncio.BaseProtocol:
         target = self.source.state.inbound.get(info.port)
         if target is None:
+            if info.original_dst is not None:
+                # Captured traffic for a port the workload does not declare goes to it untouched (Istio's
+                # InboundPassthroughCluster), so undeclared ports keep working.
+                host, port = info.original_dst
+                return TcpForward(host, port, INBOUND_CONNECT_TIMEOUT, self.stats, self.registry,
+                                  source=self.bind)
             return _Closing()
         if target.protocol == "http":
             return self._http(info.port)
         address, port = target.port.target_address, target.port.target_port
+        bind = self.bind
 
         def opaque(initial: bytes = b"") -> asyncio.Protocol:
-            return TcpForward(address, port, INBOUND_CONNECT_TIMEOUT, self.stats, self.registry, initial)
+            return TcpForward(address, port, INBOUND_CONNECT_TIMEOUT, self.stats, self.registry, initial,
+                              source=bind)
 
         if target.protocol == "tcp":
             return opaque()

@@ -1,9 +1,10 @@
 """Listening sockets, independent of how traffic got there.
 
 A ``Listener`` binds at once (so ``apply`` can refuse a port it cannot have, synchronously) and, once started,
-hands every accepted connection's metadata to a handler that returns the protocol serving it. Today traffic
-arrives in proxy mode (``HTTP_PROXY`` to the outbound port, other sidecars to inbound ports); with iptables
-REDIRECT the original destination will be filled in from ``SO_ORIGINAL_DST`` and the handlers stay the same.
+hands every accepted connection's metadata to a handler that returns the protocol serving it. In proxy mode
+traffic arrives addressed to the listener (``HTTP_PROXY`` to the outbound port, other sidecars to inbound
+ports) and the metadata is the same for every connection. A ``capture`` listener (iptables REDIRECT) reads each
+connection's original destination (``SO_ORIGINAL_DST``) before its handler is asked for a protocol.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, cast
+
+from kizuna.proxy.original_dst import original_dst
 
 ListenerKind = Literal["outbound", "inbound", "admin"]
 
@@ -35,7 +38,7 @@ class Listener:
     """One bound TCP socket served by the running loop."""
 
     def __init__(self, kind: ListenerKind, address: str, port: int, handler: Handler,
-                 backlog: int = 1024) -> None:
+                 backlog: int = 1024, capture: bool = False) -> None:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -51,6 +54,7 @@ class Listener:
         self.port: int = sock.getsockname()[1]
         self.info = ConnectionInfo(kind, self.port)
         self.handler = handler
+        self.capture = capture
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -58,7 +62,11 @@ class Listener:
         if self.sock is None:
             return
         info, handler = self.info, self.handler
-        self.server = await asyncio.get_running_loop().create_server(lambda: handler(info), sock=self.sock)
+        loop = asyncio.get_running_loop()
+        if self.capture:
+            self.server = await loop.create_server(lambda: _CapturedConnection(info, handler), sock=self.sock)
+        else:
+            self.server = await loop.create_server(lambda: handler(info), sock=self.sock)
 
     def close(self) -> None:
         """Stop accepting; connections already accepted carry on."""
@@ -67,3 +75,21 @@ class Listener:
         elif self.sock is not None:
             self.sock.close()
         self.sock = None
+
+
+class _CapturedConnection(asyncio.Protocol):
+    """Reads the original destination off the accepted socket, then hands the transport to the protocol the
+    handler picks for it (before any byte is read, so nothing is lost)."""
+
+    __slots__ = ("info", "handler")
+
+    def __init__(self, info: ConnectionInfo, handler: Handler) -> None:
+        self.info = info
+        self.handler = handler
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        dst = original_dst(sock) if sock is not None else None
+        protocol = cast(asyncio.Protocol, self.handler(replace(self.info, original_dst=dst)))
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)

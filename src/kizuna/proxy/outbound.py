@@ -4,6 +4,11 @@ Requests arrive in absolute form (``GET http://httpbin:8000/headers``): the serv
 URI (else from Host; no port means 80), the request goes upstream in origin form with Host kept. Each request
 is routed by the snapshot current when it arrives: virtual host → route → weighted cluster → exchange, which
 balances over the cluster's endpoints. ``CONNECT host:port`` tunnels raw TCP to an endpoint of that service.
+
+With iptables capture, requests arrive in origin form on a connection whose original destination is known
+(``dispatch_captured``): Host names the service (no port in Host means the original destination's port); a
+Host that names no service falls back to the service whose VIP:port the connection was going to; with
+neither, the request passes through to the original destination (Istio's ALLOW_ANY).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from kizuna.protocols.http1 import RequestHead, split_absolute_target, split_aut
 from kizuna.proxy.downstream import HttpServerConnection
 from kizuna.proxy.errors import CLUSTER_NOT_FOUND, MALFORMED_REQUEST, NO_ROUTE, SyntheticResponse
 from kizuna.proxy.exchange import CONNECT, HTTP, UPGRADE, Exchange
+from kizuna.proxy.passthrough import Passthrough
 from kizuna.proxy.state import ProxyState
 from kizuna.proxy.stats import Stats
+from kizuna.proxyconfig.model import VirtualHost
 
 AUTHORITY_CACHE_SIZE: Final = 1024
 
@@ -60,7 +67,7 @@ class HeaderView(Mapping[str, str]):
 class OutboundDispatcher:
     """Routes each request of the outbound listener."""
 
-    __slots__ = ("source", "stats", "loop", "_authorities")
+    __slots__ = ("source", "stats", "loop", "_authorities", "_vip_state", "_vips")
 
     def __init__(self, source: StateSource, stats: Stats, loop: asyncio.AbstractEventLoop) -> None:
         self.source = source
@@ -68,6 +75,18 @@ class OutboundDispatcher:
         self.loop = loop
         # Apps call the same few services over and over: remember how their authorities split.
         self._authorities: dict[tuple[bytes, bytes], tuple[str, int]] = {}
+        self._vip_state: ProxyState | None = None
+        self._vips: dict[tuple[str, int], VirtualHost] = {}
+
+    def virtual_host_at(self, state: ProxyState, address: tuple[str, int]) -> VirtualHost | None:
+        """The virtual host whose service VIP and port are ``address`` (index rebuilt once per snapshot)."""
+        if state is not self._vip_state:
+            vips: dict[tuple[str, int], VirtualHost] = {}
+            for vh in state.snapshot.virtual_hosts:
+                for vip in vh.addresses:
+                    vips.setdefault((vip, vh.port), vh)
+            self._vips, self._vip_state = vips, state
+        return self._vips.get(address)
 
     def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse:
         self.stats.outbound_rq_total += 1
@@ -102,6 +121,47 @@ class OutboundDispatcher:
                                   HeaderView(head, authority))
             if route is None:
                 return NO_ROUTE
+        dest = state.destination(route)
+        if dest is None:
+            return CLUSTER_NOT_FOUND
+        return Exchange(down, head, dest, path, authority, self.stats, self.loop,
+                        HTTP if head.upgrade is None else UPGRADE)
+
+    def dispatch_captured(self, down: HttpServerConnection, head: RequestHead, dst: tuple[str, int],
+                          passthrough: Passthrough | None) -> Exchange | SyntheticResponse:
+        """Route a request of a connection captured on its way to ``dst``; ``passthrough`` None means the
+        original destination must not be dialled (it is this sidecar)."""
+        self.stats.outbound_rq_total += 1
+        state = self.source.state
+        if head.method == b"CONNECT":
+            return self._tunnel(down, head, state)
+        target = head.target
+        if target[:1] == b"/":
+            authority, path, default_port = head.host, target, dst[1]
+        else:
+            try:
+                scheme, authority, path = split_absolute_target(target)
+            except ValueError:
+                return MALFORMED_REQUEST
+            default_port = 443 if scheme == b"https" else 80
+        try:
+            host, port = split_authority(authority, default_port) if authority else ("", default_port)
+        except ValueError:
+            host, port = "", default_port  # an unusable Host names no service; the destination still counts
+        router = state.router
+        if not host or router.virtual_host(host, port) is None:
+            vh = self.virtual_host_at(state, dst)
+            if vh is not None:
+                host, port = vh.hosts[0], vh.port
+            elif passthrough is None:
+                return NO_ROUTE
+            else:
+                return Exchange(down, head, passthrough.destination(state, dst[0], dst[1]), path, authority,
+                                self.stats, self.loop, HTTP if head.upgrade is None else UPGRADE)
+        route = router.select(host, port, head.method.decode("latin-1"), path.decode("latin-1"),
+                              HeaderView(head, authority))
+        if route is None:
+            return NO_ROUTE
         dest = state.destination(route)
         if dest is None:
             return CLUSTER_NOT_FOUND

@@ -3,6 +3,10 @@
 ``apply(snapshot)`` swaps the whole ``ProxyState`` at once; a request keeps the state it started with. Inbound
 listeners follow the snapshot's ports; a snapshot whose ports cannot be bound is refused (ValueError) and the
 previous one stays. Pools of endpoints that left the config are drained.
+
+With ``bootstrap.capture == "iptables"`` the sidecar listens on ``0.0.0.0`` at the outbound (15001) and
+inbound capture (15006) ports instead, and serves each connection by its original destination (``capture``);
+the app owns its ports on the pod address, so no per-port inbound listener is opened.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kizuna.proxy.admin import admin_protocol
+from kizuna.proxy.capture import InboundCapture, OutboundCapture, OwnPorts
 from kizuna.proxy.downstream import HttpServerConnection
 from kizuna.proxy.health import ReadinessProber
 from kizuna.proxy.inbound import InboundHandler
 from kizuna.proxy.listener import ConnectionInfo, Listener
 from kizuna.proxy.outbound import OutboundDispatcher
+from kizuna.proxy.passthrough import INBOUND_PASSTHROUGH_SOURCE, CapturePoolRegistry, Passthrough
 from kizuna.proxy.pool import PoolRegistry
 from kizuna.proxy.state import ProxyState
 from kizuna.proxy.stats import Stats
@@ -39,16 +45,21 @@ class Sidecar:
     def __init__(self, bootstrap: Bootstrap) -> None:
         self.bootstrap = bootstrap
         self.stats = Stats()
-        self.pools: PoolRegistry[UpstreamConnection] = PoolRegistry()
+        self.capture = bootstrap.capture == "iptables"
+        # With capture, connections to the pod's own address must not be captured again (see passthrough).
+        self.pools: PoolRegistry[UpstreamConnection] = (
+            CapturePoolRegistry([bootstrap.node.pod_address]) if self.capture else PoolRegistry())
         self.state = ProxyState(EMPTY_SNAPSHOT, self.pools, self.stats)
         self.connections: set[asyncio.BaseProtocol] = set()
         self.discovery: DiscoveryClient | None = None
         self._config_applied = False
         self._app_ready = False
         self._health_listener: Callable[[bool], None] | None = None
-        self._prober = ReadinessProber(bootstrap.node, bootstrap.readiness, self._on_app_ready)
+        self._prober = ReadinessProber(bootstrap.node, bootstrap.readiness, self._on_app_ready,
+                                       INBOUND_PASSTHROUGH_SOURCE if self.capture else None)
         self._listeners: dict[int, Listener] = {}
         self._outbound: Listener | None = None
+        self._inbound_capture: Listener | None = None
         self._admin: Listener | None = None
         self._inbound_handler: InboundHandler | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -107,9 +118,14 @@ class Sidecar:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"unusable snapshot {snapshot.version!r}: {exc}") from exc
         ports = {p.port for p in snapshot.inbound}
-        taken = ports & {self.bootstrap.admin_port, self.bootstrap.outbound_port}
+        own = {self.bootstrap.admin_port, self.bootstrap.outbound_port}
+        if self.capture:
+            own.add(self.bootstrap.inbound_capture_port)
+        taken = ports & own
         if taken:
             raise ValueError(f"inbound port {min(taken)} is one of the sidecar's own ports")
+        if self.capture:
+            ports = set()  # every inbound connection comes through the capture port
         opened: dict[int, Listener] = {}
         for port in sorted(ports - self._listeners.keys()):
             try:
@@ -135,18 +151,24 @@ class Sidecar:
         """Listen, load the static snapshot if any, start probing the app and the discovery client."""
         loop = asyncio.get_running_loop()
         node = self.bootstrap.node
-        self._inbound_handler = InboundHandler(self, self.stats, self.connections, loop)
         outbound = OutboundDispatcher(self, self.stats, loop)
-        self._outbound = Listener("outbound", node.mesh_address, self.bootstrap.outbound_port,
-                                  lambda info: HttpServerConnection(outbound, self.stats, self.connections))
-        self._admin = Listener("admin", node.mesh_address, self.bootstrap.admin_port,
+        if self.capture:
+            self._listen_captured(outbound, loop)
+        else:
+            self._inbound_handler = InboundHandler(self, self.stats, self.connections, loop)
+            self._outbound = Listener("outbound", node.mesh_address, self.bootstrap.outbound_port,
+                                      lambda info: HttpServerConnection(outbound, self.stats, self.connections))
+        # With capture the pod has one address; the admin port is excluded from the capture rules there.
+        admin_address = node.pod_address if self.capture else node.mesh_address
+        self._admin = Listener("admin", admin_address, self.bootstrap.admin_port,
                                lambda info: admin_protocol(self))
         if self.bootstrap.static_snapshot:
             text = Path(self.bootstrap.static_snapshot).read_text()
             self.apply(Snapshot.from_json(json.loads(text)))
         self._started = True
-        for listener in (self._outbound, self._admin, *self._listeners.values()):
-            await listener.start()
+        for listener in (self._outbound, self._inbound_capture, self._admin, *self._listeners.values()):
+            if listener is not None:
+                await listener.start()
         self._spawn(self._prober.run())
         if self.bootstrap.control_plane:
             # Imported here: the discovery client is optional and the proxy must start without it.
@@ -157,7 +179,7 @@ class Sidecar:
 
     async def stop(self, drain: float = DRAIN_SECONDS) -> None:
         """Stop listening, let requests in flight finish for up to ``drain`` seconds, close everything."""
-        for listener in (self._outbound, self._admin, *self._listeners.values()):
+        for listener in (self._outbound, self._inbound_capture, self._admin, *self._listeners.values()):
             if listener is not None:
                 listener.close()
         self._listeners.clear()
@@ -176,6 +198,23 @@ class Sidecar:
                 transport.abort()
         self.pools.close()
         await asyncio.sleep(0)
+
+    def _listen_captured(self, outbound: OutboundDispatcher, loop: asyncio.AbstractEventLoop) -> None:
+        """The two capture listeners on every address of the pod (REDIRECT keeps the original address)."""
+        bootstrap = self.bootstrap
+        own = OwnPorts({bootstrap.node.pod_address, bootstrap.node.mesh_address},
+                       {bootstrap.outbound_port, bootstrap.inbound_capture_port, bootstrap.admin_port})
+        self._inbound_handler = InboundHandler(self, self.stats, self.connections, loop,
+                                               bind=INBOUND_PASSTHROUGH_SOURCE)
+        capture_out = OutboundCapture(self, outbound, Passthrough(self.pools, self.stats), self.stats,
+                                      self.connections, own)
+        self._outbound = Listener("outbound", "0.0.0.0", bootstrap.outbound_port, capture_out, capture=True)
+        try:
+            self._inbound_capture = Listener("inbound", "0.0.0.0", bootstrap.inbound_capture_port,
+                                             InboundCapture(self._inbound_handler, own), capture=True)
+        except OSError:
+            self._outbound.close()
+            raise
 
     def _busy(self) -> bool:
         return any(isinstance(c, HttpServerConnection) and c.exchange is not None for c in self.connections)

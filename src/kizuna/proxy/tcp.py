@@ -8,8 +8,10 @@ side stops reading until it drains.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Final, cast
 
+from kizuna.proxy.balancer import Loaded
 from kizuna.proxy.stats import Stats
 
 WRITE_HIGH_WATER: Final = 64 * 1024
@@ -19,7 +21,7 @@ WRITE_HIGH_WATER: Final = 64 * 1024
 class Relay(asyncio.Protocol):
     """One side of a relay: what it reads, its peer writes."""
 
-    __slots__ = ("stats", "registry", "transport", "peer", "eof")
+    __slots__ = ("stats", "registry", "transport", "peer", "eof", "on_lost")
 
     def __init__(self, stats: Stats, registry: set[asyncio.BaseProtocol]) -> None:
         self.stats = stats
@@ -27,6 +29,8 @@ class Relay(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Relay | None = None
         self.eof = False
+        self.on_lost: Callable[[], None] | None = None
+        """Called once when this side's connection is gone (e.g. to release a balancer's load count)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop transports implement asyncio.Transport without subclassing it.
@@ -56,6 +60,9 @@ class Relay(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.stats.tcp_cx_active -= 1
         self.registry.discard(self)
+        if self.on_lost is not None:
+            self.on_lost()
+            self.on_lost = None
         peer = self.peer
         if peer is not None and peer.transport is not None:
             # close() flushes what is still buffered for the peer before it sends FIN.
@@ -96,13 +103,19 @@ class TcpForward(asyncio.Protocol):
 
     Reading waits until the upstream side exists; ``initial`` is what was already read (e.g. while sniffing).
     When the upstream cannot be reached the connection is closed: plain TCP has no way to say why.
+    ``source`` binds the upstream connection's local address (``127.0.0.6`` for capture passthrough);
+    ``load`` (a balanced endpoint) counts this connection as in flight for as long as it lasts, so
+    LEAST_REQUEST balances opaque TCP by open connections.
     """
 
-    __slots__ = ("host", "port", "timeout", "stats", "registry", "initial", "transport", "task", "closed",
-                 "eof")
+    __slots__ = ("host", "port", "timeout", "stats", "registry", "initial", "source", "load", "transport",
+                 "task", "closed", "eof")
 
     def __init__(self, host: str, port: int, timeout: float, stats: Stats,
-                 registry: set[asyncio.BaseProtocol], initial: bytes = b"") -> None:
+                 registry: set[asyncio.BaseProtocol], initial: bytes = b"", source: str | None = None,
+                 load: Loaded | None = None) -> None:
+        self.source = source
+        self.load = load
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -118,6 +131,8 @@ class TcpForward(asyncio.Protocol):
         # uvloop transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.pause_reading()
+        if self.load is not None:
+            self.load.active += 1
         self.task = asyncio.get_running_loop().create_task(self._connect())
 
     def data_received(self, data: bytes) -> None:
@@ -129,16 +144,23 @@ class TcpForward(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._release()
         if self.task is not None:
             self.task.cancel()
+
+    def _release(self) -> None:
+        if self.load is not None:
+            self.load.active -= 1
+            self.load = None
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         assert self.transport is not None
         try:
             async with asyncio.timeout(self.timeout):
-                up, relay = await loop.create_connection(lambda: Relay(self.stats, self.registry), self.host,
-                                                         self.port)
+                up, relay = await loop.create_connection(
+                    lambda: Relay(self.stats, self.registry), self.host, self.port,
+                    local_addr=(self.source, 0) if self.source else None)
         except (OSError, TimeoutError):
             self.transport.close()
             return
@@ -146,6 +168,7 @@ class TcpForward(asyncio.Protocol):
             up.close()
             return
         down = adopt(self.transport, self.stats, self.registry)
+        down.on_lost = self._release  # the relay outlives this protocol: it ends the load count
         link(down, relay, to_a=b"", to_b=self.initial)
         if self.eof:
             down.eof_received()

@@ -13,6 +13,7 @@ from kizuna.protocols.http1 import (
     BodyReceived,
     MessageEnded,
     ParseFailed,
+    ResponseHead,
     ResponseParser,
     ResponseReceived,
     Upgraded,
@@ -114,33 +115,38 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.received = True
         events = self.parser.feed(data)
-        for event in events:
-            if isinstance(event, BodyReceived):
-                ex.response_body(event.data)
-            elif isinstance(event, ResponseReceived):
-                head = event.head
+        # Event classes are final: ``type(e) is C`` is a pointer compare where isinstance is a call.
+        for i, event in enumerate(events):
+            kind = type(event)
+            if kind is BodyReceived:
+                ex.response_body(event.data)  # type: ignore[union-attr]
+                continue  # a body piece never ends the exchange
+            if kind is ResponseReceived:
+                head: ResponseHead = event.head  # type: ignore[union-attr,assignment]
                 # 1xx heads end a message of their own, which is not the response's end (for 101 the
                 # new protocol's bytes follow as Upgraded).
                 self._informational = head.status < 200
                 self.keep_alive = head.keep_alive
                 ex.response_head(head)
-            elif isinstance(event, MessageEnded):
+            elif kind is MessageEnded:
                 if self._informational:
                     self._informational = False
                     continue
                 ex.response_end()
-            elif isinstance(event, Upgraded):
-                ex.response_upgraded(event.tail)
+            elif kind is Upgraded:
+                ex.response_upgraded(event.tail)  # type: ignore[union-attr]
                 return
-            elif isinstance(event, ParseFailed):
+            elif kind is ParseFailed:
                 self.keep_alive = False
                 ex.upstream_failed(UPSTREAM_PROTOCOL_ERROR)
             if self.exchange is not ex:
                 # The exchange ended or gave up on this connection. Bytes beyond the response it asked for
-                # mean the framing is off: this connection must not carry another request.
-                if self.parser.in_message or event is not events[-1]:
+                # mean the framing is off: this connection must not carry another request. (An exchange
+                # that ended has written its response out already.)
+                # (By index: MessageEnded is one shared object, so ``is events[-1]`` cannot tell.)
+                if self.parser.in_message or i != len(events) - 1:
                     self.close()
-                break
+                return
         ex.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -47,6 +47,14 @@ class PodRange:
                             f"not {index + 1}; pass a larger --pod-cidr")
         return str(self.network[2 + 2 * index]), str(self.network[3 + 2 * index])
 
+    def transparent_address(self, index: int) -> str:
+        """The one address of instance ``index`` in transparent mode (its own network namespace): the range's
+        first address is the bridge (gateway and control plane), instances follow."""
+        if not 0 <= index < self.network.num_addresses - 3:
+            raise UserError(f"pod range {self.network} has room for {self.network.num_addresses - 3} "
+                            f"instances, not {index + 1}; pass a larger --pod-cidr")
+        return str(self.network[2 + index])
+
     def __str__(self) -> str:
         return str(self.network)
 

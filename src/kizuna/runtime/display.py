@@ -72,8 +72,10 @@ def table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def summary(out: TextIO, state: StateDir, pod_range: PodRange, controlplane: str,
-            instances: Sequence[Instance], resources: Sequence[Any], *, detached: bool) -> None:
-    """The running mesh: one row per instance, then where things are and what to try."""
+            instances: Sequence[Instance], resources: Sequence[Any], *, detached: bool,
+            mode: str | None = None) -> None:
+    """The running mesh: one row per instance, then where things are and what to try (``mode``: a line on
+    transparent mode's network, when it runs)."""
     rows = [["SERVICE", "INSTANCE", "POD ADDRESS", "MESH ADDRESS", "PORTS", "URL"]]
     for instance in instances:
         services = ",".join(s.metadata.name for s in services_of(instance, resources)) or "-"
@@ -84,7 +86,7 @@ def summary(out: TextIO, state: StateDir, pod_range: PodRange, controlplane: str
     out.write(f"\n{body}\n")
     flag = "" if state.root == Path(DEFAULT_STATE_DIR).absolute() else f" --state-dir {state.root}"
     notes = [("control plane", f"{controlplane} (pod range {pod_range})"),
-             ("logs", str(state.logs))]
+             *([("mode", mode)] if mode else []), ("logs", str(state.logs))]
     hint = _exec_hint(instances, resources)
     if hint:
         notes.append(("try", f"kizuna exec{flag} {hint}"))

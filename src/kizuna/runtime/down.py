@@ -72,15 +72,41 @@ def down(state: StateDir, grace: float) -> str:
             pass
     targets = running_processes(state)
     if not targets:
+        removed = _remove_network(state)
         _forget(state)
+        if removed:
+            return f"no process of the mesh in {state.root} was running; removed its network ({removed})"
         return f"no mesh is running in {state.root} (nothing to stop)"
-    left = stop(targets, grace=grace)
+    if (state.read_runtime() or {}).get("network"):
+        from kizuna.runtime.transparent import stop_in_order
+
+        left = stop_in_order(targets, grace)
+    else:
+        left = stop(targets, grace=grace)
     if left:
         raise UserError(f"could not stop processes {', '.join(map(str, left))} of the mesh in {state.root}")
+    _remove_network(state)
     _forget(state)
     counts = Counter(p.role for p in targets)
     parts = [_ROLES.get(role, role) if n == 1 else f"{n} {role}s" for role, n in sorted(counts.items())]
     return f"stopped the mesh in {state.root}: {', '.join(parts)}"
+
+
+def _remove_network(state: StateDir) -> str:
+    """Transparent mode's host objects of this mesh (found by name: also those a killed `up` never
+    recorded); what was removed, or "" when there was nothing."""
+    from kizuna.runtime import netns
+
+    if netns.missing_tools():
+        return ""
+    names = netns.Names(netns.mesh_id(state.root))
+    found = netns.existing(names)
+    if not found:
+        return ""
+    left = netns.teardown(names)
+    if left:
+        raise UserError(f"could not remove {', '.join(left)} of the mesh in {state.root}")
+    return netns.describe_leftovers(found)
 
 
 _ROLES = {"controlplane": "the control plane", "sidecar": "1 sidecar", "app": "1 app"}

@@ -39,6 +39,12 @@ def exec_in(state: StateDir, workload: str, argv: list[str], namespace: str | No
     """Replace this process with ``argv`` run in ``workload``'s environment; returns only on failure."""
     instance = find_instance(state, workload, namespace)
     env = process_env(instance)
+    from kizuna.runtime.transparent import app_argv, namespace_of
+
+    ns = namespace_of(state, instance)
+    if ns is not None:
+        # Transparent mode: inside the instance's network namespace, where its capture rules apply.
+        argv = app_argv(ns, argv)
     sys.stdout.flush()
     sys.stderr.flush()
     try:

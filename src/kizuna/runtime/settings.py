@@ -57,9 +57,15 @@ class UpSettings:
     """manifest files, or directories whose *.yaml, *.yml and *.json files are read (not recursively)"""
     detach: bool = setting(False)
     """return once every instance is ready; stop the mesh later with `kizuna down`"""
+    mode: str = setting("auto", metavar="MODE")
+    """transparent (each instance in its own network namespace, traffic captured by iptables), proxy (apps
+    use HTTP_PROXY on loopback addresses) or auto: transparent when run as root on Linux with `ip` and
+    `iptables` and no --pod-cidr is given, else proxy"""
     pod_cidr: str | None = setting(None, metavar="CIDR")
-    """loopback block for pod and mesh addresses, e.g. 127.40.1.0/24 (default: a free /24 in 127.10.0.0/16,
-    one where nothing listens)"""
+    """pod addresses. Proxy mode: a loopback block, e.g. 127.40.1.0/24 (default: a free /24 in 127.10.0.0/16,
+    one where nothing listens); transparent mode: a private block (default: a free /24 in 10.210.0.0/16)"""
+    service_cidr: str | None = setting(None, metavar="CIDR")
+    """transparent mode: Service VIPs (default: a free /24 in 10.211.0.0/16)"""
     ready_timeout: float = setting(60.0, metavar="SECONDS")
     """how long to wait for every instance to become ready"""
     stop_grace: float = setting(5.0, metavar="SECONDS")
@@ -81,6 +87,9 @@ class ControlPlaneSettings:
     listen: str | None = setting(None, metavar="HOST:PORT")
     """address to serve the API and discovery on (default: the address the mesh's sidecars were given, from
     the state directory, so a restarted control plane is found again; else 127.0.0.1:0)"""
+    service_cidr: str | None = setting(None, metavar="CIDR")
+    """allocate every Service a VIP (spec.clusterIP) from this range (transparent mode; default: the
+    range recorded by `kizuna up`, else none)"""
 
 
 @dataclass(frozen=True, slots=True)

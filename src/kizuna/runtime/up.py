@@ -8,6 +8,10 @@ runs the current config. Any failure on the way stops whatever was started.
 
 The store starts empty: ``up`` runs the manifests it is given, not leftovers of an earlier session in the same
 state directory.
+
+In transparent mode (``kizuna.runtime.modes``) the mesh's bridge comes first, the control plane listens on it,
+and instances start as ``kizuna.runtime.transparent`` describes: namespace, names and capture rules, sidecar,
+then the app once its sidecar is connected. Stopping goes sidecars, apps, control plane, then the network.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from types import FrameType
 from typing import Any, TextIO
 
 from kizuna.proxyconfig.bootstrap import Bootstrap
-from kizuna.runtime import display
+from kizuna.runtime import display, transparent
 from kizuna.runtime.addresses import PodRange, choose_pod_range, listeners_in, parse_pod_cidr
 from kizuna.runtime.down import running_processes
 from kizuna.runtime.errors import UserError
 from kizuna.runtime.manifests import load
+from kizuna.runtime.modes import resolve_mode
 from kizuna.runtime.processes import Supervisor, proc_stat
 from kizuna.runtime.settings import CONTROL_PLANE_PORT, UpSettings
 from kizuna.runtime.state import StateDir
@@ -49,29 +54,46 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
         raise UserError(f"a mesh is already running in {state.root}; stop it with `kizuna down` "
                         "or use another --state-dir")
     documents, resources = load(settings.paths)
-    pod_range = _pod_range(settings.pod_cidr, state)
-    instances = plan_instances(deployments_of(resources), pod_range)
+    mode, note = resolve_mode(settings.mode, settings.pod_cidr)
+    if note:
+        err.write(note + "\n")
+    network = transparent.plan(state, settings.pod_cidr, settings.service_cidr) if mode == "transparent" else None
+    pod_range = network.pods if network else _pod_range(settings.pod_cidr, state)
+    instances = plan_instances(deployments_of(resources), pod_range, transparent=network is not None)
 
     state.create()
     _clear_previous_session(state)
     listen = f"{pod_range.control_plane_address}:{CONTROL_PLANE_PORT}"
     supervisor = Supervisor(state, {
-        "version": 1, "up": {"pid": os.getpid(), "startTime": _own_start_time()}, "podCidr": str(pod_range),
+        "version": 1, "up": {"pid": os.getpid(), "startTime": _own_start_time()}, "mode": mode,
+        "podCidr": str(pod_range), "serviceCidr": str(network.services) if network else None,
         "controlPlane": listen, "instances": [i.to_json() for i in instances], "processes": []})
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGTERM, _raise_stopped)
     signal.signal(signal.SIGHUP, _raise_stopped)
     try:
         try:
-            client = _start_controlplane(supervisor, state, listen, err)
+            if network is not None:
+                transparent.create_host(supervisor, network)
+            client = _start_controlplane(supervisor, state, listen, err,
+                                         str(network.services) if network else None)
             client.apply(documents)
-            for instance in instances:
-                _start_instance(supervisor, state, instance, listen)
-            _wait_ready(supervisor, client, instances, settings.ready_timeout, state, err)
+            if network is None:
+                for instance in instances:
+                    _start_instance(supervisor, state, instance, listen)
+            else:
+                _start_transparent(supervisor, state, network, client, instances, listen, settings)
+            _wait_ready(supervisor, client, [i for i in instances if transparent.has_sidecar(i)],
+                        settings.ready_timeout, state, err)
+            if network is not None:
+                transparent.refresh(state, client)
         except BaseException:
             _stop(supervisor, state, settings.stop_grace, err)
             raise
-        display.summary(out, state, pod_range, listen, instances, resources, detached=settings.detach)
+        mode_line = (f"transparent: one network namespace per instance on bridge {network.names.bridge}, "
+                     f"Service VIPs from {network.services}") if network else None
+        display.summary(out, state, pod_range, listen, instances, resources, detached=settings.detach,
+                        mode=mode_line)
         if settings.detach:
             supervisor.release()
             return 0
@@ -119,12 +141,15 @@ def _kizuna(*args: str) -> list[str]:
     return [sys.executable, "-m", "kizuna", *args]
 
 
-def _start_controlplane(supervisor: Supervisor, state: StateDir, listen: str, err: TextIO) -> Any:
+def _start_controlplane(supervisor: Supervisor, state: StateDir, listen: str, err: TextIO,
+                        service_cidr: str | None = None) -> Any:
     from kizuna.controlplane.client import ControlPlaneClient
 
     err.write(f"starting the control plane on {listen}\n")
+    extra = ["--service-cidr", service_cidr] if service_cidr else []
     record = supervisor.spawn("controlplane", "controlplane",
-                              _kizuna("controlplane", "--state-dir", str(state.root), "--listen", listen),
+                              _kizuna("controlplane", "--state-dir", str(state.root), "--listen", listen,
+                                      *extra),
                               env=_mesh_env(), cwd=state.root)
     deadline = time.monotonic() + CONTROL_PLANE_START_TIMEOUT
     while time.monotonic() < deadline:
@@ -146,6 +171,29 @@ def _start_instance(supervisor: Supervisor, state: StateDir, instance: Instance,
                      env=_mesh_env(), cwd=state.root)
     supervisor.spawn(instance.id, "app", instance.command, env=process_env(instance),
                      cwd=instance.working_dir)
+
+
+def _start_transparent(supervisor: Supervisor, state: StateDir, network: transparent.Network, client: Any,
+                       instances: Sequence[Instance], listen: str, settings: UpSettings) -> None:
+    """Namespaces and sidecars first; each app once its sidecar is connected and configured."""
+    spaces = {}
+    for index, instance in enumerate(instances):
+        spaces[instance.id] = transparent.create_namespace(supervisor, network, index, instance)
+    # Names (VIPs) and kube-proxy rules exist before any app starts, so its first lookups work.
+    transparent.refresh(state, client)
+    with_sidecar = [i for i in instances if transparent.has_sidecar(i)]
+    sidecars = {}
+    for instance in with_sidecar:
+        path = transparent.write_bootstrap(state, network, instance, listen)
+        sidecars[instance.id] = supervisor.spawn(f"{instance.id}.proxy", "sidecar",
+                                                 transparent.sidecar_argv(spaces[instance.id], path),
+                                                 env=_mesh_env(), cwd="/")
+    transparent.wait_connected(client, supervisor, state, [i.id for i in with_sidecar], settings.ready_timeout,
+                               _fail_if_exited)
+    for instance in instances:
+        supervisor.spawn(instance.id, "app",
+                         transparent.app_argv(spaces[instance.id], instance.command, sidecars.get(instance.id)),
+                         env=process_env(instance), cwd=instance.working_dir)
 
 
 def _fail_if_exited(supervisor: Supervisor) -> None:
@@ -208,10 +256,20 @@ def _stop(supervisor: Supervisor, state: StateDir, grace: float, err: TextIO) ->
     # A second Ctrl-C must not cut the stop short and leave processes behind.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
-    left = supervisor.stop(grace)
+    network = supervisor.record.get("network")
+    if network is None:
+        left = supervisor.stop(grace)
+    else:
+        left = transparent.stop_in_order(supervisor.processes(), grace, supervisor.reap)
+        supervisor.reap()
     if left:
         err.write(f"kizuna: could not stop processes {', '.join(map(str, left))}; run `kizuna down`\n")
         return
+    if network is not None:
+        remaining = transparent.teardown(state)
+        if remaining:
+            err.write(f"kizuna: could not remove {', '.join(remaining)}; run `kizuna down`\n")
+            return
     state.runtime_json.unlink(missing_ok=True)
 
 

@@ -66,6 +66,10 @@ class Instance:
     readiness: ReadinessProbe | None
     image: str = ""
     source: str = ""
+    annotations: tuple[tuple[str, str], ...] = ()
+    """The pod template's annotations (capture settings, ``sidecar.istio.io/inject``)."""
+    port_names: tuple[tuple[str, int], ...] = ()
+    """Named container ports (a Service's ``targetPort`` may name one)."""
 
     @property
     def id(self) -> str:
@@ -84,7 +88,8 @@ class Instance:
                 "podAddress": self.pod_address, "meshAddress": self.mesh_address, "ports": list(self.ports),
                 "command": list(self.command), "env": dict(self.env), "workingDir": self.working_dir,
                 "readiness": self.readiness.to_json() if self.readiness else None, "image": self.image,
-                "source": self.source}
+                "source": self.source, "annotations": dict(self.annotations),
+                "portNames": dict(self.port_names)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Instance:
@@ -94,7 +99,8 @@ class Instance:
                    str(data["podAddress"]), str(data["meshAddress"]), tuple(int(p) for p in data["ports"]),
                    tuple(data["command"]), tuple(dict(data["env"]).items()), str(data["workingDir"]),
                    ReadinessProbe.from_json(probe) if probe else None, str(data.get("image", "")),
-                   str(data.get("source", "")))
+                   str(data.get("source", "")), tuple(sorted(dict(data.get("annotations", {})).items())),
+                   tuple(sorted(dict(data.get("portNames", {})).items())))
 
 
 def runtime_bin_dir() -> str:
@@ -135,18 +141,24 @@ def deployments_of(resources: Iterable[Any]) -> list[DeploymentSource]:
             for r in resources if r.kind == "Deployment"]
 
 
-def plan_instances(deployments: Sequence[DeploymentSource], pod_range: PodRange) -> list[Instance]:
+def plan_instances(deployments: Sequence[DeploymentSource], pod_range: PodRange, *, transparent: bool = False
+                   ) -> list[Instance]:
     """Every instance of every Deployment, in manifest order, with addresses from ``pod_range``.
 
-    Raises UserError, naming each Deployment that cannot run here, before anything is started.
+    ``transparent``: each instance has one address (pod and mesh address are the same, in its own network
+    namespace) and no proxy settings in its environment. Raises UserError, naming each Deployment that cannot
+    run here, before anything is started.
     """
     instances: list[Instance] = []
     problems: list[str] = []
     for deployment in deployments:
         try:
             for i in range(deployment.spec.replicas):
-                pod, mesh = pod_range.instance_addresses(len(instances))
-                instances.append(_instance(deployment, i, pod, mesh, pod_range))
+                if transparent:
+                    pod = mesh = pod_range.transparent_address(len(instances))
+                else:
+                    pod, mesh = pod_range.instance_addresses(len(instances))
+                instances.append(_instance(deployment, i, pod, mesh, pod_range, transparent))
         except UserError as exc:
             problems.extend(exc.lines)
     if problems:
@@ -161,7 +173,8 @@ def _where(deployment: DeploymentSource) -> str:
 _CONTAINER = "spec.template.spec.containers[0]"
 
 
-def _instance(deployment: DeploymentSource, index: int, pod: str, mesh: str, pod_range: PodRange) -> Instance:
+def _instance(deployment: DeploymentSource, index: int, pod: str, mesh: str, pod_range: PodRange,
+              transparent: bool = False) -> Instance:
     spec = deployment.spec
     container = spec.container
     labels = dict(spec.template.metadata.labels)
@@ -171,7 +184,7 @@ def _instance(deployment: DeploymentSource, index: int, pod: str, mesh: str, pod
               "status.podIPs": pod, "status.hostIP": HOST_IP, "status.hostIPs": HOST_IP,
               "spec.serviceAccountName": spec.service_account_name, "spec.nodeName": os.uname().nodename}
     fields.update({f"metadata.labels['{k}']": v for k, v in labels.items()})
-    env = proxy_env(mesh, pod_range)
+    env = {} if transparent else proxy_env(mesh, pod_range)
     for i, item in enumerate(container.env):
         env[item.name] = _env_value(deployment, i, item, fields, env)
 
@@ -188,7 +201,8 @@ def _instance(deployment: DeploymentSource, index: int, pod: str, mesh: str, pod
     return Instance(name, deployment.name, deployment.namespace, spec.service_account_name,
                     tuple(sorted(labels.items())), pod, mesh, ports, argv, tuple(env.items()),
                     str(working_dir), _readiness(deployment, container, ports), container.image,
-                    deployment.source)
+                    deployment.source, tuple(sorted(spec.template.metadata.annotations.items())),
+                    tuple(sorted((p.name, p.container_port) for p in container.ports if p.name)))
 
 
 def _env_value(deployment: DeploymentSource, index: int, item: EnvVar, fields: Mapping[str, str],

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from kizuna.proxy.sidecar import Sidecar
-from kizuna.proxyconfig.bootstrap import Bootstrap, Node, ReadinessProbe
+from kizuna.proxyconfig.bootstrap import Bootstrap, Capture, Node, ReadinessProbe
 from kizuna.proxyconfig.model import (
     Cluster,
     Endpoint,
@@ -85,13 +85,36 @@ def two_hop_snapshots(client_mesh_addr: str, server_mesh_addr: str, app_addr: st
     return client, server
 
 
+def transparent_snapshots(client_pod: str, server_pod: str, services: list[tuple[str, int, str, int, Protocol]]
+                          ) -> tuple[Snapshot, Snapshot]:
+    """Snapshots for iptables capture, where every pod has one address (its pod IP) and services have VIPs.
+
+    ``services`` are ``(name, port, vip, target_port, protocol)``, each served by the app of the server pod
+    at ``server_pod:target_port``. Both sidecars get every service's virtual host (so the server's app can
+    call its own services too); the server's snapshot adds an inbound port per target port.
+    ``client_pod`` is not referenced by the snapshots (taken so callers describe the topology in one place).
+    """
+    del client_pod
+    clusters = tuple(service_cluster(name, port, [(server_pod, target)], protocol=protocol)
+                     for name, port, _, target, protocol in services)
+    hosts = tuple(VirtualHost(vh.name, vh.hosts, vh.port, vh.protocol, vh.routes, (vip,))
+                  for (name, port, vip, _, protocol), cluster in zip(services, clusters, strict=True)
+                  for vh in [simple_virtual_host(name, port, cluster.name, protocol=protocol)])
+    inbound = tuple(InboundPort(target, server_pod, target, "auto" if protocol == "http" else protocol)
+                    for _, _, _, target, protocol in services)
+    return (Snapshot("transparent-client", virtual_hosts=hosts, clusters=clusters),
+            Snapshot("transparent-server", inbound=inbound, virtual_hosts=hosts, clusters=clusters))
+
+
 def sidecar_bootstrap(node_id: str, mesh_address: str, pod_address: str = "127.0.0.1",
                       static_snapshot: str | None = None, admin_port: int = 15000,
-                      outbound_port: int = 15001, readiness: ReadinessProbe | None = None) -> Bootstrap:
-    """A bootstrap for a sidecar with no control plane; without ``readiness`` the app counts as ready."""
+                      outbound_port: int = 15001, readiness: ReadinessProbe | None = None,
+                      capture: Capture = "proxy") -> Bootstrap:
+    """A bootstrap for a sidecar with no control plane; without ``readiness`` the app counts as ready.
+    With ``capture="iptables"`` pass the pod IP as both addresses (one address per pod)."""
     return Bootstrap(Node(node_id, node_id.split(".")[0], pod_address=pod_address, mesh_address=mesh_address),
                      static_snapshot=static_snapshot, admin_port=admin_port, outbound_port=outbound_port,
-                     readiness=readiness)
+                     readiness=readiness, capture=capture)
 
 
 _used: set[str] = set()

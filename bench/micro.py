@@ -1,0 +1,135 @@
+"""CPU per request of the two kizuna sidecars under wrk, for A/B comparisons of hot-path changes.
+
+Starts the bench origin and the kizuna path (as ``bench.paths`` does), optionally from another source tree
+(``--src /tmp/copy/src``), then runs wrk several times and prints each sidecar's CPU µs per completed request
+(utime+stime from /proc), which is far steadier than requests per second on a shared machine::
+
+    .venv/bin/python -m bench.micro --runs 5 --seconds 3
+    .venv/bin/python -m bench.micro --src /tmp/baseline/src --net 127.50.9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import wrk
+from bench.paths import HOST_HEADER, SERVICE, SERVICE_PORT, TARGET, Layout, start_origin, wait_until_serving
+from bench.procs import CLOCK_TICKS, Processes, wait_for_port
+
+# argv: source tree, bootstrap file. KIZUNA_MICRO_RUN swaps in another runner (e.g. one under cProfile).
+_RUN = os.environ.get("KIZUNA_MICRO_RUN") or (
+    "import sys; sys.path.insert(0, sys.argv[1]); from kizuna.proxy.main import run; sys.exit(run(sys.argv[2]))")
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` so far."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def start_sidecars(procs: Processes, layout: Layout, workdir: Path, src: str, cpus: frozenset[int] | None,
+                   server_cpus: frozenset[int] | None) -> tuple[tuple[str, int], int, int]:
+    """The two sidecars of the kizuna path, importing kizuna from ``src``; returns entry, client, server pid."""
+    from kizuna.proxyconfig.bootstrap import Bootstrap, Node
+    from kizuna.testing.mesh import two_hop_snapshots
+
+    o_addr, o_port = layout.origin
+    client_mesh, server_mesh = layout.kizuna_client_mesh, layout.kizuna_server_mesh
+    client_snap, server_snap = two_hop_snapshots(client_mesh, server_mesh, o_addr, o_port,
+                                                 service=SERVICE, port=SERVICE_PORT)
+    pids = []
+    for role, snap, node in (
+        ("server", server_snap, Node(id="bench-server-0.default", workload="bench-server",
+                                     pod_address=o_addr, mesh_address=server_mesh, ports=(o_port,))),
+        ("client", client_snap, Node(id="bench-client-0.default", workload="bench-client",
+                                     pod_address=layout.kizuna_client_pod, mesh_address=client_mesh)),
+    ):
+        snap_file = workdir / f"kizuna-{role}-snapshot.json"
+        snap_file.write_text(json.dumps(snap.to_json()))
+        boot_file = workdir / f"kizuna-{role}-bootstrap.json"
+        Bootstrap(node=node, static_snapshot=str(snap_file)).dump(boot_file)
+        started = procs.start(f"kizuna-{role}", [sys.executable, "-c", _RUN, src, str(boot_file)],
+                              server_cpus if role == "server" and server_cpus else cpus)
+        pids.append(started.pid)
+    outbound = Bootstrap.load(workdir / "kizuna-client-bootstrap.json").outbound_port
+    wait_for_port(server_mesh, server_snap.inbound[0].port, 30.0)
+    wait_for_port(client_mesh, outbound, 30.0)
+    entry = (client_mesh, outbound)
+    wait_until_serving(entry, "the kizuna path", [])
+    return entry, pids[1], pids[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the measurement and print one line per wrk run plus medians."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", default=str(Path(__file__).resolve().parent.parent / "src"))
+    ap.add_argument("--net", default="127.50.7")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--seconds", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--proxy-cpus", default="1")
+    ap.add_argument("--load-cpus", default="0")
+    ap.add_argument("--perf", default="", help="perf record the client sidecar during the first run to this file")
+    ap.add_argument("--server-cpus", default="", help="pin the server sidecar apart (for profiles)")
+    ap.add_argument("--py-spy", default="", help="record the client sidecar during the first run to this file")
+    args = ap.parse_args(argv)
+    proxy_cpus = frozenset(int(c) for c in args.proxy_cpus.split(",")) if args.proxy_cpus else None
+    load_cpus = frozenset(int(c) for c in args.load_cpus.split(",")) if args.load_cpus else None
+    layout = Layout(args.net)
+    with tempfile.TemporaryDirectory(prefix="kizuna-micro-") as tmp, Processes(Path(tmp)) as procs:
+        workdir = Path(tmp)
+        start_origin(procs, layout, workdir, load_cpus)
+        server_cpus = frozenset(int(c) for c in args.server_cpus.split(",")) if args.server_cpus else None
+        entry, client, server = start_sidecars(procs, layout, workdir, args.src, proxy_cpus, server_cpus)
+        url = f"http://{entry[0]}:{entry[1]}"
+        argv_wrk = wrk.command(url, threads=1, connections=args.connections, seconds=args.seconds,
+                               target=TARGET, host=HOST_HEADER)
+        preexec = (lambda: os.sched_setaffinity(0, load_cpus)) if load_cpus else None
+        subprocess.run(argv_wrk, capture_output=True, timeout=args.seconds + 30, preexec_fn=preexec)  # warm-up
+        rows = []
+        for i in range(args.runs):
+            spy = None
+            if args.perf and i == 0:
+                spy = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "2000", "-o", args.perf,
+                                        "-p", str(client), "--", "sleep", str(args.seconds)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            elif args.py_spy and i == 0:
+                spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--native",
+                                        "-r", "200", "-f", "raw", "-d", str(args.seconds), "-o", args.py_spy,
+                                        "-p", str(client)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                before = cpu_split(client), cpu_split(server)
+                out = subprocess.run(argv_wrk, capture_output=True, text=True, timeout=args.seconds + 30,
+                                     preexec_fn=preexec)
+                after = cpu_split(client), cpu_split(server)
+                if spy is not None:
+                    spy.wait(30)
+            finally:
+                if spy is not None and spy.poll() is None:
+                    spy.kill()
+                    spy.wait()
+            result = wrk.parse_output(out.stdout)
+            n = max(result.requests, 1)
+            us = [[(a - b) / n * 1e6 for a, b in zip(after[k], before[k], strict=True)] for k in (0, 1)]
+            row = (sum(us[0]), sum(us[1]), result.rps, result.error_count, us[0][0], us[1][0])
+            rows.append(row)
+            print(f"client {row[0]:6.1f} us/req (user {row[4]:5.1f})  server {row[1]:6.1f} us/req "
+                  f"(user {row[5]:5.1f})  {row[2]:8.0f} req/s  errors {row[3]}", flush=True)
+        print(f"median client {statistics.median(r[0] for r in rows):.1f}  "
+              f"server {statistics.median(r[1] for r in rows):.1f} us/req  "
+              f"rps {statistics.median(r[2] for r in rows):.0f}  user client "
+              f"{statistics.median(r[4] for r in rows):.1f} server {statistics.median(r[5] for r in rows):.1f}"
+              f"  src {args.src}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Connections captured by iptables REDIRECT: what serves each one, chosen by its original destination.
+
+Outbound (port 15001): a connection to a service VIP:port takes that service's protocol (``http`` or ``tcp``);
+anything else is sniffed for a bounded time. HTTP/1.x is routed per request by Host (``outbound``); opaque
+TCP to a VIP:port goes to a balanced endpoint of the service's route, and to any other address it passes
+through untouched (Istio's ALLOW_ANY). A connection that was not redirected (an app dialling 15001 itself,
+``HTTP_PROXY`` style) is served as in proxy mode, and the sidecar never dials its own capture ports.
+
+Inbound (port 15006): the original destination is ``pod_ip:port``; the port's inbound setting serves it as
+in proxy mode, undeclared ports pass through to the app (see ``inbound``). Connections to the app leave
+from ``127.0.0.6`` so the pod's rules do not capture them again (``passthrough``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Collection
+from typing import Final
+
+from kizuna.protocols.http1 import RequestHead
+from kizuna.proxy.downstream import HttpServerConnection
+from kizuna.proxy.errors import SyntheticResponse
+from kizuna.proxy.exchange import Exchange
+from kizuna.proxy.inbound import InboundHandler, SniffingConnection
+from kizuna.proxy.listener import ConnectionInfo
+from kizuna.proxy.outbound import OutboundDispatcher, StateSource
+from kizuna.proxy.passthrough import PASSTHROUGH_CONNECT_TIMEOUT, Passthrough
+from kizuna.proxy.state import Pool, ProxyState
+from kizuna.proxy.stats import Stats
+from kizuna.proxy.tcp import TcpForward
+from kizuna.proxyconfig.model import VirtualHost
+
+SNIFF_TIMEOUT: Final = 0.1
+"""How long an outbound connection of unknown protocol may stay silent before it is relayed as opaque TCP
+(server-first protocols such as MySQL or SMTP send nothing first)."""
+
+
+class OwnPorts:
+    """This sidecar's own listening ports on its own addresses (the pod address and loopback): a connection
+    going there was not redirected, and a destination there must never be dialled (it would loop)."""
+
+    __slots__ = ("addresses", "ports")
+
+    def __init__(self, addresses: Collection[str], ports: Collection[int]) -> None:
+        self.addresses = frozenset(addresses) | {"0.0.0.0"}
+        self.ports = frozenset(ports)
+
+    def __contains__(self, dst: object) -> bool:
+        if not isinstance(dst, tuple) or len(dst) != 2:
+            return False
+        address, port = dst
+        return port in self.ports and (address in self.addresses or str(address).startswith("127."))
+
+
+class _Closing(asyncio.Protocol):
+    """A connection nothing may serve: closed at once (opaque TCP has no way to say why)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _CapturedHttp:
+    """The dispatcher of one captured HTTP connection: remembers where the connection was going."""
+
+    __slots__ = ("outbound", "dst", "passthrough")
+
+    def __init__(self, outbound: OutboundDispatcher, dst: tuple[str, int], passthrough: Passthrough | None):
+        self.outbound = outbound
+        self.dst = dst
+        self.passthrough = passthrough
+
+    def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse:
+        return self.outbound.dispatch_captured(down, head, self.dst, self.passthrough)
+
+
+class OutboundCapture:
+    """Accepted connections of the outbound capture listener → the protocol serving them."""
+
+    __slots__ = ("source", "outbound", "passthrough", "stats", "registry", "own")
+
+    def __init__(self, source: StateSource, outbound: OutboundDispatcher, passthrough: Passthrough,
+                 stats: Stats, registry: set[asyncio.BaseProtocol], own: OwnPorts) -> None:
+        self.source = source
+        self.outbound = outbound
+        self.passthrough = passthrough
+        self.stats = stats
+        self.registry = registry
+        self.own = own
+
+    def __call__(self, info: ConnectionInfo) -> asyncio.BaseProtocol:
+        dst = info.original_dst
+        if dst is None or dst in self.own:
+            # Not redirected: the app dialled the sidecar itself (HTTP_PROXY style). Serve HTTP by Host;
+            # passing through would connect back to this listener.
+            return HttpServerConnection(self.outbound, self.stats, self.registry)
+        state = self.source.state
+        vh = self.outbound.virtual_host_at(state, dst)
+        if vh is not None and vh.protocol == "http":
+            return self._http(dst)
+        if vh is not None and vh.protocol == "tcp":
+            return self._opaque(dst)
+        return SniffingConnection(lambda: self._http(dst), lambda initial: self._opaque(dst, initial),
+                                  SNIFF_TIMEOUT)
+
+    def _http(self, dst: tuple[str, int]) -> HttpServerConnection:
+        return HttpServerConnection(_CapturedHttp(self.outbound, dst, self.passthrough), self.stats,
+                                    self.registry)
+
+    def _opaque(self, dst: tuple[str, int], initial: bytes = b"") -> asyncio.Protocol:
+        state = self.source.state  # as of the handover: the connection keeps this choice to its end
+        vh = self.outbound.virtual_host_at(state, dst)
+        if vh is None:
+            return TcpForward(dst[0], dst[1], PASSTHROUGH_CONNECT_TIMEOUT, self.stats, self.registry, initial)
+        endpoint = _tcp_endpoint(state, vh)
+        if endpoint is None:
+            self.stats.error("no healthy upstream")
+            return _Closing()
+        pool, timeout = endpoint
+        return TcpForward(pool.address, pool.port, timeout, self.stats, self.registry, initial, load=pool)
+
+
+def _tcp_endpoint(state: ProxyState, vh: VirtualHost) -> tuple[Pool, float] | None:
+    """Opaque TCP to a service: its first route that takes any request (TCP has no path or headers to match),
+    else its first route; then the weighted cluster and a balanced endpoint."""
+    route = next((r for r in vh.routes if not r.matches), vh.routes[0] if vh.routes else None)
+    if route is None:
+        return None
+    dest = state.destination(route)
+    if dest is None:
+        return None
+    pool = dest.cluster.balancer.pick()
+    if pool is None:
+        return None
+    return pool, dest.cluster.connect_timeout
+
+
+class InboundCapture:
+    """Accepted connections of the inbound capture listener → the inbound handler, by original port."""
+
+    __slots__ = ("handler", "own")
+
+    def __init__(self, handler: InboundHandler, own: OwnPorts) -> None:
+        self.handler = handler
+        self.own = own
+
+    def __call__(self, info: ConnectionInfo) -> asyncio.BaseProtocol:
+        dst = info.original_dst
+        if dst is None or dst in self.own:
+            return _Closing()  # dialled directly, or a loop: there is no app port to forward to
+        return self.handler(dataclasses.replace(info, port=dst[1]))

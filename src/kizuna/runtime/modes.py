@@ -1,0 +1,48 @@
+"""Which mode ``kizuna up`` runs in: transparent (namespaces + iptables capture) or proxy (HTTP_PROXY).
+
+``auto`` picks transparent where it can work: as root, on Linux, with ``ip`` and ``iptables`` installed. With
+an explicit ``--pod-cidr``, ``auto`` keeps proxy mode, so commands written before transparent mode existed
+(``--pod-cidr 127.40.1.0/24``) behave as they did; ``--mode transparent --pod-cidr 10.x.y.0/24`` chooses the
+namespaces' range. When ``auto`` falls back for lack of a capability, the user is told why in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from kizuna.runtime.errors import UserError
+
+MODES = ("auto", "transparent", "proxy")
+TOOLS = ("ip", "iptables", "iptables-restore", "setpriv")
+
+
+def missing_capability() -> str | None:
+    """Why transparent mode cannot run here, or None when it can."""
+    if not sys.platform.startswith("linux"):
+        return f"transparent mode needs Linux (this is {sys.platform})"
+    if os.geteuid() != 0:
+        return "transparent mode needs root (network namespaces and iptables)"
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"transparent mode needs {', '.join(missing)} on PATH"
+    return None
+
+
+def resolve_mode(requested: str, pod_cidr: str | None) -> tuple[str, str | None]:
+    """``(mode, note)``: the mode to run and, when ``auto`` fell back to proxy mode, a one-line reason."""
+    if requested not in MODES:
+        raise UserError(f"--mode {requested}: choose one of {', '.join(MODES)}")
+    if requested == "proxy":
+        return "proxy", None
+    reason = missing_capability()
+    if requested == "transparent":
+        if reason:
+            raise UserError(reason)
+        return "transparent", None
+    if pod_cidr is not None:
+        return "proxy", None
+    if reason:
+        return "proxy", f"kizuna: using proxy mode: {reason}"
+    return "transparent", None
