@@ -1,7 +1,8 @@
 """The sidecar process: ``kizuna proxy --bootstrap FILE`` (or ``python -m kizuna.proxy.main FILE``).
 
-Runs one ``Sidecar`` on uvloop until SIGTERM or SIGINT, then stops listening, lets requests in flight finish
-and exits 0. Imports nothing heavier than the proxy itself: no pydantic, no YAML, no control plane.
+Runs one ``Sidecar`` on uvloop until SIGTERM or SIGINT, then withdraws its endpoint from the mesh, stops
+listening, lets requests in flight finish and exits 0. Imports nothing heavier than the proxy itself: no
+pydantic, no YAML, no control plane.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ async def serve(bootstrap: Bootstrap) -> int:
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
     await stopping.wait()
-    await sidecar.stop()
+    await sidecar.terminate()
     return 0
 
 

@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 
 DRAIN_SECONDS = 5.0
 """On stop, how long requests in flight get to finish."""
+WITHDRAW_SECONDS = 1.0
+"""On termination, how long the sidecar keeps serving after telling the control plane its endpoint is gone:
+time for the push that removes it to reach every other proxy (debounce 0.1 s plus delivery), so none of them
+sends a new request here once the listeners close."""
 
 
 class Sidecar:
@@ -63,6 +67,7 @@ class Sidecar:
         self._admin: Listener | None = None
         self._inbound_handler: InboundHandler | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._probing: asyncio.Task[Any] | None = None
         self._started = False
 
     # -- what the discovery client and admin read ---------------------------------------------------------
@@ -169,13 +174,24 @@ class Sidecar:
         for listener in (self._outbound, self._inbound_capture, self._admin, *self._listeners.values()):
             if listener is not None:
                 await listener.start()
-        self._spawn(self._prober.run())
+        self._probing = self._spawn(self._prober.run())
         if self.bootstrap.control_plane:
             # Imported here: the discovery client is optional and the proxy must start without it.
             from kizuna.proxy.discovery import DiscoveryClient
 
             self.discovery = DiscoveryClient(self.bootstrap, self)
             self._spawn(self.discovery.run())
+
+    async def terminate(self, withdraw: float = WITHDRAW_SECONDS, drain: float = DRAIN_SECONDS) -> None:
+        """Leave the mesh without failing a request (Istio users' complaint about rollouts): report the app
+        not ready so the control plane removes this endpoint from every other proxy, keep serving while that
+        push travels, then stop listening and drain what is in flight."""
+        if self._probing is not None:
+            self._probing.cancel()
+        if self.control_plane_connected and self._app_ready:
+            self._on_app_ready(False)
+            await asyncio.sleep(withdraw)
+        await self.stop(drain)
 
     async def stop(self, drain: float = DRAIN_SECONDS) -> None:
         """Stop listening, let requests in flight finish for up to ``drain`` seconds, close everything."""
@@ -236,7 +252,8 @@ class Sidecar:
         if self._health_listener is not None:
             self._health_listener(ready)
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
