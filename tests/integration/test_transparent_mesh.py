@@ -69,6 +69,31 @@ spec:
       containers:
       - {name: legacy, image: busybox, command: ["sleep", "infinity"]}
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy-web}
+spec:
+  ports: [{name: http, port: 80, targetPort: 8080}]
+  selector: {app: legacy-web}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: legacy-web}
+spec:
+  selector: {matchLabels: {app: legacy-web}}
+  template:
+    metadata:
+      labels: {app: legacy-web}
+      annotations: {sidecar.istio.io/inject: "false"}
+    spec:
+      containers:
+      - name: web
+        image: python
+        command: ["python", "-m", "http.server", "--bind", "$(POD_IP)", "8080"]
+        env: [{name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]
+        ports: [{containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /, port: 8080}}
+---
 apiVersion: apps/v1
 kind: Deployment
 metadata: {name: bypass}
@@ -222,7 +247,8 @@ def test_app_calling_its_own_service(mesh: Mesh) -> None:
 
 
 def test_workload_without_sidecar_reaches_services_by_name(mesh: Mesh) -> None:
-    assert "legacy-0.default.proxy" not in [p["name"] for p in mesh.runtime()["processes"]]
+    # inject "false": no capture, only a registration-only process (capture "none") that carries no traffic
+    assert json.loads((mesh.state / "proxies" / "legacy-0.default.json").read_text())["capture"] == "none"
     before = stats(mesh, "httpbin-v1")["inbound"]["rq_total"] + stats(mesh, "httpbin-v2")["inbound"]["rq_total"]
     status, body = curl(mesh, "legacy", "http://httpbin:8000/get")
     assert status == 200 and '"url"' in body
@@ -266,3 +292,12 @@ def test_capture_annotations_are_honoured(mesh: Mesh) -> None:
     assert curl(mesh, "bypass", f"http://{pod}:8080/get")[0] == 200
     assert curl(mesh, "bypass", "http://httpbin:8000/get")[0] == 200  # other ports are captured
     assert stats(mesh, "bypass")["downstream"]["cx_total"] == before + 1
+
+
+def test_workload_without_sidecar_is_an_endpoint_for_the_mesh(mesh: Mesh) -> None:
+    # A sidecar'd client reaches a sidecar-less server by name (its endpoint is registered and probed), and so
+    # does a sidecar-less client (kube-proxy DNAT), as on Kubernetes with a namespace outside the mesh.
+    status, body = curl(mesh, "sleep", "http://legacy-web/")
+    assert status == 200 and "Directory listing" in body
+    status, body = curl(mesh, "legacy", "http://legacy-web/")
+    assert status == 200 and "Directory listing" in body

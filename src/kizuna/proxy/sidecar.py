@@ -50,6 +50,7 @@ class Sidecar:
         self.bootstrap = bootstrap
         self.stats = Stats()
         self.capture = bootstrap.capture == "iptables"
+        self.registration_only = bootstrap.capture == "none"
         # With capture, connections to the pod's own address must not be captured again (see passthrough).
         self.pools: PoolRegistry[UpstreamConnection] = (
             CapturePoolRegistry([bootstrap.node.pod_address]) if self.capture else PoolRegistry())
@@ -129,8 +130,8 @@ class Sidecar:
         taken = ports & own
         if taken:
             raise ValueError(f"inbound port {min(taken)} is one of the sidecar's own ports")
-        if self.capture:
-            ports = set()  # every inbound connection comes through the capture port
+        if self.capture or self.registration_only:
+            ports = set()  # every inbound connection comes through the capture port, or there is no sidecar
         opened: dict[int, Listener] = {}
         for port in sorted(ports - self._listeners.keys()):
             try:
@@ -159,6 +160,8 @@ class Sidecar:
         outbound = OutboundDispatcher(self, self.stats, loop)
         if self.capture:
             self._listen_captured(outbound, loop)
+        elif self.registration_only:
+            pass  # no traffic passes here: admin, probing and discovery only
         else:
             self._inbound_handler = InboundHandler(self, self.stats, self.connections, loop)
             self._outbound = Listener("outbound", node.mesh_address, self.bootstrap.outbound_port,

@@ -16,10 +16,13 @@ ADMIN_PORT = 15000
 OUTBOUND_PORT = 15001
 INBOUND_CAPTURE_PORT = 15006
 
-Capture = Literal["proxy", "iptables"]
+Capture = Literal["proxy", "iptables", "none"]
 """How traffic reaches the sidecar: ``proxy`` — apps use HTTP_PROXY and other sidecars dial the inbound ports
 on the mesh address; ``iptables`` — istio-init style REDIRECT in the pod's network namespace to the outbound
-(15001) and inbound capture (15006) ports, original destination from SO_ORIGINAL_DST."""
+(15001) and inbound capture (15006) ports, original destination from SO_ORIGINAL_DST; ``none`` — the instance
+has no sidecar (``sidecar.istio.io/inject: "false"``): the process carries no traffic and only registers the
+instance and reports its app's readiness (the kubelet's part), so other proxies reach the app directly."""
+CAPTURES: tuple[Capture, ...] = ("proxy", "iptables", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +107,8 @@ class Bootstrap:
     def from_json(cls, data: dict[str, Any]) -> Bootstrap:
         r = data.get("readiness")
         capture = data.get("capture", "proxy")
-        if capture not in ("proxy", "iptables"):
-            raise ValueError(f"capture must be proxy or iptables, not {capture!r}")
+        if capture not in CAPTURES:
+            raise ValueError(f"capture must be one of {', '.join(CAPTURES)}, not {capture!r}")
         return cls(Node.from_json(data["node"]), data.get("controlPlane"), data.get("tokenFile"),
                    data.get("staticSnapshot"), int(data.get("adminPort", ADMIN_PORT)),
                    int(data.get("outboundPort", OUTBOUND_PORT)),

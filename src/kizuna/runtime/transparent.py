@@ -116,12 +116,15 @@ def app_argv(ns: str, command: Sequence[str], sidecar: ProcessRecord | None = No
 
 
 def write_bootstrap(state: StateDir, network: Network, instance: Instance, listen: str) -> Path:
-    """The sidecar's bootstrap and its token copy, where UID 1337 can read them."""
+    """The sidecar's bootstrap and its token copy, where UID 1337 can read them (for an instance without a
+    sidecar: the bootstrap of its registration-only process)."""
     run_dir = netns.prepare_run_dir(network.names)
     token = run_dir / f"{instance.id}.token"
     netns.write_private(token, state.token.read_bytes(), capture.PROXY_UID, capture.PROXY_GID)
+    # Without a sidecar the same process still registers the instance and reports its readiness (capture
+    # "none"), so sidecars elsewhere can reach the app directly, as Kubernetes endpoints would let them.
     bootstrap = Bootstrap(node=instance.node(), control_plane=listen, token_file=str(token),
-                          readiness=instance.readiness, capture="iptables")
+                          readiness=instance.readiness, capture="iptables" if has_sidecar(instance) else "none")
     path = run_dir / f"{instance.id}.json"
     bootstrap.dump(path)
     path.chmod(0o644)

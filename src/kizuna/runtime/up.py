@@ -83,8 +83,7 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
                     _start_instance(supervisor, state, instance, listen)
             else:
                 _start_transparent(supervisor, state, network, client, instances, listen, settings)
-            _wait_ready(supervisor, client, [i for i in instances if transparent.has_sidecar(i)],
-                        settings.ready_timeout, state, err)
+            _wait_ready(supervisor, client, instances, settings.ready_timeout, state, err)
             if network is not None:
                 transparent.refresh(state, client)
         except BaseException:
@@ -181,14 +180,13 @@ def _start_transparent(supervisor: Supervisor, state: StateDir, network: transpa
         spaces[instance.id] = transparent.create_namespace(supervisor, network, index, instance)
     # Names (VIPs) and kube-proxy rules exist before any app starts, so its first lookups work.
     transparent.refresh(state, client)
-    with_sidecar = [i for i in instances if transparent.has_sidecar(i)]
     sidecars = {}
-    for instance in with_sidecar:
+    for instance in instances:  # an instance without a sidecar gets a registration-only one (capture "none")
         path = transparent.write_bootstrap(state, network, instance, listen)
         sidecars[instance.id] = supervisor.spawn(f"{instance.id}.proxy", "sidecar",
                                                  transparent.sidecar_argv(spaces[instance.id], path),
                                                  env=_mesh_env(), cwd="/")
-    transparent.wait_connected(client, supervisor, state, [i.id for i in with_sidecar], settings.ready_timeout,
+    transparent.wait_connected(client, supervisor, state, [i.id for i in instances], settings.ready_timeout,
                                _fail_if_exited)
     for instance in instances:
         supervisor.spawn(instance.id, "app",
