@@ -114,6 +114,11 @@ class OutboundDispatcher:
                 self._authorities.clear()
             self._authorities[key] = host_port
         host, port = host_port
+        return self._route(state, down, head, host, port, path, authority)
+
+    def _route(self, state: ProxyState, down: HttpServerConnection, head: RequestHead, host: str, port: int,
+               path: bytes, authority: bytes) -> Exchange | SyntheticResponse:
+        """The (host, port) virtual host's matching route → its weighted cluster → an exchange."""
         router = state.router
         route = router.unconditional(host, port)
         if route is None:
@@ -158,15 +163,7 @@ class OutboundDispatcher:
             else:
                 return Exchange(down, head, passthrough.destination(state, dst[0], dst[1]), path, authority,
                                 self.stats, self.loop, HTTP if head.upgrade is None else UPGRADE)
-        route = router.select(host, port, head.method.decode("latin-1"), path.decode("latin-1"),
-                              HeaderView(head, authority))
-        if route is None:
-            return NO_ROUTE
-        dest = state.destination(route)
-        if dest is None:
-            return CLUSTER_NOT_FOUND
-        return Exchange(down, head, dest, path, authority, self.stats, self.loop,
-                        HTTP if head.upgrade is None else UPGRADE)
+        return self._route(state, down, head, host, port, path, authority)
 
     def _tunnel(self, down: HttpServerConnection, head: RequestHead,
                 state: ProxyState) -> Exchange | SyntheticResponse:
