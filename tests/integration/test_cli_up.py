@@ -87,7 +87,8 @@ def test_invalid_manifest_starts_nothing(kit: Any, tmp_path: Path) -> None:
 def test_bad_pod_cidr_is_a_one_line_error(kit: Any, tmp_path: Path) -> None:
     manifest = tmp_path / "web.yaml"
     manifest.write_text(WEB)
-    result = kit.run_kizuna("up", "--state-dir", tmp_path / "s", "--pod-cidr", "10.1.0.0/24", manifest)
+    result = kit.run_kizuna("up", "--state-dir", tmp_path / "s", "--mode", "proxy", "--pod-cidr", "10.1.0.0/24",
+                            manifest)
     assert (result.returncode, result.stderr) == (1, "kizuna: --pod-cidr 10.1.0.0/24: must be inside "
                                                      "127.0.0.0/8 (loopback)\n")
 

@@ -50,11 +50,14 @@ def test_bad_transparent_ranges(text: str, problem: str) -> None:
 def test_mode_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(modes, "missing_capability", lambda: None)
     assert modes.resolve_mode("auto", None) == ("transparent", None)
-    assert modes.resolve_mode("auto", "127.40.1.0/24") == ("proxy", None)  # as before transparent mode
+    assert modes.resolve_mode("auto", "127.40.1.0/24") == ("proxy", None)  # a loopback range: proxy mode's
+    assert modes.resolve_mode("auto", "10.220.1.0/24") == ("transparent", None)  # the namespaces' range
     assert modes.resolve_mode("proxy", None) == ("proxy", None)
     monkeypatch.setattr(modes, "missing_capability", lambda: "transparent mode needs root")
     assert modes.resolve_mode("auto", None) == ("proxy", "kizuna: using proxy mode: transparent mode needs root")
     with pytest.raises(UserError, match="needs root"):
         modes.resolve_mode("transparent", None)
+    with pytest.raises(UserError, match="10.220.1.0/24 is a range for network namespaces: .*needs root"):
+        modes.resolve_mode("auto", "10.220.1.0/24")
     with pytest.raises(UserError, match="choose one of auto, transparent, proxy"):
         modes.resolve_mode("magic", None)

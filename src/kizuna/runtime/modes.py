@@ -1,13 +1,14 @@
 """Which mode ``kizuna up`` runs in: transparent (namespaces + iptables capture) or proxy (HTTP_PROXY).
 
-``auto`` picks transparent where it can work: as root, on Linux, with ``ip`` and ``iptables`` installed. With
-an explicit ``--pod-cidr``, ``auto`` keeps proxy mode, so commands written before transparent mode existed
-(``--pod-cidr 127.40.1.0/24``) behave as they did; ``--mode transparent --pod-cidr 10.x.y.0/24`` chooses the
-namespaces' range. When ``auto`` falls back for lack of a capability, the user is told why in one line.
+``auto`` picks transparent where it can work: as root, on Linux, with ``ip`` and ``iptables`` installed. An
+explicit ``--pod-cidr`` decides by its kind: a loopback range (``127.40.1.0/24``) is proxy mode's, any other
+range is the namespaces' (transparent). When ``auto`` falls back for lack of a capability, the user is told why
+in one line.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import sys
@@ -42,7 +43,18 @@ def resolve_mode(requested: str, pod_cidr: str | None) -> tuple[str, str | None]
             raise UserError(reason)
         return "transparent", None
     if pod_cidr is not None:
-        return "proxy", None
+        if _is_loopback_range(pod_cidr):
+            return "proxy", None
+        if reason:
+            raise UserError(f"--pod-cidr {pod_cidr} is a range for network namespaces: {reason}")
+        return "transparent", None
     if reason:
         return "proxy", f"kizuna: using proxy mode: {reason}"
     return "transparent", None
+
+
+def _is_loopback_range(cidr: str) -> bool:
+    try:
+        return ipaddress.ip_network(cidr, strict=False).subnet_of(ipaddress.ip_network("127.0.0.0/8"))
+    except (ValueError, TypeError):
+        return True  # not a range at all: proxy mode's parser says what is wrong with it

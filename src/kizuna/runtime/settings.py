@@ -60,7 +60,7 @@ class UpSettings:
     mode: str = setting("auto", metavar="MODE")
     """transparent (each instance in its own network namespace, traffic captured by iptables), proxy (apps
     use HTTP_PROXY on loopback addresses) or auto: transparent when run as root on Linux with `ip` and
-    `iptables` and no --pod-cidr is given, else proxy"""
+    `iptables`, else proxy; a loopback --pod-cidr means proxy, any other means transparent"""
     pod_cidr: str | None = setting(None, metavar="CIDR")
     """pod addresses. Proxy mode: a loopback block, e.g. 127.40.1.0/24 (default: a free /24 in 127.10.0.0/16,
     one where nothing listens); transparent mode: a private block (default: a free /24 in 10.210.0.0/16)"""
