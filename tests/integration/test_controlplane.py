@@ -263,13 +263,15 @@ APP_PORT = 9080
 @asynccontextmanager
 async def running_sidecar(cp: ControlPlaneProcess, pod: int, ports: tuple[int, ...] = (APP_PORT,),
                           app: str = "productpage", token_file: Path | None = None,
-                          **extra: Any) -> AsyncIterator[tuple[Sidecar, DiscoveryClient]]:
+                          control_plane_file: Path | None = None
+                          ) -> AsyncIterator[tuple[Sidecar, DiscoveryClient]]:
     """A started Sidecar for ``<app>-v1`` (pod 127.30.<pod>.2, mesh 127.30.<pod>.3) and its discovery client
     (our own, with a short backoff so reconnect tests stay fast)."""
     node = Node(id=f"{app}-v1-{pod}.default", workload=f"{app}-v1", labels=(("app", app),),
                 pod_address=f"127.30.{pod}.2", mesh_address=f"127.30.{pod}.3", ports=ports)
     boot = Bootstrap(node, token_file=str(token_file or cp.state / "token"), admin_port=0, outbound_port=0,
-                     readiness=ReadinessProbe(port=APP_PORT, period=0.05, timeout=0.5), extra=extra)
+                     readiness=ReadinessProbe(port=APP_PORT, period=0.05, timeout=0.5),
+                     control_plane_file=str(control_plane_file) if control_plane_file else None)
     sidecar = Sidecar(boot)
     await sidecar.start()
     client = DiscoveryClient(replace(boot, control_plane=cp.address), sidecar, backoff_initial=0.05,
@@ -484,7 +486,7 @@ def test_sidecar_finds_a_control_plane_restarted_on_a_new_port(controlplane: Con
 
     async def main() -> None:
         address_file = str(controlplane.state / "controlplane.json")
-        async with running_sidecar(controlplane, 4, controlPlaneFile=address_file) as (sidecar, client):
+        async with running_sidecar(controlplane, 4, control_plane_file=address_file) as (sidecar, client):
             await eventually(lambda: client.connected and sidecar.config_applied)
             old, version = controlplane.address, sidecar.version
             assert await asyncio.to_thread(controlplane.stop) == 0

@@ -7,8 +7,8 @@ the sidecar keeps serving what it has and the client reconnects with exponential
 restarted control plane is not hit by every sidecar in the same millisecond); the Hello after a reconnect
 names the running version, and the control plane resends only if that is stale.
 
-The control plane's address comes from the bootstrap. When the bootstrap's ``extra`` names a
-``controlPlaneFile`` (the state dir's ``controlplane.json``), the address in that file wins on every attempt,
+The control plane's address comes from the bootstrap. When the bootstrap names a ``control_plane_file`` (the
+state dir's ``controlplane.json``), the address in that file wins on every attempt,
 so a control plane restarted on a new ephemeral port is still found.
 """
 
@@ -111,7 +111,7 @@ class DiscoveryClient:
 
     def _target(self) -> tuple[str, int] | None:
         address = self.bootstrap.control_plane
-        file = self.bootstrap.extra.get("controlPlaneFile")
+        file = self.bootstrap.control_plane_file
         if file:
             try:
                 address = str(json.loads(Path(file).read_text())["address"])

@@ -7,7 +7,7 @@ Process settings live here; mesh resources never do.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,7 +90,9 @@ class Bootstrap:
     admin_port: int = ADMIN_PORT
     outbound_port: int = OUTBOUND_PORT
     readiness: ReadinessProbe | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    control_plane_file: str | None = None
+    """The control plane's ``controlplane.json``: when set, the address in it wins on every reconnect, so a
+    control plane restarted on another port is found again."""
     capture: Capture = "proxy"
     """How traffic reaches this sidecar (see ``Capture``)."""
     inbound_capture_port: int = INBOUND_CAPTURE_PORT
@@ -100,7 +102,8 @@ class Bootstrap:
         return {"node": self.node.to_json(), "controlPlane": self.control_plane, "tokenFile": self.token_file,
                 "staticSnapshot": self.static_snapshot, "adminPort": self.admin_port,
                 "outboundPort": self.outbound_port,
-                "readiness": self.readiness.to_json() if self.readiness else None, "extra": self.extra,
+                "readiness": self.readiness.to_json() if self.readiness else None,
+                "controlPlaneFile": self.control_plane_file,
                 "capture": self.capture, "inboundCapturePort": self.inbound_capture_port}
 
     @classmethod
@@ -112,7 +115,7 @@ class Bootstrap:
         return cls(Node.from_json(data["node"]), data.get("controlPlane"), data.get("tokenFile"),
                    data.get("staticSnapshot"), int(data.get("adminPort", ADMIN_PORT)),
                    int(data.get("outboundPort", OUTBOUND_PORT)),
-                   ReadinessProbe.from_json(r) if r else None, dict(data.get("extra", {})),
+                   ReadinessProbe.from_json(r) if r else None, data.get("controlPlaneFile"),
                    capture, int(data.get("inboundCapturePort", INBOUND_CAPTURE_PORT)))
 
     @classmethod
