@@ -196,9 +196,11 @@ def test_wildcard_hosts_and_unsupported_actions() -> None:
         timeout: 2s
     """
     snap = compile_(resources(WEB.format(ns="default"), rule))
-    (route,) = vhosts(snap)["web.default.svc.cluster.local:80"].routes
-    # The redirect is not implemented by the data plane yet and the sourceLabels route is not for this
-    # client, so only the catch-all route is left; it names port 81 explicitly.
+    moved, route = vhosts(snap)["web.default.svc.cluster.local:80"].routes
+    # The sourceLabels route is not for this client, so the redirect and the catch-all route are left; the
+    # redirect sends to no cluster, the catch-all names port 81 explicitly.
+    assert moved.action.clusters == () and moved.action.policy is not None
+    assert moved.action.policy.redirect is not None and moved.action.policy.redirect.uri == "/new"
     assert route.name == "everything.http[2]" and route.action.timeout == 2.0
     assert route.action.clusters == (WeightedCluster("outbound|81||web.default.svc.cluster.local", 100),)
 

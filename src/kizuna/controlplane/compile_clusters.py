@@ -14,10 +14,12 @@ from kizuna.api.destinationrule import (
     Subset,
     TrafficPolicy,
 )
+from kizuna.api.destinationrule import OutlierDetection as OutlierSettings
 from kizuna.controlplane.compile_index import MeshIndex, exported_to, labels_match, port_protocol
 from kizuna.controlplane.compile_routes import ClusterRef
 from kizuna.proxyconfig.bootstrap import Node
 from kizuna.proxyconfig.model import Cluster, Endpoint, LbPolicy
+from kizuna.proxyconfig.policy import DEFAULT_POOL, UNLIMITED, ConnectionPool, HashPolicy, OutlierDetection
 
 DEFAULT_LB: LbPolicy = "LEAST_REQUEST"
 """Istio's default since 1.14; LEAST_CONN (deprecated) means the same."""
@@ -56,28 +58,32 @@ def merged_rule(index: MeshIndex, node: Node,
 
 
 def effective_policy(top: TrafficPolicy | None, subset: TrafficPolicy | None, port: int,
-                     ) -> tuple[LoadBalancerSettings | None, ConnectionPoolSettings | None]:
-    """Istio's MergeTrafficPolicy for the two settings kizuna applies: the host policy, replaced wholesale by
-    its ``portLevelSettings`` for ``port``; then the subset's settings where set; then the subset's own
-    port-level settings (port-level entries do not inherit: an unset field there means the default)."""
+                     ) -> tuple[LoadBalancerSettings | None, ConnectionPoolSettings | None,
+                                OutlierSettings | None]:
+    """Istio's MergeTrafficPolicy for the settings kizuna applies (load balancer, connection pool, outlier
+    detection): the host policy, replaced wholesale by its ``portLevelSettings`` for ``port``; then the
+    subset's settings where set; then the subset's own port-level settings (port-level entries do not
+    inherit: an unset field there means the default)."""
     lb: LoadBalancerSettings | None = None
     pool: ConnectionPoolSettings | None = None
+    outlier: OutlierSettings | None = None
     if top is not None:
-        lb, pool = top.load_balancer, top.connection_pool
+        lb, pool, outlier = top.load_balancer, top.connection_pool, top.outlier_detection
         level = top.for_port(port)
         if level is not None:
-            lb, pool = level.load_balancer, level.connection_pool
+            lb, pool, outlier = level.load_balancer, level.connection_pool, level.outlier_detection
     if subset is not None:
         lb = subset.load_balancer or lb
         pool = subset.connection_pool or pool
+        outlier = subset.outlier_detection or outlier
         level = subset.for_port(port)
         if level is not None:
-            lb, pool = level.load_balancer, level.connection_pool
-    return lb, pool
+            lb, pool, outlier = level.load_balancer, level.connection_pool, level.outlier_detection
+    return lb, pool, outlier
 
 
 def lb_policy(lb: LoadBalancerSettings | None) -> LbPolicy:
-    """The balancer for a ``loadBalancer`` setting; consistent hashing is not implemented yet (default)."""
+    """The balancer for a ``loadBalancer.simple`` setting (consistent hashing: see ``hash_policy``)."""
     return _LB.get(lb.simple or "", DEFAULT_LB) if lb is not None else DEFAULT_LB
 
 
@@ -95,7 +101,7 @@ def build_cluster(index: MeshIndex, node: Node, name: str, ref: ClusterRef) -> C
     service_port = service.port(port) if service is not None else None
     top, subsets = merged_rule(index, node, service_fqdn)
     subset = subsets.get(subset_name) if subset_name else None
-    lb, pool = effective_policy(top, subset.traffic_policy if subset is not None else None, port)
+    lb, pool, outlier = effective_policy(top, subset.traffic_policy if subset is not None else None, port)
     endpoints: list[Endpoint] = []
     if service is not None and service_port is not None and (not subset_name or subset is not None):
         wanted = subset.labels if subset is not None else {}
@@ -109,4 +115,71 @@ def build_cluster(index: MeshIndex, node: Node, name: str, ref: ClusterRef) -> C
     endpoints.sort(key=lambda e: (e.address, e.port, e.workload))
     protocol = port_protocol(service_port) if service_port is not None else "auto"
     return Cluster(name, service_fqdn, port, subset_name, protocol, lb_policy(lb), tuple(endpoints),
-                   connect_timeout(pool))
+                   connect_timeout(pool), connection_pool(pool), outlier_detection(outlier), hash_policy(lb))
+
+
+def connection_pool(pool: ConnectionPoolSettings | None) -> ConnectionPool:
+    """``connectionPool`` as the proxy's limits; unset fields keep Istio's defaults (limits 2^32-1)."""
+    if pool is None:
+        return DEFAULT_POOL
+    tcp, http = pool.tcp, pool.http
+
+    def limit(value: int | None) -> int:
+        # Istio treats 0 as "not set" for these limits (the proto's zero value).
+        return value if value else UNLIMITED
+
+    idle: float | None = None
+    if http is not None and http.idle_timeout is not None:
+        idle = http.idle_timeout
+    elif tcp is not None and tcp.idle_timeout:
+        idle = tcp.idle_timeout
+    return ConnectionPool(
+        max_connections=limit(tcp.max_connections if tcp else None),
+        max_pending_requests=limit(http.http1_max_pending_requests if http else None),
+        max_requests=limit(http.http2_max_requests if http else None),
+        max_requests_per_connection=(http.max_requests_per_connection or 0) if http else 0,
+        max_retries=limit(http.max_retries if http else None),
+        idle_timeout=idle,
+        max_connection_duration=tcp.max_connection_duration if tcp else None)
+
+
+def outlier_detection(outlier: OutlierSettings | None) -> OutlierDetection | None:
+    """``outlierDetection`` with Istio's defaults; None when the rule sets none (no ejection at all).
+
+    The deprecated ``consecutiveErrors`` means consecutive gateway errors, as in Istio."""
+    if outlier is None:
+        return None
+    default = OutlierDetection()
+    five = outlier.consecutive_5xx_errors
+    gateway = outlier.consecutive_gateway_errors
+    if gateway is None and outlier.consecutive_errors is not None:
+        gateway = outlier.consecutive_errors
+    return OutlierDetection(
+        consecutive_5xx=default.consecutive_5xx if five is None else five,
+        consecutive_gateway=gateway or 0,
+        interval=outlier.interval or default.interval,
+        base_ejection_time=outlier.base_ejection_time or default.base_ejection_time,
+        max_ejection_percent=(default.max_ejection_percent if outlier.max_ejection_percent is None
+                              else outlier.max_ejection_percent),
+        min_health_percent=outlier.min_health_percent or 0)
+
+
+def hash_policy(lb: LoadBalancerSettings | None) -> HashPolicy | None:
+    """``loadBalancer.consistentHash`` as a hash policy (ring hash unless ``maglev`` is set); None otherwise.
+    ``localityLbSetting`` and ``warmup`` are accepted but not applied."""
+    if lb is None or lb.consistent_hash is None:
+        return None
+    ch = lb.consistent_hash
+    cookie = ch.http_cookie
+    ring = (ch.ring_hash.minimum_ring_size if ch.ring_hash is not None else None) or ch.minimum_ring_size
+    table = ch.maglev.table_size if ch.maglev is not None else None
+    return HashPolicy(
+        header=(ch.http_header_name or "").lower(),
+        cookie=cookie.name if cookie is not None else "",
+        cookie_path=cookie.path if cookie is not None else "",
+        cookie_ttl=cookie.ttl if cookie is not None else None,
+        source_ip=bool(ch.use_source_ip),
+        query_param=ch.http_query_parameter_name or "",
+        algorithm="maglev" if ch.maglev is not None else "ring",
+        ring_size=ring or 1024,
+        table_size=table or 65537)

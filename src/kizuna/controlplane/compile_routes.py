@@ -2,16 +2,22 @@
 
 Matches that cannot apply to this proxy (``sourceLabels``, ``sourceNamespace``, ``gateways``) or to this port
 are dropped here, so the data plane only ever evaluates request attributes. A route left with no match is
-dropped; a route without ``match`` takes everything. Actions the data plane does not implement yet
-(redirect, directResponse, delegate) are skipped, and fault, mirror, rewrite, headers and CORS are ignored.
+dropped; a route without ``match`` takes everything. Redirect, directResponse, rewrite, headers, fault and
+mirrors become the route's ``RoutePolicy`` (``proxyconfig/actions.py``); delegate routes are skipped and CORS is
+ignored.
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kizuna.api.virtualservice import (
+    Destination,
+    HeaderOperations,
+    Headers,
+    HTTPFaultInjection,
     HTTPMatchRequest,
     HTTPRetry,
     HTTPRoute,
@@ -23,6 +29,16 @@ from kizuna.api.virtualservice import (
     VirtualServiceSpec,
 )
 from kizuna.controlplane.compile_index import KubeService, MeshIndex, Rule, exported_to, labels_match
+from kizuna.proxyconfig.actions import (
+    DirectResponse,
+    Fault,
+    HeaderOps,
+    HeaderRules,
+    Mirror,
+    Redirect,
+    Rewrite,
+    RoutePolicy,
+)
 from kizuna.proxyconfig.bootstrap import Node
 from kizuna.proxyconfig.model import (
     DEFAULT_RETRIABLE_STATUS_CODES,
@@ -112,9 +128,15 @@ def _http_route(scope: _Scope, rule: Rule, i: int, http: HTTPRoute) -> Route | N
         converted = _route_match(scope, m)
         if converted is not None:
             matches.append(converted)
-    if (http.match and not matches) or not http.route:
+    if (http.match and not matches) or not (http.route or http.redirect or http.direct_response):
         return None
-    action = RouteAction(_weighted(scope, rule, http.route), http.timeout, retry_policy(http.retries))
+    clusters = _weighted(scope, rule, http.route) if http.route else ()
+    policy = _route_policy(scope, rule, http, clusters)
+    timeout, retry = http.timeout, retry_policy(http.retries)
+    if http.fault is not None:
+        # Istio: timeouts and retries are not enabled on a route with fault injection.
+        timeout, retry = None, NO_RETRY
+    action = RouteAction(clusters, timeout, retry, policy)
     return Route(http.name or f"{rule.name}.http[{i}]", tuple(matches), action, rule.source)
 
 
@@ -165,27 +187,33 @@ def _route_match(scope: _Scope, m: HTTPMatchRequest) -> RouteMatch | None:
 
 def _weighted(scope: _Scope, rule: Rule,
               destinations: Sequence[RouteDestination | HTTPRouteDestination]) -> tuple[WeightedCluster, ...]:
-    entries: list[tuple[str, int]] = []
-    for d in destinations:
-        dest = d.destination
-        target = scope.index.resolve(dest.host, rule.namespace)
-        service = scope.index.by_fqdn.get(target)
-        if dest.port is not None:
-            port = dest.port.number
-        elif service is not None and len(service.spec.ports) == 1:
-            port = service.spec.ports[0].port
-        else:
-            port = scope.port
-        entries.append((scope.cluster(target, port, dest.subset), d.weight))
+    entries = [(_cluster_of(scope, rule, d.destination), d.weight) for d in destinations]
     if not any(w for _, w in entries):
         # No weights: one destination takes everything, several share equally (remainder to the first ones).
         share, extra = divmod(100, len(entries))
         entries = [(name, share + (1 if i < extra else 0)) for i, (name, _) in enumerate(entries)]
     merged: dict[str, int] = {}
-    for name, weight in entries:
+    headers: dict[str, HeaderRules] = {}
+    for (name, weight), d in zip(entries, destinations, strict=True):
         if weight:
             merged[name] = merged.get(name, 0) + weight
-    return tuple(WeightedCluster(name, weight) for name, weight in merged.items())
+            rules = _header_rules(d.headers) if isinstance(d, HTTPRouteDestination) else None
+            if rules is not None:
+                headers.setdefault(name, rules)
+    return tuple(WeightedCluster(name, weight, headers.get(name)) for name, weight in merged.items())
+
+
+def _cluster_of(scope: _Scope, rule: Rule, dest: Destination) -> str:
+    """The outbound cluster a Destination names (port: given, else the service's only port, else this one)."""
+    target = scope.index.resolve(dest.host, rule.namespace)
+    service = scope.index.by_fqdn.get(target)
+    if dest.port is not None:
+        port = dest.port.number
+    elif service is not None and len(service.spec.ports) == 1:
+        port = service.spec.ports[0].port
+    else:
+        port = scope.port
+    return scope.cluster(target, port, dest.subset)
 
 
 def retry_policy(retries: HTTPRetry | None) -> RetryPolicy:
@@ -205,3 +233,76 @@ def retry_policy(retries: HTTPRetry | None) -> RetryPolicy:
         if codes:
             retry_on |= {"retriable-status-codes"}
     return RetryPolicy(retries.attempts, retries.per_try_timeout, retry_on, codes)
+
+
+# gRPC status codes by name (grpc/status.h), for fault.abort.grpcStatus.
+GRPC_CODES = {name: code for code, name in enumerate((
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"))}
+
+
+def _route_policy(scope: _Scope, rule: Rule, http: HTTPRoute,
+                  clusters: tuple[WeightedCluster, ...]) -> RoutePolicy | None:
+    """The route's redirect / directResponse / rewrite / headers / fault / mirrors, or None without any."""
+    redirect = direct = rewrite = fault = None
+    if http.redirect is not None:
+        r = http.redirect
+        redirect = Redirect(r.uri, r.authority, r.scheme, r.port, r.derive_port, r.redirect_code or 301,
+                            r.prefix_rewrite)
+    elif http.direct_response is not None:
+        body = http.direct_response.body
+        data = b""
+        if body is not None:
+            data = base64.b64decode(body.bytes_) if body.bytes_ is not None else (body.string or "").encode()
+        direct = DirectResponse(http.direct_response.status, data)
+    if http.rewrite is not None:
+        rw = http.rewrite
+        regex = rw.uri_regex_rewrite
+        rewrite = Rewrite(rw.uri, rw.authority, regex.match if regex else "", regex.rewrite if regex else "")
+    if http.fault is not None:
+        fault = _fault(http.fault)
+    mirrors: list[Mirror] = []
+    if http.mirror is not None:
+        if http.mirror_percentage is not None:
+            share = http.mirror_percentage.value
+        else:
+            share = float(http.mirror_percent) if http.mirror_percent is not None else 100.0
+        mirrors.append(Mirror(_cluster_of(scope, rule, http.mirror), share))
+    for m in http.mirrors:
+        share = m.percentage.value if m.percentage is not None else 100.0
+        mirrors.append(Mirror(_cluster_of(scope, rule, m.destination), share))
+    headers = _header_rules(http.headers)
+    per_destination = any(c.headers is not None for c in clusters)
+    policy = RoutePolicy(redirect, direct, rewrite, headers, fault, tuple(m for m in mirrors if m.percent > 0),
+                         per_destination)
+    return None if policy == RoutePolicy() else policy
+
+
+def _fault(f: HTTPFaultInjection) -> Fault | None:
+    # exponentialDelay (newer Istio) is taken as a fixed delay of that length.
+    delay = f.delay.fixed_delay or f.delay.exponential_delay if f.delay is not None else None
+    status = grpc = None
+    if f.abort is not None:
+        if f.abort.grpc_status is not None:
+            grpc = GRPC_CODES.get(f.abort.grpc_status.upper(), GRPC_CODES["UNKNOWN"])
+        elif f.abort.http_status is not None:
+            status = f.abort.http_status
+        else:
+            status = 503  # http2Error: no HTTP/2 downstream yet; Envoy's reset shows as a 503 to HTTP/1.1
+    return Fault(delay, f.delay.share if f.delay is not None else 0.0, status, grpc,
+                 f.abort.share if f.abort is not None else 0.0)
+
+
+def _header_rules(h: Headers | None) -> HeaderRules | None:
+    if h is None:
+        return None
+
+    def ops(o: HeaderOperations | None) -> HeaderOps:
+        if o is None:
+            return HeaderOps()
+        return HeaderOps(tuple((k.lower(), v) for k, v in o.set_.items()),
+                         tuple((k.lower(), v) for k, v in o.add.items()), tuple(n.lower() for n in o.remove))
+
+    rules = HeaderRules(ops(h.request), ops(h.response))
+    return rules if rules else None

@@ -30,13 +30,16 @@ from kizuna.protocols.http1 import (
     encode_request_head,
     encode_response_head,
 )
+from kizuna.proxy.circuit import ADMITTED, OVERFLOW
 from kizuna.proxy.errors import (
     NO_HEALTHY_UPSTREAM,
     UPSTREAM_CONNECT_ERROR,
+    UPSTREAM_OVERFLOW,
     UPSTREAM_PROTOCOL_ERROR,
     UPSTREAM_TIMEOUT,
     SyntheticResponse,
 )
+from kizuna.proxy.hashing import set_cookie_header
 from kizuna.proxy.retry import backoff
 from kizuna.proxy.stats import Stats
 from kizuna.proxy.tcp import Relay, adopt
@@ -44,6 +47,7 @@ from kizuna.proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from kizuna.proxy.state import Destination, Pool
+    from kizuna.proxyconfig.policy import HashPolicy
 
 MAX_REPLAY: Final = 64 * 1024
 """Request bodies up to this size are kept so a retry can send them again."""
@@ -102,7 +106,7 @@ class Exchange:
     __slots__ = ("down", "head", "dest", "target", "host", "extra", "mode", "loop", "stats", "body",
                  "body_size", "streaming", "request_done", "request_sent", "head_bytes", "conn", "pool",
                  "connecting", "tried", "retries_left", "reused", "fresh_only", "stale_retried", "started",
-                 "framing", "keep_alive", "timer", "try_timer", "done", "upgrade_head", "out")
+                 "framing", "keep_alive", "timer", "try_timer", "done", "upgrade_head", "out", "hash_cookie")
 
     def __init__(self, down: Downstream, head: RequestHead, dest: Destination, target: bytes, host: bytes,
                  stats: Stats, loop: asyncio.AbstractEventLoop, mode: int = HTTP) -> None:
@@ -138,6 +142,8 @@ class Exchange:
         self.done = False
         self.upgrade_head: ResponseHead | None = None
         self.out: list[bytes] = []
+        self.hash_cookie: tuple[bytes, bytes] | None = None
+        """A ``set-cookie`` header for the response when consistent hashing made up its cookie."""
         """Response bytes not yet written downstream (see ``flush``)."""
 
     # -- the request, from the downstream connection -------------------------------------------------------
@@ -160,7 +166,7 @@ class Exchange:
             # Too big to keep for a replay: stream it through the only try.
             self.streaming = True
             self.retries_left = 0
-            self._begin_attempt()
+            self._start()
 
     def request_end(self) -> None:
         """The request is complete: the route timeout starts, and the first try unless it already streams."""
@@ -170,7 +176,10 @@ class Exchange:
         if self.dest.timeout is not None and self.mode == HTTP:
             self.timer = self.loop.call_later(self.dest.timeout, self._on_timeout)
         if not self.streaming:
-            self._begin_attempt()
+            if self.dest.cluster.circuit is None:
+                self._begin_attempt()  # no connection-pool limits: skip the circuit breaker's call
+            else:
+                self._start()
         elif self.conn is not None:
             if self.head.chunked:
                 self.conn.write(LAST_CHUNK)
@@ -179,14 +188,53 @@ class Exchange:
     def abort(self) -> None:
         """The client went away."""
         if not self.done:
+            self.stats.flag("DC")
             self._abandon()
             self._finish()
 
     # -- tries ---------------------------------------------------------------------------------------------
 
+    def _start(self) -> None:
+        """The first try, once the cluster's circuit breaker (if any) lets the request in."""
+        circuit = self.dest.cluster.circuit
+        if circuit is not None:
+            verdict = circuit.enter(self, self._resume)
+            if verdict != ADMITTED:
+                if verdict == OVERFLOW:
+                    self._fail(UPSTREAM_OVERFLOW)
+                return  # queued: _resume runs when a slot frees
+        self._begin_attempt()
+
+    def _resume(self) -> None:
+        if not self.done:
+            self._begin_attempt()
+
+    def _may_retry(self) -> bool:
+        circuit = self.dest.cluster.circuit
+        return (self.retries_left > 0 and not self.streaming
+                and (circuit is None or circuit.may_retry(self)))
+
+    def _observe(self, status: int) -> None:
+        """Tell outlier detection how the current try's endpoint answered."""
+        outlier = self.dest.cluster.outlier
+        if outlier is not None and self.pool is not None:
+            outlier.observe(self.pool, status, self.loop.time())
+
+    def peer(self) -> str | None:
+        """The client's IP address (for ``consistentHash.useSourceIp``)."""
+        info = self.down.transport.get_extra_info("peername")
+        return str(info[0]) if info else None
+
+    def new_hash_cookie(self, policy: HashPolicy) -> bytes:
+        """A value for the absent hash cookie, set on the response (as Envoy does when a ttl is given)."""
+        value = b"%016x" % getrandbits(64)
+        self.hash_cookie = set_cookie_header(policy, value)
+        return value
+
     def _begin_attempt(self, pool: Pool | None = None) -> None:
         if pool is None:
-            pool = self.dest.cluster.balancer.pick(self.tried)
+            cluster = self.dest.cluster
+            pool = cluster.balancer.pick(self.tried) if cluster.plain else cluster.pick(self)
             if pool is None:
                 self._fail(NO_HEALTHY_UPSTREAM)
                 return
@@ -285,10 +333,11 @@ class Exchange:
                                               self._begin_attempt)
 
     def _try_failed(self, error: SyntheticResponse, connect_failure: bool) -> None:
+        self._observe(503)  # Envoy counts connect failures and resets as 5xx / gateway errors
         self._abandon()
         rules = self.dest.retry
         allowed = rules.on_connect_failure if connect_failure else rules.on_reset
-        if allowed and self.retries_left > 0 and not self.streaming:
+        if allowed and self._may_retry():
             self._retry()
         else:
             self._fail(error)
@@ -298,8 +347,9 @@ class Exchange:
         if self.started or self.done:
             return
         self.stats.timeouts += 1
+        self._observe(504)  # Envoy counts an upstream timeout as a gateway error of that endpoint
         self._abandon()
-        if self.dest.retry.on_timeout and self.retries_left > 0 and not self.streaming:
+        if self.dest.retry.on_timeout and self._may_retry():
             self._retry()
         else:
             self._fail(UPSTREAM_TIMEOUT)
@@ -309,6 +359,8 @@ class Exchange:
         if self.done:
             return
         self.stats.timeouts += 1
+        if not self.started:
+            self._observe(504)
         self._abandon()
         if self.started:
             self._finish()
@@ -348,8 +400,16 @@ class Exchange:
         if self.pool is not None:
             self.pool.active -= 1
             self.pool = None
+        circuit = self.dest.cluster.circuit
+        if circuit is not None:
+            start = circuit.leave(self)
+            if start is not None:
+                self.loop.call_soon(start)
 
     def _fail(self, error: SyntheticResponse) -> None:
+        if self.retries_left == 0 and self.tried and self.dest.retry.attempts:
+            error = error.with_flag("URX")  # retries were spent on this request
+        self.stats.flag(error.flag)
         self._abandon()
         self._finish()
         self.down.respond(error, self.keep_alive and self.request_done)
@@ -363,10 +423,17 @@ class Exchange:
             return  # informational: the client already had our own 100 Continue
         dest = self.dest
         dest.cluster.counters[status // 100 - 1] += 1
-        if status in dest.retry.retriable_statuses and self.retries_left > 0 and not self.streaming:
-            self._abandon()
-            self._retry()
-            return
+        if dest.cluster.outlier is not None:
+            self._observe(status)
+        if status in dest.retry.retriable_statuses:
+            if self._may_retry():
+                self._abandon()
+                self._retry()
+                return
+            if self.tried:
+                # Retries were spent and this try failed the same way: Envoy's URX on the passed-on answer.
+                self.stats.flag("URX")
+                head = head._replace(headers=(*head.headers, (b"x-kizuna-flags", b"URX")))
         self.started = True
         if self.try_timer is not None:
             self.try_timer.cancel()
@@ -395,7 +462,8 @@ class Exchange:
             connection = None if keep_alive else b"close"
         else:
             connection = b"keep-alive" if keep_alive else b"close"
-        self.out.append(encode_response_head(status, head.reason, head.headers, announce, length, connection))
+        headers = head.headers if self.hash_cookie is None else (*head.headers, self.hash_cookie)
+        self.out.append(encode_response_head(status, head.reason, headers, announce, length, connection))
 
     def response_body(self, data: bytes) -> None:
         """A piece of the response body."""

@@ -22,6 +22,7 @@ from kizuna.proxy.downstream import HttpServerConnection
 from kizuna.proxy.errors import CLUSTER_NOT_FOUND, MALFORMED_REQUEST, NO_ROUTE, SyntheticResponse
 from kizuna.proxy.exchange import CONNECT, HTTP, UPGRADE, Exchange
 from kizuna.proxy.passthrough import Passthrough
+from kizuna.proxy.route_actions import act
 from kizuna.proxy.state import ProxyState
 from kizuna.proxy.stats import Stats
 from kizuna.proxyconfig.model import VirtualHost
@@ -114,23 +115,34 @@ class OutboundDispatcher:
                 self._authorities.clear()
             self._authorities[key] = host_port
         host, port = host_port
-        return self._route(state, down, head, host, port, path, authority)
+        return self._route(state, down, head, host, port, path, authority, scheme)
 
     def _route(self, state: ProxyState, down: HttpServerConnection, head: RequestHead, host: str, port: int,
-               path: bytes, authority: bytes) -> Exchange | SyntheticResponse:
-        """The (host, port) virtual host's matching route → its weighted cluster → an exchange."""
+               path: bytes, authority: bytes, scheme: bytes = b"http") -> Exchange | SyntheticResponse:
+        """The (host, port) virtual host's matching route → its weighted cluster → an exchange (or the route's
+        own answer: redirect, direct response, fault abort; see ``route_actions``)."""
         router = state.router
         route = router.unconditional(host, port)
+        view = None
         if route is None:
-            route = router.select(host, port, head.method.decode("latin-1"), path.decode("latin-1"),
-                                  HeaderView(head, authority))
+            view = HeaderView(head, authority)
+            route = router.select(host, port, head.method.decode("latin-1"), path.decode("latin-1"), view)
             if route is None:
+                self.stats.flag(NO_ROUTE.flag)
                 return NO_ROUTE
+        mode = HTTP if head.upgrade is None else UPGRADE
+        policy = route.action.policy
+        if policy is not None:
+            result = act(state, down, head, route, policy, scheme, port, path, authority,
+                         view or HeaderView(head, authority), self.stats, self.loop, mode)
+            if isinstance(result, SyntheticResponse):
+                self.stats.flag(result.flag)
+            return result
         dest = state.destination(route)
         if dest is None:
+            self.stats.flag(CLUSTER_NOT_FOUND.flag)
             return CLUSTER_NOT_FOUND
-        return Exchange(down, head, dest, path, authority, self.stats, self.loop,
-                        HTTP if head.upgrade is None else UPGRADE)
+        return Exchange(down, head, dest, path, authority, self.stats, self.loop, mode)
 
     def dispatch_captured(self, down: HttpServerConnection, head: RequestHead, dst: tuple[str, int],
                           passthrough: Passthrough | None) -> Exchange | SyntheticResponse:
@@ -159,6 +171,7 @@ class OutboundDispatcher:
             if vh is not None:
                 host, port = vh.hosts[0], vh.port
             elif passthrough is None:
+                self.stats.flag(NO_ROUTE.flag)
                 return NO_ROUTE
             else:
                 return Exchange(down, head, passthrough.destination(state, dst[0], dst[1]), path, authority,

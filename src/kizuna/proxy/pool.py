@@ -43,7 +43,8 @@ P = TypeVar("P", bound=asyncio.BaseProtocol)
 class EndpointPool(Generic[C]):
     """Connections to one endpoint, and the count of requests in flight to it (for LEAST_REQUEST)."""
 
-    __slots__ = ("address", "port", "active", "idle", "draining")
+    __slots__ = ("address", "port", "active", "idle", "draining", "idle_timeout", "max_requests",
+                 "max_duration")
 
     def __init__(self, address: str, port: int) -> None:
         self.address = address
@@ -51,9 +52,20 @@ class EndpointPool(Generic[C]):
         self.active = 0
         self.idle: list[C] = []
         self.draining = False
+        self.idle_timeout = IDLE_TIMEOUT
+        self.max_requests = 0
+        """Requests a connection carries before it closes (0: no limit)."""
+        self.max_duration: float | None = None
+        """Seconds after which a connection is not reused (None: no limit)."""
 
     def __repr__(self) -> str:
         return f"EndpointPool({self.address}:{self.port}, active={self.active}, idle={len(self.idle)})"
+
+    def configure(self, idle_timeout: float | None, max_requests: int, max_duration: float | None) -> None:
+        """Apply a DestinationRule ``connectionPool`` to this endpoint's connections (None: keep default)."""
+        self.idle_timeout = IDLE_TIMEOUT if idle_timeout is None else idle_timeout
+        self.max_requests = max_requests
+        self.max_duration = max_duration
 
     def acquire(self, now: float) -> C | None:
         """The most recently used idle connection that can still be used, or None (then connect)."""

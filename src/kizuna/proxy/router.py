@@ -60,6 +60,17 @@ class Router:
         return None
 
 
+def matched_by(route: Route, port: int, method: str, path: str, headers: Mapping[str, str]) -> RouteMatch | None:
+    """The first of ``route``'s matches that holds for the request (None for a route without matches): a
+    rewrite replaces what that match's uri condition matched."""
+    uri, _, query = path.partition("?")
+    request = _Request(method, uri, query, port, headers)
+    for m in route.matches:
+        if request.satisfies(m):
+            return m
+    return None
+
+
 class _Request:
     """The parts of one request that matches look at; the query is parsed only when a match asks."""
 

@@ -6,9 +6,12 @@ changes a request's route, cluster or policy halfway.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from kizuna.proxy.balancer import Balancer, make_balancer, pick_weighted
+from kizuna.proxy.circuit import CircuitBreaker
+from kizuna.proxy.hashing import Maglev, Ring, build_table, hash_key, request_key
+from kizuna.proxy.outlier import OutlierDetector
 from kizuna.proxy.pool import EndpointPool, PoolRegistry
 from kizuna.proxy.retry import RetryRules
 from kizuna.proxy.router import Router
@@ -16,13 +19,21 @@ from kizuna.proxy.stats import Stats
 from kizuna.proxy.upstream import UpstreamConnection
 from kizuna.proxyconfig.model import NO_RETRY, Cluster, InboundPort, Route, Snapshot
 
+if TYPE_CHECKING:
+    from kizuna.proxy.exchange import Exchange
+
 Pool = EndpointPool[UpstreamConnection]
 
 
 class ClusterState:
-    """A cluster's endpoints as pools, its balancer and its response counters."""
+    """A cluster's endpoints as pools, its balancer and its response counters, and the DestinationRule
+    resilience policy that applies: a circuit breaker, outlier detection, a consistent-hash table.
 
-    __slots__ = ("name", "cluster", "balancer", "counters", "connect_timeout")
+    ``plain`` is True when none of those is set: then an exchange asks ``balancer.pick`` directly and pays
+    nothing for the policies."""
+
+    __slots__ = ("name", "cluster", "balancer", "counters", "connect_timeout", "circuit", "outlier", "hash",
+                 "hash_table", "plain")
 
     def __init__(self, cluster: Cluster, pools: list[Pool], stats: Stats) -> None:
         self.name = cluster.name
@@ -30,6 +41,47 @@ class ClusterState:
         self.balancer: Balancer[Pool] = make_balancer(cluster.lb_policy, pools)
         self.counters = stats.cluster_counters(cluster.name)
         self.connect_timeout = cluster.connect_timeout
+        policy = cluster.connection_pool
+        self.circuit = CircuitBreaker(policy) if policy.has_limits() else None
+        if not policy.is_default():
+            # Pools are per endpoint and shared by the clusters that include it: the last snapshot's
+            # cluster settings for an endpoint apply to its connections.
+            for pool in pools:
+                pool.configure(policy.idle_timeout, policy.max_requests_per_connection,
+                               policy.max_connection_duration)
+        self.outlier = OutlierDetector(cluster.outlier_detection, pools) if cluster.outlier_detection else None
+        self.hash = cluster.hash_policy
+        self.hash_table: Ring | Maglev | None = None
+        if self.hash is not None:
+            self.hash_table = build_table(self.hash, [f"{p.address}:{p.port}" for p in pools])
+        if self.circuit is not None or self.outlier is not None:
+            stats.policies[cluster.name] = self
+        self.plain = self.outlier is None and self.hash is None
+
+    def pick(self, exchange: Exchange) -> Pool | None:
+        """The endpoint for ``exchange``'s next try, by hash or balancer, skipping ejected endpoints."""
+        items = self.balancer.items
+        exclude: list[Pool] = list(exchange.tried)
+        outlier = self.outlier
+        if outlier is not None:
+            now = exchange.loop.time()
+            ejected: list[Pool] = [] if outlier.panic(now) else outlier.ejected(now)  # type: ignore[assignment]
+            if ejected:
+                if len(ejected) >= len(items):
+                    return None  # every endpoint ejected, no panic threshold: no healthy upstream
+                # A retry may go back to a healthy endpoint already tried rather than to an ejected one.
+                exclude = ejected if len(set(exclude + ejected)) >= len(items) else exclude + ejected
+        table = self.hash_table
+        if table is not None and not exchange.tried:
+            assert self.hash is not None
+            key = request_key(self.hash, exchange.head.headers, exchange.target, exchange.peer())
+            if key is None and self.hash.cookie and self.hash.cookie_ttl:
+                key = exchange.new_hash_cookie(self.hash)
+            index = table.lookup(hash_key(key)) if key is not None else None
+            if index is not None and items[index] not in exclude:
+                return items[index]
+            # No key (Envoy picks at random) or the owner is ejected: the balancer chooses among the rest.
+        return self.balancer.pick(exclude)
 
 
 class Destination:
@@ -66,6 +118,7 @@ class ProxyState:
     def __init__(self, snapshot: Snapshot, pools: PoolRegistry[UpstreamConnection], stats: Stats) -> None:
         self.snapshot = snapshot
         self.router = Router(snapshot)
+        stats.policies.clear()  # the clusters below re-register: a cluster whose policy went is dropped
         self.clusters = {c.name: ClusterState(c, [pools.get(e.address, e.port) for e in c.endpoints], stats)
                          for c in snapshot.clusters}
         # Per route: cluster name -> Destination, so a request only draws the weighted choice; a route with

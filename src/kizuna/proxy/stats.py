@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -12,7 +13,8 @@ class Stats:
 
     __slots__ = ("downstream_cx_total", "downstream_cx_active", "downstream_rq_total", "outbound_rq_total",
                  "inbound_rq_total", "inbound_rq", "upstream_cx_total", "upstream_cx_active", "upstream_rq",
-                 "retries", "timeouts", "errors", "tcp_cx_total", "tcp_cx_active")
+                 "retries", "timeouts", "errors", "tcp_cx_total", "tcp_cx_active",
+                 "flags", "mirror_total", "mirror_dropped", "mirror_active", "mirror_failed", "policies")
 
     def __init__(self) -> None:
         self.downstream_cx_total = 0
@@ -32,6 +34,17 @@ class Stats:
         """Responses the proxy made up, by reason (``no route``, ``upstream timeout`` ...)."""
         self.tcp_cx_total = 0
         self.tcp_cx_active = 0
+        # Route actions (issue 4): Envoy response flags, and mirrored requests sent, dropped (too many in
+        # flight), in flight and failed (connect error, reset or timeout; never seen by the client).
+        self.flags: dict[str, int] = {}
+        self.mirror_total = 0
+        self.mirror_dropped = 0
+        self.mirror_active = 0
+        self.mirror_failed = 0
+        # Resilience (DestinationRule connectionPool / outlierDetection): cluster name -> the current
+        # snapshot's ClusterState for clusters with a circuit breaker or outlier detection; /stats reads their
+        # counters (they restart when a new snapshot rebuilds the cluster).
+        self.policies: dict[str, Any] = {}
 
     def cluster_counters(self, cluster: str) -> list[int]:
         """The response-class counters of ``cluster``, created on first use and kept across snapshots."""
@@ -48,8 +61,15 @@ class Stats:
         return counter
 
     def error(self, reason: str) -> None:
-        """Count a synthetic response."""
-        self.errors[reason] = self.errors.get(reason, 0) + 1
+        """Count a synthetic response (a route's own redirect or direct response has no reason: no error)."""
+        if reason:
+            self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def flag(self, flags: str) -> None:
+        """Count a proxy-made outcome by its response flags (``UF,URX`` counts both)."""
+        if flags:
+            for name in flags.split(","):
+                self.flags[name] = self.flags.get(name, 0) + 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,4 +85,19 @@ class Stats:
             "retries": self.retries,
             "timeouts": self.timeouts,
             "errors": dict(sorted(self.errors.items())),
+            "flags": dict(sorted(self.flags.items())),
+            "mirror": {"rq_total": self.mirror_total, "rq_dropped": self.mirror_dropped,
+                       "rq_active": self.mirror_active, "rq_failed": self.mirror_failed},
+            "resilience": self._resilience(),
         }
+
+    def _resilience(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, cluster in sorted(self.policies.items()):
+            entry: dict[str, Any] = {}
+            if cluster.circuit is not None:
+                entry["circuit_breaker"] = cluster.circuit.to_json()
+            if cluster.outlier is not None:
+                entry["outlier_detection"] = cluster.outlier.to_json(time.monotonic())
+            out[name] = entry
+        return out

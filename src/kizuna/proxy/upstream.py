@@ -19,7 +19,7 @@ from kizuna.protocols.http1 import (
     Upgraded,
 )
 from kizuna.proxy.errors import UPSTREAM_PROTOCOL_ERROR, UPSTREAM_RESET
-from kizuna.proxy.pool import IDLE_TIMEOUT, EndpointPool
+from kizuna.proxy.pool import EndpointPool
 from kizuna.proxy.stats import Stats
 from kizuna.proxy.tcp import WRITE_HIGH_WATER
 
@@ -31,7 +31,7 @@ class UpstreamConnection(asyncio.Protocol):
     """A keep-alive client connection owned by an ``EndpointPool``; serves one exchange at a time."""
 
     __slots__ = ("pool", "stats", "transport", "parser", "exchange", "idle_since", "keep_alive", "closed",
-                 "received", "_informational", "_counted")
+                 "received", "_informational", "_counted", "served", "opened")
 
     def __init__(self, pool: EndpointPool[UpstreamConnection], stats: Stats) -> None:
         self.pool = pool
@@ -46,6 +46,10 @@ class UpstreamConnection(asyncio.Protocol):
         """Bytes of the current response have arrived (a failure after that is not a stale connection)."""
         self._informational = False
         self._counted = False
+        self.served = 0
+        """Requests finished on this connection (for ``maxRequestsPerConnection``)."""
+        self.opened: float | None = None
+        """Loop time the connection was made, set only when the pool has a ``maxConnectionDuration``."""
 
     # -- what the pool asks -------------------------------------------------------------------------------
 
@@ -57,7 +61,11 @@ class UpstreamConnection(asyncio.Protocol):
         return self.exchange is None
 
     def has_expired(self, now: float) -> bool:
-        return now - self.idle_since > IDLE_TIMEOUT
+        pool = self.pool
+        if now - self.idle_since > pool.idle_timeout:
+            return True
+        # ``opened`` is only set when the pool has a maxConnectionDuration.
+        return self.opened is not None and pool.max_duration is not None and now - self.opened > pool.max_duration
 
     def close(self) -> None:
         self.keep_alive = False
@@ -82,6 +90,9 @@ class UpstreamConnection(asyncio.Protocol):
     def finish(self, reusable: bool, now: float) -> None:
         """The exchange is over: back to the pool when the connection can carry another request."""
         self.exchange = None
+        self.served += 1
+        if self.pool.max_requests and self.served >= self.pool.max_requests:
+            reusable = False
         if reusable and self.keep_alive and self.transport is not None:
             self.idle_since = now
             self.pool.release(self)
@@ -104,6 +115,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER)
         self._counted = True
+        if self.pool.max_duration is not None:
+            self.opened = asyncio.get_running_loop().time()
         self.stats.upstream_cx_total += 1
         self.stats.upstream_cx_active += 1
 

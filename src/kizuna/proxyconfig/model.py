@@ -14,6 +14,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kizuna.proxyconfig.actions import HeaderRules, RoutePolicy
+from kizuna.proxyconfig.policy import DEFAULT_POOL, ConnectionPool, HashPolicy, OutlierDetection
+
 MatchKind = Literal["exact", "prefix", "regex"]
 Protocol = Literal["http", "tcp", "auto"]
 LbPolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH"]
@@ -138,13 +141,21 @@ class WeightedCluster:
 
     cluster: str
     weight: int
+    headers: HeaderRules | None = None
+    """Istio's per-destination ``route[].headers``, applied before the route's own (Envoy's order: on a
+    conflict the route's ``set`` wins)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"cluster": self.cluster, "weight": self.weight}
+        out: dict[str, Any] = {"cluster": self.cluster, "weight": self.weight}
+        if self.headers is not None:
+            out["headers"] = self.headers.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WeightedCluster:
-        return cls(str(data["cluster"]), int(data["weight"]))
+        headers = data.get("headers")
+        return cls(str(data["cluster"]), int(data["weight"]),
+                   HeaderRules.from_json(headers) if headers is not None else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,15 +188,23 @@ class RouteAction:
     clusters: tuple[WeightedCluster, ...]
     timeout: float | None = None
     retry: RetryPolicy = RetryPolicy()
+    policy: RoutePolicy | None = None
+    """Redirect, direct response, rewrite, headers, fault, mirrors (``actions.py``); None when the route has
+    none of them. A redirect or direct response route has no clusters."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"clusters": [c.to_json() for c in self.clusters], "timeout": self.timeout,
-                "retry": self.retry.to_json()}
+        out: dict[str, Any] = {"clusters": [c.to_json() for c in self.clusters], "timeout": self.timeout,
+                               "retry": self.retry.to_json()}
+        if self.policy is not None:
+            out["policy"] = self.policy.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RouteAction:
+        policy = data.get("policy")
         return cls(tuple(WeightedCluster.from_json(c) for c in data["clusters"]), data.get("timeout"),
-                   RetryPolicy.from_json(data.get("retry", {})))
+                   RetryPolicy.from_json(data.get("retry", {})),
+                   RoutePolicy.from_json(policy) if policy is not None else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,18 +285,32 @@ class Cluster:
     lb_policy: LbPolicy
     endpoints: tuple[Endpoint, ...]
     connect_timeout: float = 10.0
+    connection_pool: ConnectionPool = DEFAULT_POOL
+    outlier_detection: OutlierDetection | None = None
+    hash_policy: HashPolicy | None = None
+    """Set for ``consistentHash``: the balancer hashes a request key instead of using ``lb_policy``."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "service": self.service, "port": self.port, "subset": self.subset,
-                "protocol": self.protocol, "lbPolicy": self.lb_policy,
-                "endpoints": [e.to_json() for e in self.endpoints], "connectTimeout": self.connect_timeout}
+        out = {"name": self.name, "service": self.service, "port": self.port, "subset": self.subset,
+               "protocol": self.protocol, "lbPolicy": self.lb_policy,
+               "endpoints": [e.to_json() for e in self.endpoints], "connectTimeout": self.connect_timeout}
+        if not self.connection_pool.is_default():
+            out["connectionPool"] = self.connection_pool.to_json()
+        if self.outlier_detection is not None:
+            out["outlierDetection"] = self.outlier_detection.to_json()
+        if self.hash_policy is not None:
+            out["hashPolicy"] = self.hash_policy.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Cluster:
         return cls(str(data["name"]), str(data["service"]), int(data["port"]), str(data.get("subset", "")),
                    data.get("protocol", "http"), data.get("lbPolicy", "LEAST_REQUEST"),
                    tuple(Endpoint.from_json(e) for e in data.get("endpoints", ())),
-                   float(data.get("connectTimeout", 10.0)))
+                   float(data.get("connectTimeout", 10.0)),
+                   ConnectionPool.from_json(data["connectionPool"]) if "connectionPool" in data else DEFAULT_POOL,
+                   OutlierDetection.from_json(data["outlierDetection"]) if "outlierDetection" in data else None,
+                   HashPolicy.from_json(data["hashPolicy"]) if "hashPolicy" in data else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,8 @@ from kizuna.proxyconfig.model import Cluster, Route, Snapshot
 
 
 class Simulation(NamedTuple):
-    """Which route took the request and the cluster it sends to (the heaviest one of a weighted split)."""
+    """Which route took the request and the cluster it sends to (the heaviest one of a weighted split; ``""``
+    for a route that answers itself: redirect or directResponse, see ``route.action.policy``)."""
 
     route: str
     cluster: str
@@ -41,8 +42,10 @@ def simulate(snapshot: Snapshot, host: str, port: int, path: str, method: str = 
              headers: Mapping[str, str] | None = None) -> Simulation | None:
     """``(route name, cluster name)`` for the request, or None when no route matches."""
     route = simulate_route(snapshot, host, port, path, method, headers)
-    if route is None or not route.action.clusters:
+    if route is None:
         return None
+    if not route.action.clusters:
+        return Simulation(route.name, "")
     heaviest = max(route.action.clusters, key=lambda c: c.weight)  # max keeps the first of equal weights
     return Simulation(route.name, heaviest.cluster)
 
