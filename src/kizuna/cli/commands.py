@@ -148,6 +148,13 @@ def exec_(args: argparse.Namespace) -> int:
     return exec_in(_state(args), args.workload, list(args.argv), args.namespace)
 
 
+def explain(args: argparse.Namespace) -> int:
+    """``kizuna explain --from WORKLOAD URL``; exit 1 when no route would take the request."""
+    from kizuna.cli.explain import run
+
+    return run(_state(args), args)
+
+
 def controlplane(args: argparse.Namespace) -> int:
     """``kizuna controlplane``: run the control plane in the foreground."""
     from kizuna.controlplane.main import run

@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workload", metavar="WORKLOAD", help="a Deployment (its first instance) or an instance")
     p.add_argument("argv", metavar="-- CMD", nargs=argparse.REMAINDER, help="the command and its arguments")
 
+    p = command("explain", "show how a workload's sidecar routes a request, and why (from the config it runs)")
+    p.add_argument("--from", dest="source", required=True, metavar="WORKLOAD",
+                   help="the client: a Deployment (its first instance) or an instance")
+    p.add_argument("url", metavar="URL", help="the request, e.g. http://httpbin:8000/status/200")
+    p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="a request header (repeatable)")
+    p.add_argument("-X", "--request", default="GET", metavar="METHOD", help="the request method (GET)")
+    p.add_argument("-n", "--namespace", metavar="NS", help="namespace of the workload (default: any)")
+    p.add_argument("-o", "--output", choices=("json",), help="print the explanation as JSON")
+
     p = command("controlplane", "run the control plane process (kizuna up starts it; run it to restart one)")
     add_settings(p, ControlPlaneSettings)
     p = command("proxy", "run one sidecar process (kizuna up starts these)", state=False)
@@ -83,7 +93,8 @@ def _handlers() -> dict[str, Command]:
 
     return {"up": commands.up, "down": commands.down, "apply": commands.apply, "delete": commands.delete,
             "get": commands.get, "validate": commands.validate, "status": commands.status,
-            "exec": commands.exec_, "controlplane": commands.controlplane, "proxy": commands.proxy}
+            "exec": commands.exec_, "explain": commands.explain, "controlplane": commands.controlplane,
+            "proxy": commands.proxy}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

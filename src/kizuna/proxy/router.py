@@ -105,14 +105,14 @@ class _Request:
             return False
         if m.authority is not None and not m.authority.matches(self.headers.get("host", "")):
             return False
-        if m.headers and not all(_holds(h, self.headers) for h in m.headers):
+        if m.headers and not all(holds(h, self.headers) for h in m.headers):
             return False
-        if m.without_headers and any(_holds(h, self.headers) for h in m.without_headers):
+        if m.without_headers and any(holds(h, self.headers) for h in m.without_headers):
             return False
-        return not m.query_params or all(_holds(q, self.params()) for q in m.query_params)
+        return not m.query_params or all(holds(q, self.params()) for q in m.query_params)
 
 
-def _holds(cond: HeaderMatch, values: Mapping[str, str]) -> bool:
+def holds(cond: HeaderMatch, values: Mapping[str, str]) -> bool:
     """A header or query condition: present (no match given) or present with a matching value."""
     value = values.get(cond.name)
     if value is None:

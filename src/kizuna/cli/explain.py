@@ -1,0 +1,103 @@
+"""``kizuna explain --from WORKLOAD URL``: how that workload's sidecar routes a request, and why.
+
+The snapshot comes from the sidecar itself (admin ``/config_dump``: the config it runs, not a recompilation),
+and the routing is the proxy's own code (``kizuna.proxy.explain`` over ``Router``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
+
+from kizuna.proxy.explain import Explanation, explain
+from kizuna.proxyconfig.bootstrap import ADMIN_PORT
+from kizuna.proxyconfig.model import Snapshot
+from kizuna.runtime.errors import UserError
+from kizuna.runtime.exec import find_instance
+from kizuna.runtime.state import StateDir
+
+
+def run(state: StateDir, args: argparse.Namespace) -> int:
+    """Print the explanation (text, or JSON with ``-o json``)."""
+    instance = find_instance(state, args.source, args.namespace)
+    admin = f"http://{instance.mesh_address}:{ADMIN_PORT}/config_dump"
+    try:
+        with urllib.request.urlopen(admin, timeout=5) as response:
+            dump = json.load(response)
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        raise UserError(f"cannot read the config of {instance.id}'s sidecar at {admin}: {exc}") from None
+    snapshot = Snapshot.from_json(dump["snapshot"])
+    url = urlsplit(args.url if "://" in args.url else f"http://{args.url}")
+    if not url.hostname:
+        raise UserError(f"{args.url}: not a URL with a host")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    headers = {"host": url.netloc}
+    for line in args.header:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise UserError(f"-H {line!r}: expected 'Name: value'")
+        headers[name.strip().lower()] = value.strip()
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    result = explain(snapshot, url.hostname, port, args.request.upper(), path, headers)
+    if args.output == "json":
+        print(json.dumps({"from": instance.id, "configVersion": dump.get("version"), **result.to_json()},
+                         indent=2))
+    else:
+        print(render(result, instance.id, str(dump.get("version", ""))))
+    return 0 if result.route is not None else 1
+
+
+def render(result: Explanation, source: str, version: str) -> str:
+    """The explanation as a few aligned lines."""
+    lines = [f"request      {result.method} {result.host}:{result.port}{result.path}",
+             f"from         {source} (sidecar config {version or 'none'})"]
+    if result.virtual_host is None:
+        lines.append(f"service      none: no service answers to {result.host}:{result.port} -> 404 no route (NR)")
+        return "\n".join(lines)
+    lines.append(f"service      {result.virtual_host}")
+    lines.append("routes       (in order; the first that matches wins)")
+    for verdict in result.routes:
+        origin = f"  [{verdict.source}]" if verdict.source else ""
+        if verdict.matched:
+            lines.append(f"  matched    {verdict.name}{origin}")
+        else:
+            lines.append(f"  skipped    {verdict.name}{origin}: {'; or '.join(verdict.reasons)}")
+    route = result.route
+    if route is None:
+        lines.append("result       no route matches -> 404 no route (NR)")
+        return "\n".join(lines)
+    action = route.action
+    policy = action.policy
+    if policy is not None and policy.redirect is not None:
+        lines.append(f"result       answered by the sidecar: redirect {json.dumps(policy.redirect.to_json())}")
+    if policy is not None and policy.direct_response is not None:
+        lines.append(f"result       answered by the sidecar: {json.dumps(policy.direct_response.to_json())}")
+    for weight, cluster, name in result.clusters:
+        if cluster is None:
+            lines.append(f"destination  {weight:>3}%  {name}: not in the config -> 503 (NC)")
+            continue
+        endpoints = ", ".join(f"{e.address}:{e.port} ({e.workload})" for e in cluster.endpoints) or \
+            "none -> 503 no healthy upstream (UH)"
+        lines.append(f"destination  {weight:>3}%  {name}")
+        lines.append(f"               load balancer {cluster.lb_policy}, connect timeout {cluster.connect_timeout:g}s;"
+                     f" endpoints: {endpoints}")
+        extra = {k: v for k, v in cluster.to_json().items()
+                 if k in ("connectionPool", "outlierDetection", "hashPolicy")}
+        if extra:
+            lines.append(f"               {json.dumps(extra)}")
+    retry = action.retry
+    retries = (f"{retry.attempts} on {','.join(sorted(retry.retry_on))}"
+               + (f" (status {','.join(map(str, sorted(retry.retriable_status_codes)))})"
+                  if "retriable-status-codes" in retry.retry_on else "")
+               + (f", {retry.per_try_timeout:g}s per try" if retry.per_try_timeout else "")
+               if retry.attempts else "none")
+    lines.append(f"timeout      {f'{action.timeout:g}s' if action.timeout else 'none (Istio default)'}")
+    lines.append(f"retries      {retries}")
+    if policy is not None:
+        shown = {k: v for k, v in policy.to_json().items() if k not in ("redirect", "directResponse")}
+        if shown:
+            lines.append(f"actions      {json.dumps(shown)}")
+    return "\n".join(lines)

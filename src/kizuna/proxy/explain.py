@@ -1,0 +1,125 @@
+"""Why a request goes where it goes: the proxy's own route matching, replayed on a snapshot and narrated.
+
+``explain(snapshot, ...)`` runs :class:`~kizuna.proxy.router.Router` (the code the sidecar runs) to pick the
+route, and for every route before it says which condition failed. The answer is plain data (``to_json``) for
+``kizuna explain``; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from kizuna.proxy.router import Router, holds
+from kizuna.proxyconfig.model import Cluster, Route, RouteMatch, Snapshot, StringMatch
+
+
+@dataclass(frozen=True, slots=True)
+class RouteVerdict:
+    """One route of the virtual host, in order: whether the request matched it, else why not."""
+
+    name: str
+    source: str
+    matched: bool
+    reasons: tuple[str, ...] = ()
+    """For a route that did not match: per ``match[]`` entry, the first condition that failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Where a request goes, from one proxy's point of view."""
+
+    host: str
+    port: int
+    method: str
+    path: str
+    virtual_host: str | None
+    routes: tuple[RouteVerdict, ...] = ()
+    route: Route | None = None
+    clusters: tuple[tuple[int, Cluster | None, str], ...] = field(default=())
+    """(weight, cluster or None when the snapshot lacks it, cluster name) of the chosen route."""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"request": {"host": self.host, "port": self.port, "method": self.method,
+                                           "path": self.path},
+                               "virtualHost": self.virtual_host,
+                               "routes": [{"name": v.name, "source": v.source, "matched": v.matched,
+                                           "reasons": list(v.reasons)} for v in self.routes]}
+        if self.route is not None:
+            action = self.route.action
+            out["route"] = {"name": self.route.name, "source": self.route.source,
+                            "timeout": action.timeout, "retry": action.retry.to_json(),
+                            "policy": action.policy.to_json() if action.policy else None}
+            out["destinations"] = [
+                {"weight": weight, "cluster": name,
+                 **({"subset": c.subset, "lbPolicy": c.lb_policy, "connectTimeout": c.connect_timeout,
+                     "endpoints": [e.to_json() for e in c.endpoints],
+                     "policies": {k: v for k, v in c.to_json().items()
+                                  if k in ("connectionPool", "outlierDetection", "hashPolicy")}}
+                    if c is not None else {"missing": True})}
+                for weight, c, name in self.clusters]
+        return out
+
+
+def explain(snapshot: Snapshot, host: str, port: int, method: str, path: str,
+            headers: Mapping[str, str]) -> Explanation:
+    """Replay the proxy's routing of one request over ``snapshot``; ``headers`` by lower-case name."""
+    host = host.lower().rstrip(".")
+    router = Router(snapshot)
+    vh = router.virtual_host(host, port)
+    if vh is None:
+        return Explanation(host, port, method, path, None)
+    chosen = router.select(host, port, method, path, headers)
+    verdicts = []
+    for route in vh.routes:
+        if route is chosen:
+            verdicts.append(RouteVerdict(route.name, route.source, True))
+            break
+        reasons = tuple(_first_failure(m, port, method, path, headers) for m in route.matches)
+        verdicts.append(RouteVerdict(route.name, route.source, False, reasons))
+    clusters: tuple[tuple[int, Cluster | None, str], ...] = ()
+    if chosen is not None:
+        by_name = {c.name: c for c in snapshot.clusters}
+        clusters = tuple((w.weight, by_name.get(w.cluster), w.cluster) for w in chosen.action.clusters)
+    return Explanation(host, port, method, path, vh.name, tuple(verdicts), chosen, clusters)
+
+
+def _first_failure(m: RouteMatch, port: int, method: str, path: str, headers: Mapping[str, str]) -> str:
+    """The first condition of ``m`` the request fails, in words (the order ``Router`` checks them)."""
+    uri, _, query = path.partition("?")
+    if m.port is not None and m.port != port:
+        return f"port {port} is not {m.port}"
+    if m.uri is not None and not m.uri.matches(uri):
+        return f"uri {uri!r} does not match {_describe(m.uri)}"
+    if m.method is not None and not m.method.matches(method):
+        return f"method {method} does not match {_describe(m.method)}"
+    if m.scheme is not None and not m.scheme.matches("http"):
+        return f"scheme http does not match {_describe(m.scheme)}"
+    if m.authority is not None and not m.authority.matches(headers.get("host", "")):
+        return f"authority {headers.get('host', '')!r} does not match {_describe(m.authority)}"
+    for h in m.headers:
+        if not holds(h, headers):
+            return f"header {h.name} {_absent_or(headers.get(h.name))} (wants {_describe(h.match)})"
+    for h in m.without_headers:
+        if holds(h, headers):
+            return f"header {h.name} is present and matches {_describe(h.match)} (withoutHeaders)"
+    params: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        params.setdefault(key.lower(), value)
+    for q in m.query_params:
+        if not holds(q, params):
+            return f"query parameter {q.name} {_absent_or(params.get(q.name))} (wants {_describe(q.match)})"
+    return "matches"  # unreachable when Router said no; kept total for safety
+
+
+def _absent_or(value: str | None) -> str:
+    return "is absent" if value is None else f"is {value!r}"
+
+
+def _describe(match: StringMatch | None) -> str:
+    if match is None:
+        return "present"
+    case = ", any case" if match.ignore_case else ""
+    return f"{match.kind} {match.value!r}{case}"
