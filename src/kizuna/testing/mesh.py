@@ -179,7 +179,7 @@ class LocalMesh:
 
     def echo(self, address: str, port: int = 0, greeting: bytes = b"") -> TcpEchoServer:
         """A TCP echo app, server-first when ``greeting`` is set."""
-        server = self.loop.run(TcpEchoServer(address, port, greeting).start())
+        server = self.loop.run(TcpEchoServer(address, port, greeting=greeting).start())
         self.servers.append(server)
         return server
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
+from typing import Self
 
 
 @dataclass
@@ -38,11 +39,37 @@ class Recorded:
 
 
 @dataclass
-class UpstreamServer:
-    """Serve on ``address:port`` (0 = any free port) once ``start()`` is awaited."""
+class _Server:
+    """What both test servers share: listen on ``address:port`` (0 = any free port) once ``start()`` is
+    awaited; ``stop()`` closes the listener and every open connection."""
 
     address: str
     port: int = 0
+    connections: int = 0
+    _server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def start(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, self.address, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class UpstreamServer(_Server):
+    """Serve on ``address:port`` (0 = any free port) once ``start()`` is awaited."""
+
     name: str = "upstream"
     status: int | None = None
     """When set, every request is answered with this status (e.g. 503 for a failing endpoint)."""
@@ -56,24 +83,8 @@ class UpstreamServer:
     """Close, without answering, any request after a connection's first: the keep-alive race where the app
     closes an idle connection just as the proxy sends on it."""
     requests: list[Recorded] = field(default_factory=list)
-    connections: int = 0
     body_bytes_sent: int = 0
     """Chunked body bytes written so far (the socket took them), to watch backpressure reach the app."""
-    _server: asyncio.Server | None = None
-    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
-
-    async def start(self) -> UpstreamServer:
-        self._server = await asyncio.start_server(self._serve, self.address, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.close()
-        if self._server is not None:
-            await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -176,28 +187,10 @@ class UpstreamServer:
 
 
 @dataclass
-class TcpEchoServer:
+class TcpEchoServer(_Server):
     """Echoes every byte back; sends ``greeting`` first on each connection when set (server-first)."""
 
-    address: str
-    port: int = 0
     greeting: bytes = b""
-    connections: int = 0
-    _server: asyncio.Server | None = None
-    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
-
-    async def start(self) -> TcpEchoServer:
-        self._server = await asyncio.start_server(self._serve, self.address, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.close()
-        if self._server is not None:
-            await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
