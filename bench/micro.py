@@ -11,7 +11,6 @@ Starts the bench origin and the kizuna path (as ``bench.paths`` does), optionall
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -20,7 +19,14 @@ import tempfile
 from pathlib import Path
 
 from bench import wrk
-from bench.paths import HOST_HEADER, SERVICE, SERVICE_PORT, TARGET, Layout, start_origin, wait_until_serving
+from bench.paths import (
+    HOST_HEADER,
+    TARGET,
+    Layout,
+    start_origin,
+    wait_until_serving,
+    write_kizuna_bootstraps,
+)
 from bench.procs import CLOCK_TICKS, Processes, wait_for_port
 
 # argv: source tree, bootstrap file. KIZUNA_MICRO_RUN swaps in another runner (e.g. one under cProfile).
@@ -38,33 +44,17 @@ def cpu_split(pid: int) -> tuple[float, float]:
 def start_sidecars(procs: Processes, layout: Layout, workdir: Path, src: str, cpus: frozenset[int] | None,
                    server_cpus: frozenset[int] | None) -> tuple[tuple[str, int], int, int]:
     """The two sidecars of the kizuna path, importing kizuna from ``src``; returns entry, client, server pid."""
-    from kizuna.proxyconfig.bootstrap import Bootstrap, Node
-    from kizuna.testing.mesh import two_hop_snapshots
+    from kizuna.proxyconfig.bootstrap import Bootstrap
 
-    o_addr, o_port = layout.origin
-    client_mesh, server_mesh = layout.kizuna_client_mesh, layout.kizuna_server_mesh
-    client_snap, server_snap = two_hop_snapshots(client_mesh, server_mesh, o_addr, o_port,
-                                                 service=SERVICE, port=SERVICE_PORT)
-    pids = []
-    for role, snap, node in (
-        ("server", server_snap, Node(id="bench-server-0.default", workload="bench-server",
-                                     pod_address=o_addr, mesh_address=server_mesh, ports=(o_port,))),
-        ("client", client_snap, Node(id="bench-client-0.default", workload="bench-client",
-                                     pod_address=layout.kizuna_client_pod, mesh_address=client_mesh)),
-    ):
-        snap_file = workdir / f"kizuna-{role}-snapshot.json"
-        snap_file.write_text(json.dumps(snap.to_json()))
-        boot_file = workdir / f"kizuna-{role}-bootstrap.json"
-        Bootstrap(node=node, static_snapshot=str(snap_file)).dump(boot_file)
-        started = procs.start(f"kizuna-{role}", [sys.executable, "-c", _RUN, src, str(boot_file)],
-                              server_cpus if role == "server" and server_cpus else cpus)
-        pids.append(started.pid)
-    outbound = Bootstrap.load(workdir / "kizuna-client-bootstrap.json").outbound_port
-    wait_for_port(server_mesh, server_snap.inbound[0].port, 30.0)
-    wait_for_port(client_mesh, outbound, 30.0)
-    entry = (client_mesh, outbound)
+    server_boot, client_boot, inbound = write_kizuna_bootstraps(layout, workdir)
+    server = procs.start("kizuna-server", [sys.executable, "-c", _RUN, src, str(server_boot)], server_cpus or cpus)
+    client = procs.start("kizuna-client", [sys.executable, "-c", _RUN, src, str(client_boot)], cpus)
+    outbound = Bootstrap.load(client_boot).outbound_port
+    wait_for_port(layout.kizuna_server_mesh, inbound, 30.0)
+    wait_for_port(layout.kizuna_client_mesh, outbound, 30.0)
+    entry = (layout.kizuna_client_mesh, outbound)
     wait_until_serving(entry, "the kizuna path", [])
-    return entry, pids[1], pids[0]
+    return entry, client.pid, server.pid
 
 
 def main(argv: list[str] | None = None) -> int:

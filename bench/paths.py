@@ -173,9 +173,9 @@ def kizuna_proxy_argv(bootstrap: Path) -> list[str]:
     return [sys.executable, "-c", _RUN_SNIPPET, str(bootstrap)]
 
 
-def start_kizuna(procs: Processes, layout: Layout, workdir: Path,
-                 cpus: frozenset[int] | None) -> PathUnderTest:
-    """Two kizuna sidecars on static snapshots (no control plane), the client one used as HTTP proxy."""
+def write_kizuna_bootstraps(layout: Layout, workdir: Path) -> tuple[Path, Path, int]:
+    """Static snapshots and bootstraps of the kizuna path's two sidecars (no control plane):
+    ``(server bootstrap, client bootstrap, server inbound port)``."""
     # Imported here so the other paths run while the proxy is still being written.
     from kizuna.proxyconfig.bootstrap import Bootstrap, Node
     from kizuna.testing.mesh import two_hop_snapshots
@@ -184,7 +184,7 @@ def start_kizuna(procs: Processes, layout: Layout, workdir: Path,
     client_mesh, server_mesh = layout.kizuna_client_mesh, layout.kizuna_server_mesh
     client_snap, server_snap = two_hop_snapshots(client_mesh, server_mesh, o_addr, o_port,
                                                  service=SERVICE, port=SERVICE_PORT)
-    started = []
+    files = []
     for role, snap, node in (
         ("server", server_snap, Node(id="bench-server-0.default", workload="bench-server",
                                      pod_address=o_addr, mesh_address=server_mesh, ports=(o_port,))),
@@ -195,11 +195,21 @@ def start_kizuna(procs: Processes, layout: Layout, workdir: Path,
         snap_file.write_text(json.dumps(snap.to_json()))
         boot_file = workdir / f"kizuna-{role}-bootstrap.json"
         Bootstrap(node=node, static_snapshot=str(snap_file)).dump(boot_file)
-        started.append(procs.start(f"kizuna-{role}-sidecar", kizuna_proxy_argv(boot_file), cpus))
-    server, client = started
-    outbound = Bootstrap.load(workdir / "kizuna-client-bootstrap.json").outbound_port
+        files.append(boot_file)
     # The inbound listens on what the snapshot says (the app's target port, in Istio's terms).
-    inbound = server_snap.inbound[0].port
+    return files[0], files[1], server_snap.inbound[0].port
+
+
+def start_kizuna(procs: Processes, layout: Layout, workdir: Path,
+                 cpus: frozenset[int] | None) -> PathUnderTest:
+    """Two kizuna sidecars on static snapshots (no control plane), the client one used as HTTP proxy."""
+    from kizuna.proxyconfig.bootstrap import Bootstrap
+
+    server_boot, client_boot, inbound = write_kizuna_bootstraps(layout, workdir)
+    server = procs.start("kizuna-server-sidecar", kizuna_proxy_argv(server_boot), cpus)
+    client = procs.start("kizuna-client-sidecar", kizuna_proxy_argv(client_boot), cpus)
+    client_mesh, server_mesh = layout.kizuna_client_mesh, layout.kizuna_server_mesh
+    outbound = Bootstrap.load(client_boot).outbound_port
     wait_for_port(server_mesh, inbound, START_TIMEOUT, server)
     wait_for_port(client_mesh, outbound, START_TIMEOUT, client)
     wait_until_serving((client_mesh, outbound), "the kizuna path", [client, server])
