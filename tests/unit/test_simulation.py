@@ -117,3 +117,42 @@ def test_source_labels_decide_per_calling_proxy() -> None:
     # For any other caller the only route is dropped at compile: the proxy answers 404 (no route).
     from_v3 = bookinfo(extra=extra, source="reviews-v3")
     assert simulate(from_v3, "ratings", 9080, "/ratings/0") is None
+
+
+# Istio's Bookinfo routing samples, table-driven (pilot/pkg/simulation style): for a request from productpage,
+# which route takes it and how its weights split between subsets. First match wins; a route's weights are
+# kept as written (80/20, 50/50...); a route to a subset with no ready instance keeps its cluster, which has no
+# endpoints (the proxy answers 503 "no healthy upstream").
+CASES = [
+    ("virtual-service-all-v1.yaml", "reviews", {}, "reviews.http[0]", [("v1", 100)]),
+    ("virtual-service-all-v1.yaml", "details", {}, "details.http[0]", [("v1", 100)]),
+    ("virtual-service-all-v1.yaml", "ratings", {}, "ratings.http[0]", [("v1", 100)]),
+    ("virtual-service-reviews-50-v3.yaml", "reviews", {}, "reviews.http[0]", [("v1", 50), ("v3", 50)]),
+    ("virtual-service-reviews-80-20.yaml", "reviews", {}, "reviews.http[0]", [("v1", 80), ("v2", 20)]),
+    ("virtual-service-reviews-90-10.yaml", "reviews", {}, "reviews.http[0]", [("v1", 90), ("v2", 10)]),
+    ("virtual-service-reviews-v2-v3.yaml", "reviews", {}, "reviews.http[0]", [("v2", 50), ("v3", 50)]),
+    ("virtual-service-reviews-v3.yaml", "reviews", {}, "reviews.http[0]", [("v3", 100)]),
+    ("virtual-service-reviews-test-v2.yaml", "reviews", {"end-user": "jason"}, "reviews.http[0]", [("v2", 100)]),
+    ("virtual-service-reviews-test-v2.yaml", "reviews", {"end-user": "bob"}, "reviews.http[1]", [("v1", 100)]),
+    ("virtual-service-reviews-jason-v2-v3.yaml", "reviews", {}, "reviews.http[1]", [("v3", 100)]),
+    ("virtual-service-details-v2.yaml", "details", {}, "details.http[0]", [("v2", 100)]),
+    ("virtual-service-ratings-db.yaml", "ratings", {}, "ratings.http[0]", [("v2", 100)]),
+]
+
+
+@pytest.mark.parametrize(("vs", "host", "headers", "route_name", "split"), CASES,
+                         ids=[f"{c[0].removesuffix('.yaml')}-{c[1]}-{'-'.join(c[2].values()) or 'any'}"
+                              for c in CASES])
+def test_bookinfo_routing_samples(vs: str, host: str, headers: dict[str, str], route_name: str,
+                                  split: list[tuple[str, int]]) -> None:
+    snap = bookinfo(vs)
+    route = simulate_route(snap, host, 9080, "/", headers=headers)
+    assert route is not None and route.name == route_name
+    fqdn = f"{host}.default.svc.cluster.local"
+    assert [(c.cluster, c.weight) for c in route.action.clusters] == [
+        (f"outbound|9080|{subset}|{fqdn}", weight) for subset, weight in split]
+    for subset, _ in split:
+        endpoints = [e.workload for e in cluster(snap, f"outbound|9080|{subset}|{fqdn}").endpoints]
+        # Bookinfo runs reviews v1-v3, details v1 and ratings v1: any other subset exists but has no endpoint.
+        expected = [f"{host}-{subset}"] if f"{host}-{subset}" in NODES else []
+        assert endpoints == expected
