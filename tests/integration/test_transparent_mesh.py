@@ -161,6 +161,10 @@ def test_service_names_resolve_to_vips_inside_the_namespace(mesh: Mesh) -> None:
     for name in ("httpbin", "httpbin.default", "httpbin.default.svc", "httpbin.default.svc.cluster.local"):
         result = exec_(mesh, "sleep", "getent", "hosts", name)
         assert result.stdout.split()[0] == vip, (name, result.stdout, result.stderr)
+    # and `kizuna get svc` shows it, as kubectl shows a ClusterIP
+    table = mesh.kizuna("get", "svc").stdout.splitlines()
+    assert table[0].split() == ["NAMESPACE", "NAME", "KIND", "CLUSTER-IP", "PORTS"]
+    assert ["default", "httpbin", "Service", vip, "8000/TCP"] in [line.split() for line in table]
 
 
 def ok_to_httpbin(counters: dict[str, Any]) -> int:

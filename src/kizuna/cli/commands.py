@@ -111,9 +111,15 @@ def get(args: argparse.Namespace) -> int:
     elif not items:
         print(f"no {kind} resources" + (f" in namespace {args.namespace}" if args.namespace else ""))
     else:
-        rows = [["NAMESPACE", "NAME", "KIND"]]
-        rows += [[i.get("metadata", {}).get("namespace", "default"), i.get("metadata", {}).get("name", "?"),
-                  str(i.get("kind", kind))] for i in items]
+        rows = [["NAMESPACE", "NAME", "KIND"] + (["CLUSTER-IP", "PORTS"] if kind == "Service" else [])]
+        for i in items:
+            row = [i.get("metadata", {}).get("namespace", "default"), i.get("metadata", {}).get("name", "?"),
+                   str(i.get("kind", kind))]
+            if kind == "Service":  # as kubectl shows them: the VIP (transparent mode) and the ports
+                spec = i.get("spec", {})
+                ports = ",".join(f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in spec.get("ports", []))
+                row += [str(spec.get("clusterIP") or "-"), ports or "-"]
+            rows.append(row)
         sys.stdout.write(table(rows))
     return 0
 
