@@ -1,5 +1,6 @@
-"""Mesh resources as plain data: Kubernetes Deployment/Service/ServiceAccount and Istio VirtualService and
-DestinationRule, read from YAML and validated with errors that name the file, the resource and the field.
+"""Mesh resources as plain data: Kubernetes Deployment/Service/ServiceAccount and Istio VirtualService,
+DestinationRule and ServiceEntry, read from YAML and validated with errors that name the file, the resource
+and the field.
 
 The bottom layer of kizuna: imports only pydantic, PyYAML and the standard library.
 """
@@ -7,9 +8,9 @@ The bottom layer of kizuna: imports only pydantic, PyYAML and the standard libra
 from kizuna.api.codec import Document, dump_json, dump_yaml, load_documents, parse_text
 from kizuna.api.errors import ValidationError
 from kizuna.api.meta import DEFAULT_NAMESPACE, ObjectMeta
-from kizuna.api.validate import SUPPORTED_KINDS, Resource, Spec, parse, parse_all
+from kizuna.api.validate import KIZUNA_KINDS, SUPPORTED_KINDS, Resource, Spec, parse, parse_all
 
 __all__ = [
-    "DEFAULT_NAMESPACE", "Document", "ObjectMeta", "Resource", "SUPPORTED_KINDS", "Spec", "ValidationError",
-    "dump_json", "dump_yaml", "load_documents", "parse", "parse_all", "parse_text",
+    "DEFAULT_NAMESPACE", "Document", "KIZUNA_KINDS", "ObjectMeta", "Resource", "SUPPORTED_KINDS", "Spec",
+    "ValidationError", "dump_json", "dump_yaml", "load_documents", "parse", "parse_all", "parse_text",
 ]

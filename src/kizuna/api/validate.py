@@ -17,11 +17,14 @@ from kizuna.api.codec import Document
 from kizuna.api.destinationrule import DestinationRuleSpec
 from kizuna.api.errors import ValidationError
 from kizuna.api.fields import FieldErrors, IstioModel, KubeModel
+from kizuna.api.meshconfig import MESH_CONFIG_API, MeshConfigSpec
 from kizuna.api.meta import DEFAULT_NAMESPACE, ObjectMeta
+from kizuna.api.serviceentry import ServiceEntrySpec
 from kizuna.api.virtualservice import VirtualServiceSpec
 from kizuna.api.workloads import DeploymentSpec, ServiceAccountSpec, ServiceSpec
 
-Spec = DeploymentSpec | ServiceSpec | ServiceAccountSpec | VirtualServiceSpec | DestinationRuleSpec
+Spec = (DeploymentSpec | ServiceSpec | ServiceAccountSpec | VirtualServiceSpec | DestinationRuleSpec
+        | ServiceEntrySpec | MeshConfigSpec)
 
 ISTIO_NETWORKING = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
 
@@ -39,6 +42,14 @@ class _VirtualServiceDocument(_IstioDocument):
 
 class _DestinationRuleDocument(_IstioDocument):
     spec: DestinationRuleSpec
+
+
+class _ServiceEntryDocument(_IstioDocument):
+    spec: ServiceEntrySpec
+
+
+class _MeshConfigDocument(_IstioDocument):
+    spec: MeshConfigSpec = MeshConfigSpec()
 
 
 class _KubeDocument(KubeModel):
@@ -63,16 +74,20 @@ class _ServiceAccountDocument(_KubeDocument):
         return ServiceAccountSpec(automount_service_account_token=self.automount_service_account_token)
 
 
-_Document = (_VirtualServiceDocument | _DestinationRuleDocument | _DeploymentDocument | _ServiceDocument
-             | _ServiceAccountDocument)
+_Document = (_VirtualServiceDocument | _DestinationRuleDocument | _ServiceEntryDocument | _DeploymentDocument
+             | _ServiceDocument | _ServiceAccountDocument | _MeshConfigDocument)
 _KINDS: dict[str, tuple[tuple[str, ...], type[_Document]]] = {
     "VirtualService": (ISTIO_NETWORKING, _VirtualServiceDocument),
     "DestinationRule": (ISTIO_NETWORKING, _DestinationRuleDocument),
+    "ServiceEntry": (ISTIO_NETWORKING, _ServiceEntryDocument),
+    "MeshConfig": ((MESH_CONFIG_API,), _MeshConfigDocument),
     "Deployment": (("apps/v1",), _DeploymentDocument),
     "Service": (("v1",), _ServiceDocument),
     "ServiceAccount": (("v1",), _ServiceAccountDocument),
 }
 SUPPORTED_KINDS = tuple(_KINDS)
+KIZUNA_KINDS = ("MeshConfig",)
+"""kizuna's own kinds (not Kubernetes' or Istio's: no Istio sample holds them)."""
 
 
 @dataclass(frozen=True)

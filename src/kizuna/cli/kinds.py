@@ -27,6 +27,7 @@ SHORT_NAMES: dict[str, tuple[str, ...]] = {
     "RequestAuthentication": ("ra",),
     "AuthorizationPolicy": ("ap",),
     "Telemetry": ("telemetry",),
+    "MeshConfig": (),
 }
 """Every kind the CLI knows, with its short names."""
 

@@ -21,7 +21,14 @@ from collections.abc import Sequence
 
 from kizuna.api.validate import Resource
 from kizuna.controlplane.compile_clusters import build_cluster
-from kizuna.controlplane.compile_index import DOMAIN, KubeService, MeshIndex, exported_to, port_protocol
+from kizuna.controlplane.compile_index import (
+    DOMAIN,
+    KubeService,
+    MeshIndex,
+    entry_protocol,
+    exported_to,
+    port_protocol,
+)
 from kizuna.controlplane.compile_routes import ClusterRef, build_routes
 from kizuna.controlplane.instances import Instance
 from kizuna.proxyconfig.bootstrap import Node
@@ -55,9 +62,23 @@ def compile_for(index: MeshIndex, node: Node, version: str) -> Snapshot:
             vip = service.spec.virtual_ip
             virtual_hosts.append(VirtualHost(name, hosts, port.port, protocol, routes,
                                              (vip,) if vip else ()))
+    for host, entry in sorted(index.external.items()):
+        if not exported_to(entry.export_to, entry.namespace, node):
+            continue
+        # A ServiceEntry host answers to its name exactly as written, on each declared port, and at its
+        # ``addresses`` (VIP matching of captured traffic; CIDR blocks are not matched per address).
+        addresses = tuple(a for a in entry.spec.addresses if "/" not in a or a.endswith(("/32", "/128")))
+        for se_port in entry.spec.ports:
+            protocol = entry_protocol(se_port.protocol)
+            routes, used = build_routes(index, node, entry, se_port.number, protocol)
+            refs.update(used)
+            default = cluster_name("outbound", se_port.number, "", host)
+            refs.setdefault(default, (host, se_port.number, ""))
+            virtual_hosts.append(VirtualHost(f"{host}:{se_port.number}", (host,), se_port.number, protocol,
+                                             routes, tuple(a.split("/")[0] for a in addresses)))
     clusters = [build_cluster(index, node, name, refs[name]) for name in sorted(refs)]
     return Snapshot(version, _inbound(index, node), tuple(sorted(virtual_hosts, key=lambda v: v.name)),
-                    tuple(clusters))
+                    tuple(clusters), index.outbound_policy or "ALLOW_ANY")
 
 
 def snapshot_digest(snapshot: Snapshot) -> str:

@@ -15,7 +15,14 @@ from kizuna.api.destinationrule import (
     TrafficPolicy,
 )
 from kizuna.api.destinationrule import OutlierDetection as OutlierSettings
-from kizuna.controlplane.compile_index import MeshIndex, exported_to, labels_match, port_protocol
+from kizuna.controlplane.compile_index import (
+    ExternalHost,
+    MeshIndex,
+    entry_protocol,
+    exported_to,
+    labels_match,
+    port_protocol,
+)
 from kizuna.controlplane.compile_routes import ClusterRef
 from kizuna.proxyconfig.bootstrap import Node
 from kizuna.proxyconfig.model import Cluster, Endpoint, LbPolicy
@@ -33,7 +40,8 @@ def merged_rule(index: MeshIndex, node: Node,
                 service_fqdn: str) -> tuple[TrafficPolicy | None, dict[str, Subset]]:
     """The host-level policy and the subsets that apply to ``service_fqdn`` for ``node``."""
     service = index.by_fqdn.get(service_fqdn)
-    service_ns = service.namespace if service is not None else ""
+    entry = index.external.get(service_fqdn)
+    service_ns = service.namespace if service is not None else entry.namespace if entry is not None else ""
     rules = []
     for rule in index.destination_rules:
         spec = rule.spec
@@ -112,10 +120,33 @@ def build_cluster(index: MeshIndex, node: Node, name: str, ref: ClusterRef) -> C
             target = index.target_port(service_port, inst)
             if target is not None:
                 endpoints.append(Endpoint(inst.mesh_address, target, inst.workload, inst.labels))
-    endpoints.sort(key=lambda e: (e.address, e.port, e.workload))
     protocol = port_protocol(service_port) if service_port is not None else "auto"
+    entry = index.external.get(service_fqdn) if service is None else None
+    if entry is not None and (not subset_name or subset is not None):
+        endpoints = entry_endpoints(entry, port, subset.labels if subset is not None else {})
+        entry_port = entry.spec.port(port)
+        protocol = entry_protocol(entry_port.protocol) if entry_port is not None else "auto"
+    endpoints.sort(key=lambda e: (e.address, e.port, e.workload))
     return Cluster(name, service_fqdn, port, subset_name, protocol, lb_policy(lb), tuple(endpoints),
                    connect_timeout(pool), connection_pool(pool), outlier_detection(outlier), hash_policy(lb))
+
+
+def entry_endpoints(entry: ExternalHost, port: int, wanted: dict[str, str]) -> list[Endpoint]:
+    """A ServiceEntry host's endpoints on ``port``: STATIC/DNS ``endpoints`` (port from the endpoint's
+    ``ports`` by port name, else ``targetPort``, else the port), or, with none listed, the host name itself
+    (DNS, NONE: the sidecar resolves it when it connects; NONE in proxy mode has no original destination)."""
+    se_port = entry.spec.port(port)
+    if se_port is None:
+        return []
+    default_port = se_port.target_port or se_port.number
+    if not entry.spec.endpoints:
+        if entry.spec.resolution == "STATIC" or entry.spec.workload_selector is not None:
+            return []  # workloadSelector: mesh workloads are not matched to entries yet
+        return [Endpoint(entry.fqdn, default_port, entry.name)] if not wanted else []
+    return [Endpoint(ep.address, ep.ports.get(se_port.name, default_port), entry.name,
+                     tuple(sorted(ep.labels.items())))
+            for ep in entry.spec.endpoints if labels_match(wanted, ep.labels)
+            and not ep.address.startswith("unix://")]
 
 
 def connection_pool(pool: ConnectionPoolSettings | None) -> ConnectionPool:

@@ -10,12 +10,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kizuna.api.destinationrule import DestinationRuleSpec
+from kizuna.api.meshconfig import MeshConfigSpec
+from kizuna.api.serviceentry import ServiceEntrySpec
 from kizuna.api.validate import Resource
 from kizuna.api.virtualservice import VirtualServiceSpec
 from kizuna.api.workloads import DeploymentSpec, ServicePort, ServiceSpec
 from kizuna.controlplane.instances import Instance
 from kizuna.proxyconfig.bootstrap import Node
-from kizuna.proxyconfig.model import Protocol
+from kizuna.proxyconfig.model import OutboundPolicy, Protocol
 
 DOMAIN = "svc.cluster.local"
 EXPORT_TO_ANNOTATION = "networking.istio.io/exportTo"
@@ -86,6 +88,27 @@ class KubeService:
                 and labels_match(self.spec.selector, node.labels))
 
 
+def entry_protocol(protocol: str) -> Protocol:
+    """The protocol of a ServiceEntry port (``HTTP``, ``TCP``, ``TLS`` ...; empty = sniffed)."""
+    value = protocol.lower()
+    return "http" if value in _HTTP else "tcp" if value in _TCP else "auto"
+
+
+@dataclass(frozen=True)
+class ExternalHost:
+    """One host of a ServiceEntry: its FQDN is the host exactly as written (Istio takes them literally)."""
+
+    fqdn: str
+    namespace: str
+    name: str
+    spec: ServiceEntrySpec
+
+    @property
+    def export_to(self) -> tuple[str, ...]:
+        """The entry's ``exportTo``."""
+        return tuple(self.spec.export_to)
+
+
 @dataclass(frozen=True)
 class Rule:
     """A VirtualService or DestinationRule with its identity (rules are looked up by resolved host)."""
@@ -113,6 +136,9 @@ class MeshIndex:
     destination_rules: list[Rule] = field(default_factory=list)
     instances: list[Instance] = field(default_factory=list)
     by_fqdn: dict[str, KubeService] = field(default_factory=dict)
+    external: dict[str, ExternalHost] = field(default_factory=dict)
+    outbound_policy: OutboundPolicy | None = None
+    """``MeshConfig`` ``outboundTrafficPolicy.mode`` (None: no MeshConfig, Istio's default ALLOW_ANY)."""
 
     @classmethod
     def build(cls, resources: Sequence[Resource], instances: Sequence[Instance]) -> MeshIndex:
@@ -132,6 +158,14 @@ class MeshIndex:
                 index.virtual_services.append(Rule(r.name, r.namespace, tuple(spec.hosts), spec))
             elif isinstance(spec, DestinationRuleSpec):
                 index.destination_rules.append(Rule(r.name, r.namespace, (spec.host,), spec))
+            elif isinstance(spec, MeshConfigSpec):
+                if index.outbound_policy is None:  # the first by (namespace, name) holds
+                    index.outbound_policy = spec.outbound_traffic_policy.mode
+            elif isinstance(spec, ServiceEntrySpec):
+                for host in spec.hosts:
+                    # Two entries for one host: the first by (namespace, name) wins, deterministically.
+                    if not host.startswith("*") and host not in index.by_fqdn:
+                        index.external.setdefault(host, ExternalHost(host, r.namespace, r.name, spec))
         index.instances = sorted(instances, key=lambda i: i.node.id)
         return index
 
@@ -139,8 +173,9 @@ class MeshIndex:
         """A rule's host as an FQDN: short names are in the rule's namespace (Istio); ``name.ns`` and
         ``name.ns.svc`` of a known Service are completed too; anything else is taken as written."""
         if "." not in host:
-            return fqdn(host, namespace)
-        if host.endswith("." + DOMAIN) or host in self.by_fqdn:
+            # A dotless ServiceEntry host (``localhost``) is taken as written, like every entry host.
+            return host if host in self.external else fqdn(host, namespace)
+        if host.endswith("." + DOMAIN) or host in self.by_fqdn or host in self.external:
             return host
         for candidate in (f"{host}.{DOMAIN}", f"{host}.cluster.local"):
             if candidate in self.by_fqdn:

@@ -3,8 +3,8 @@
 Matches that cannot apply to this proxy (``sourceLabels``, ``sourceNamespace``, ``gateways``) or to this port
 are dropped here, so the data plane only ever evaluates request attributes. A route left with no match is
 dropped; a route without ``match`` takes everything. Redirect, directResponse, rewrite, headers, fault and
-mirrors become the route's ``RoutePolicy`` (``proxyconfig/actions.py``); delegate routes are skipped and CORS is
-ignored.
+mirrors and corsPolicy become the route's ``RoutePolicy`` (``proxyconfig/actions.py``); delegate routes are
+skipped.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kizuna.api.virtualservice import (
+    CorsPolicy,
     Destination,
     HeaderOperations,
     Headers,
@@ -28,8 +29,16 @@ from kizuna.api.virtualservice import (
     TCPRoute,
     VirtualServiceSpec,
 )
-from kizuna.controlplane.compile_index import KubeService, MeshIndex, Rule, exported_to, labels_match
+from kizuna.controlplane.compile_index import (
+    ExternalHost,
+    KubeService,
+    MeshIndex,
+    Rule,
+    exported_to,
+    labels_match,
+)
 from kizuna.proxyconfig.actions import (
+    Cors,
     DirectResponse,
     Fault,
     HeaderOps,
@@ -103,7 +112,7 @@ class _Scope:
                 and (not gateways or "mesh" in gateways))
 
 
-def build_routes(index: MeshIndex, node: Node, service: KubeService, port: int,
+def build_routes(index: MeshIndex, node: Node, service: KubeService | ExternalHost, port: int,
                  protocol: Protocol) -> tuple[tuple[Route, ...], dict[str, ClusterRef]]:
     """The routes of ``service``:``port`` as seen by ``node``, and the clusters they reference."""
     scope = _Scope(index, node, port)
@@ -207,10 +216,13 @@ def _cluster_of(scope: _Scope, rule: Rule, dest: Destination) -> str:
     """The outbound cluster a Destination names (port: given, else the service's only port, else this one)."""
     target = scope.index.resolve(dest.host, rule.namespace)
     service = scope.index.by_fqdn.get(target)
+    entry = scope.index.external.get(target)
     if dest.port is not None:
         port = dest.port.number
     elif service is not None and len(service.spec.ports) == 1:
         port = service.spec.ports[0].port
+    elif entry is not None and len(entry.spec.ports) == 1:
+        port = entry.spec.ports[0].number
     else:
         port = scope.port
     return scope.cluster(target, port, dest.subset)
@@ -274,9 +286,22 @@ def _route_policy(scope: _Scope, rule: Rule, http: HTTPRoute,
         mirrors.append(Mirror(_cluster_of(scope, rule, m.destination), share))
     headers = _header_rules(http.headers)
     per_destination = any(c.headers is not None for c in clusters)
+    cors = _cors(http.cors_policy) if http.cors_policy is not None else None
     policy = RoutePolicy(redirect, direct, rewrite, headers, fault, tuple(m for m in mirrors if m.percent > 0),
-                         per_destination)
+                         per_destination, cors)
     return None if policy == RoutePolicy() else policy
+
+
+def _cors(c: CorsPolicy) -> Cors | None:
+    """corsPolicy as the proxy's Cors; None without any allowed origin (Envoy's filter then does nothing).
+    The deprecated ``allowOrigin`` strings are exact matches (``*``: any origin), as Istio translates them."""
+    origins = [m for sm in c.allow_origins if (m := _string_match(sm)) is not None]
+    origins += [MatchSpec("exact", o) for o in c.allow_origin]
+    if not origins:
+        return None
+    return Cors(tuple(origins), tuple(c.allow_methods), tuple(c.allow_headers), tuple(c.expose_headers),
+                round(c.max_age) if c.max_age is not None else None, bool(c.allow_credentials),
+                c.unmatched_preflights != "IGNORE")
 
 
 def _fault(f: HTTPFaultInjection) -> Fault | None:

@@ -3,8 +3,9 @@
 Outbound (port 15001): a connection to a service VIP:port takes that service's protocol (``http`` or ``tcp``);
 anything else is sniffed for a bounded time. HTTP/1.x is routed per request by Host (``outbound``); opaque
 TCP to a VIP:port goes to a balanced endpoint of the service's route, and to any other address it passes
-through untouched (Istio's ALLOW_ANY). A connection that was not redirected (an app dialling 15001 itself,
-``HTTP_PROXY`` style) is served as in proxy mode, and the sidecar never dials its own capture ports.
+through untouched (Istio's ALLOW_ANY) or, with REGISTRY_ONLY, is closed at once. A connection that was not
+redirected (an app dialling 15001 itself, ``HTTP_PROXY`` style) is served as in proxy mode, and the sidecar
+never dials its own capture ports.
 
 Inbound (port 15006): the original destination is ``pod_ip:port``; the port's inbound setting serves it as
 in proxy mode, undeclared ports pass through to the app (see ``inbound``). Connections to the app leave
@@ -22,9 +23,11 @@ from kizuna.protocols.http1 import RequestHead
 from kizuna.proxy.downstream import HttpServerConnection
 from kizuna.proxy.errors import SyntheticResponse
 from kizuna.proxy.exchange import Exchange
+from kizuna.proxy.h2 import H2Pools, H2ServerConnection
+from kizuna.proxy.h2_dispatch import PrefaceSwitch, outbound_router
 from kizuna.proxy.inbound import InboundHandler, SniffingConnection
 from kizuna.proxy.listener import ConnectionInfo
-from kizuna.proxy.outbound import OutboundDispatcher, StateSource
+from kizuna.proxy.outbound import NOT_IN_REGISTRY, OutboundDispatcher, StateSource
 from kizuna.proxy.passthrough import PASSTHROUGH_CONNECT_TIMEOUT, Passthrough
 from kizuna.proxy.state import Pool, ProxyState
 from kizuna.proxy.stats import Stats
@@ -77,10 +80,12 @@ class _CapturedHttp:
 class OutboundCapture:
     """Accepted connections of the outbound capture listener → the protocol serving them."""
 
-    __slots__ = ("source", "outbound", "passthrough", "stats", "registry", "own")
+    __slots__ = ("source", "outbound", "passthrough", "stats", "registry", "own", "h2_pools")
 
     def __init__(self, source: StateSource, outbound: OutboundDispatcher, passthrough: Passthrough,
-                 stats: Stats, registry: set[asyncio.BaseProtocol], own: OwnPorts) -> None:
+                 stats: Stats, registry: set[asyncio.BaseProtocol], own: OwnPorts,
+                 h2_pools: H2Pools | None = None) -> None:
+        self.h2_pools = h2_pools or H2Pools(stats)
         self.source = source
         self.outbound = outbound
         self.passthrough = passthrough
@@ -97,11 +102,16 @@ class OutboundCapture:
         state = self.source.state
         vh = self.outbound.virtual_host_at(state, dst)
         if vh is not None and vh.protocol == "http":
-            return self._http(dst)
+            return PrefaceSwitch(lambda: self._http(dst), lambda: self._h2(dst))
         if vh is not None and vh.protocol == "tcp":
             return self._opaque(dst)
+        # HTTP/2 is proxied per stream only to a known service; to anything else it passes through as bytes.
         return SniffingConnection(lambda: self._http(dst), lambda initial: self._opaque(dst, initial),
-                                  SNIFF_TIMEOUT)
+                                  SNIFF_TIMEOUT, make_h2=(lambda: self._h2(dst)) if vh is not None else None)
+
+    def _h2(self, dst: tuple[str, int]) -> H2ServerConnection:
+        return H2ServerConnection(outbound_router(self.source, self.outbound, dst), self.h2_pools, self.stats,
+                                  self.registry)
 
     def _http(self, dst: tuple[str, int]) -> HttpServerConnection:
         return HttpServerConnection(_CapturedHttp(self.outbound, dst, self.passthrough), self.stats,
@@ -110,6 +120,9 @@ class OutboundCapture:
     def _opaque(self, dst: tuple[str, int], initial: bytes = b"") -> asyncio.Protocol:
         state = self.source.state  # as of the handover: the connection keeps this choice to its end
         vh = self.outbound.virtual_host_at(state, dst)
+        if vh is None and state.snapshot.outbound_policy == "REGISTRY_ONLY":
+            self.stats.error(NOT_IN_REGISTRY.reason)
+            return _Closing()
         if vh is None:
             return TcpForward(dst[0], dst[1], PASSTHROUGH_CONNECT_TIMEOUT, self.stats, self.registry, initial)
         endpoint = _tcp_endpoint(state, vh)

@@ -3,8 +3,9 @@
 In proxy mode each inbound port has its own listener; with iptables capture every inbound connection arrives
 on the capture port and ``info.port`` is the port of its original destination (see ``capture``).
 
-Protocol "http" proxies HTTP/1.1 over a keep-alive pool to the app; "tcp" relays bytes; "auto" sniffs the
-first bytes for a bounded time (``SNIFF_TIMEOUT``), then proxies HTTP/1.x or relays anything else. A
+Protocol "http" proxies HTTP/1.1 over a keep-alive pool to the app (HTTP/2 when the connection opens with the
+h2 preface, see ``h2``); "tcp" relays bytes; "auto" sniffs the first bytes for a bounded time
+(``SNIFF_TIMEOUT``), then proxies HTTP/1.x or HTTP/2 or relays anything else. A
 connection that sends nothing first (server-first protocols such as MySQL or SMTP) is relayed once the wait
 is over.
 """
@@ -20,6 +21,8 @@ from kizuna.protocols.sniff import Detected, sniff
 from kizuna.proxy.downstream import HttpServerConnection
 from kizuna.proxy.errors import NO_ROUTE, SyntheticResponse
 from kizuna.proxy.exchange import HTTP, UPGRADE, Exchange
+from kizuna.proxy.h2 import H2Pools, H2ServerConnection
+from kizuna.proxy.h2_dispatch import PrefaceSwitch, inbound_router
 from kizuna.proxy.listener import ConnectionInfo
 from kizuna.proxy.outbound import StateSource
 from kizuna.proxy.state import INBOUND_CONNECT_TIMEOUT
@@ -54,12 +57,15 @@ class InboundDispatcher:
 class SniffingConnection(asyncio.Protocol):
     """Holds a new connection until its first bytes tell HTTP/1.x from anything else, then hands it over."""
 
-    __slots__ = ("make_http", "make_opaque", "wait", "transport", "buffer", "timer")
+    __slots__ = ("make_http", "make_opaque", "make_h2", "wait", "transport", "buffer", "timer")
 
     def __init__(self, make_http: Callable[[], asyncio.Protocol],
-                 make_opaque: Callable[[bytes], asyncio.Protocol], wait: float = SNIFF_TIMEOUT) -> None:
+                 make_opaque: Callable[[bytes], asyncio.Protocol], wait: float = SNIFF_TIMEOUT,
+                 make_h2: Callable[[], asyncio.Protocol] | None = None) -> None:
         self.make_http = make_http
         self.make_opaque = make_opaque
+        self.make_h2 = make_h2
+        """Serves a connection opening with the HTTP/2 preface; None: relayed as opaque bytes."""
         self.wait = wait
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
@@ -73,7 +79,9 @@ class SniffingConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         detected = sniff(self.buffer)
-        if detected is not Detected.NEED_MORE:
+        if detected is Detected.HTTP2 and self.make_h2 is not None:
+            self._hand_over(True, self.make_h2)
+        elif detected is not Detected.NEED_MORE:
             self._hand_over(detected is Detected.HTTP1)
 
     def eof_received(self) -> bool:
@@ -85,7 +93,8 @@ class SniffingConnection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
 
-    def _hand_over(self, http: bool) -> asyncio.Protocol | None:
+    def _hand_over(self, http: bool,
+                   make: Callable[[], asyncio.Protocol] | None = None) -> asyncio.Protocol | None:
         transport = self.transport
         if self.timer is not None:
             self.timer.cancel()
@@ -93,7 +102,7 @@ class SniffingConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return None
         self.transport = None
-        protocol = self.make_http() if http else self.make_opaque(self.buffer)
+        protocol = (make or self.make_http)() if http else self.make_opaque(self.buffer)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if http and self.buffer:
@@ -104,7 +113,7 @@ class SniffingConnection(asyncio.Protocol):
 class InboundHandler:
     """Accepted inbound connections → the protocol their port's current setting asks for."""
 
-    __slots__ = ("source", "stats", "registry", "loop", "bind", "_dispatchers")
+    __slots__ = ("source", "stats", "registry", "loop", "bind", "h2_pools", "_dispatchers")
 
     def __init__(self, source: StateSource, stats: Stats, registry: set[asyncio.BaseProtocol],
                  loop: asyncio.AbstractEventLoop, bind: str | None = None) -> None:
@@ -114,6 +123,8 @@ class InboundHandler:
         self.stats = stats
         self.registry = registry
         self.loop = loop
+        self.h2_pools = H2Pools(stats, bind)
+        """HTTP/2 connections to the app (h2c and gRPC streams multiplexed)."""
         self._dispatchers: dict[int, InboundDispatcher] = {}
 
     def __call__(self, info: ConnectionInfo) -> asyncio.BaseProtocol:
@@ -127,7 +138,7 @@ class InboundHandler:
                                   source=self.bind)
             return _Closing()
         if target.protocol == "http":
-            return self._http(info.port)
+            return PrefaceSwitch(lambda: self._http(info.port), lambda: self._h2(info.port))
         address, port = target.port.target_address, target.port.target_port
         bind = self.bind
 
@@ -137,7 +148,11 @@ class InboundHandler:
 
         if target.protocol == "tcp":
             return opaque()
-        return SniffingConnection(lambda: self._http(info.port), opaque)
+        return SniffingConnection(lambda: self._http(info.port), opaque, make_h2=lambda: self._h2(info.port))
+
+    def _h2(self, port: int) -> H2ServerConnection:
+        return H2ServerConnection(inbound_router(self.source, port, self.stats), self.h2_pools, self.stats,
+                                  self.registry)
 
     def _http(self, port: int) -> HttpServerConnection:
         dispatcher = self._dispatchers.get(port)

@@ -9,6 +9,12 @@ With iptables capture, requests arrive in origin form on a connection whose orig
 (``dispatch_captured``): Host names the service (no port in Host means the original destination's port); a
 Host that names no service falls back to the service whose VIP:port the connection was going to; with
 neither, the request passes through to the original destination (Istio's ALLOW_ANY).
+
+With ``outboundTrafficPolicy`` REGISTRY_ONLY (``Snapshot.outbound_policy``), a request for a destination the
+snapshot does not know gets ``502 destination not in registry`` (flag NR, counted under Envoy's
+``BlackHoleCluster``) instead: in capture mode in place of the passthrough, in proxy mode in place of the 404
+"no route" an unknown host gets under ALLOW_ANY (proxy mode never passes through: an absolute URI names no
+address the sidecar could safely dial).
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ from kizuna.proxy.stats import Stats
 from kizuna.proxyconfig.model import VirtualHost
 
 AUTHORITY_CACHE_SIZE: Final = 1024
+BLACK_HOLE_CLUSTER: Final = "BlackHoleCluster"
+"""Envoy/Istio's name for where REGISTRY_ONLY sends unknown destinations; /stats counts them under it."""
+NOT_IN_REGISTRY: Final = SyntheticResponse(502, "destination not in registry", "NR")
+"""REGISTRY_ONLY: the destination is no service, ServiceEntry or VIP of the snapshot."""
 
 
 class StateSource(Protocol):
@@ -89,6 +99,12 @@ class OutboundDispatcher:
             self._vips, self._vip_state = vips, state
         return self._vips.get(address)
 
+    def black_hole(self) -> SyntheticResponse:
+        """REGISTRY_ONLY's answer to an unknown destination, counted as a 5xx of ``BlackHoleCluster``."""
+        self.stats.flag(NOT_IN_REGISTRY.flag)
+        self.stats.cluster_counters(BLACK_HOLE_CLUSTER)[4] += 1
+        return NOT_IN_REGISTRY
+
     def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse:
         self.stats.outbound_rq_total += 1
         state = self.source.state
@@ -128,6 +144,8 @@ class OutboundDispatcher:
             view = HeaderView(head, authority)
             route = router.select(host, port, head.method.decode("latin-1"), path.decode("latin-1"), view)
             if route is None:
+                if state.snapshot.outbound_policy == "REGISTRY_ONLY" and router.virtual_host(host, port) is None:
+                    return self.black_hole()
                 self.stats.flag(NO_ROUTE.flag)
                 return NO_ROUTE
         mode = HTTP if head.upgrade is None else UPGRADE
@@ -170,6 +188,8 @@ class OutboundDispatcher:
             vh = self.virtual_host_at(state, dst)
             if vh is not None:
                 host, port = vh.hosts[0], vh.port
+            elif state.snapshot.outbound_policy == "REGISTRY_ONLY":
+                return self.black_hole()
             elif passthrough is None:
                 self.stats.flag(NO_ROUTE.flag)
                 return NO_ROUTE
@@ -187,6 +207,8 @@ class OutboundDispatcher:
         except ValueError:
             return MALFORMED_REQUEST
         vh = state.router.virtual_host(host, port)
+        if vh is None and state.snapshot.outbound_policy == "REGISTRY_ONLY":
+            return self.black_hole()
         if vh is None or not vh.routes:
             return NO_ROUTE
         route = state.router.select(host, port, "CONNECT", "/", HeaderView(head, head.target)) or vh.routes[0]

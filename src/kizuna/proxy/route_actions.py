@@ -1,10 +1,11 @@
 """A route's actions besides picking a cluster (``RoutePolicy``): redirect and directResponse answered by the
-sidecar itself, fault abort and delay, rewrite, header operations, mirrors.
+sidecar itself, fault abort and delay, rewrite, header operations, mirrors, CORS.
 
 ``act`` runs once per request whose route has a policy (routes without one never get here) and returns what
 the dispatcher returns: a synthetic response, a plain ``Exchange``, or a ``PolicyExchange`` when the upstream
 call needs a delay, response header changes or mirror copies. Order, as Envoy's filter chain: redirect /
-direct response; fault (abort, or delay then abort when both are drawn); rewrite and request headers;
+direct response; CORS (a preflight answered here; for an allowed origin, the CORS response headers added
+to whatever answers); fault (abort, or delay then abort when both are drawn); rewrite and request headers;
 mirrors (the request as it goes upstream, Host suffixed ``-shadow``).
 """
 
@@ -31,7 +32,7 @@ from kizuna.proxy.mirror import send_copy
 from kizuna.proxy.router import matched_by
 from kizuna.proxy.state import ClusterState, Destination, ProxyState
 from kizuna.proxy.stats import Stats
-from kizuna.proxyconfig.actions import HeaderOps, Redirect, Rewrite, RoutePolicy
+from kizuna.proxyconfig.actions import Cors, HeaderOps, Redirect, Rewrite, RoutePolicy
 from kizuna.proxyconfig.model import Route, RouteMatch
 
 DEFAULT_PORTS = {b"http": 80, b"https": 443}
@@ -118,10 +119,16 @@ def act(state: ProxyState, down: Downstream, head: RequestHead, route: Route, po
     """What a request routed to ``route`` (whose action has ``policy``) gets."""
     route_rules = policy.headers
     response_ops: list[HeaderOps] = []
+    if policy.cors is not None:
+        answer = cors(policy.cors, head, headers, response_ops)
+        if answer is not None:
+            return answer
     if policy.redirect is not None or policy.direct_response is not None:
         extra: Headers = ()
         if route_rules is not None and route_rules.response:
             extra = apply_ops(route_rules.response, ())
+        for ops in response_ops:
+            extra = apply_ops(ops, extra)
         if policy.redirect is not None:
             match = _match(route, port, head, path, headers) if policy.redirect.prefix_rewrite else None
             return redirect(location(policy.redirect, match, scheme, authority, path), policy.redirect.code,
@@ -174,6 +181,39 @@ def act(state: ProxyState, down: Downstream, head: RequestHead, route: Route, po
         return Exchange(down, head, dest, target, authority, stats, loop, mode)
     return PolicyExchange(down, head, dest, target, authority, stats, loop, mode, delay, abort,
                           tuple(response_ops), mirror_to)
+
+
+def cors(policy: Cors, head: RequestHead, headers: Mapping[str, str],
+         response_ops: list[HeaderOps]) -> SyntheticResponse | None:
+    """Envoy's CORS filter: the answer to a preflight the sidecar takes, or None (then, for an allowed origin,
+    ``response_ops`` gets the headers to add to the response)."""
+    origin = headers.get("origin")
+    if not origin:
+        return None
+    allowed = policy.allows(origin)
+    if head.method == b"OPTIONS" and headers.get("access-control-request-method"):
+        if allowed:
+            pairs = [("access-control-allow-origin", origin)]
+            if policy.allow_credentials:
+                pairs.append(("access-control-allow-credentials", "true"))
+            if policy.allow_methods:
+                pairs.append(("access-control-allow-methods", ",".join(policy.allow_methods)))
+            if policy.allow_headers:
+                pairs.append(("access-control-allow-headers", ",".join(policy.allow_headers)))
+            if policy.max_age is not None:
+                pairs.append(("access-control-max-age", str(policy.max_age)))
+            return direct(200, b"", tuple((n.encode(), v.encode("latin-1")) for n, v in pairs))
+        if not policy.forward_unmatched:
+            return direct(200, b"")
+        return None
+    if allowed:
+        pairs = [("access-control-allow-origin", origin)]
+        if policy.allow_credentials:
+            pairs.append(("access-control-allow-credentials", "true"))
+        if policy.expose_headers:
+            pairs.append(("access-control-expose-headers", ",".join(policy.expose_headers)))
+        response_ops.append(HeaderOps(set=tuple(pairs)))
+    return None
 
 
 def _match(route: Route, port: int, head: RequestHead, path: bytes,

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from kizuna.proxy.admin import admin_protocol
 from kizuna.proxy.capture import InboundCapture, OutboundCapture, OwnPorts
 from kizuna.proxy.downstream import HttpServerConnection
+from kizuna.proxy.h2 import H2Pools, H2ServerConnection
+from kizuna.proxy.h2_dispatch import PrefaceSwitch, outbound_router
 from kizuna.proxy.health import ReadinessProber
 from kizuna.proxy.inbound import InboundHandler
 from kizuna.proxy.listener import ConnectionInfo, Listener
@@ -57,6 +59,8 @@ class Sidecar:
         self.state = ProxyState(EMPTY_SNAPSHOT, self.pools, self.stats)
         self.connections: set[asyncio.BaseProtocol] = set()
         self.discovery: DiscoveryClient | None = None
+        self.h2_pools = H2Pools(self.stats)
+        """Outbound HTTP/2 connections (h2c and gRPC streams multiplexed per endpoint)."""
         self._config_applied = False
         self._app_ready = False
         self._health_listener: Callable[[bool], None] | None = None
@@ -164,8 +168,16 @@ class Sidecar:
             pass  # no traffic passes here: admin, probing and discovery only
         else:
             self._inbound_handler = InboundHandler(self, self.stats, self.connections, loop)
+            route_h2 = outbound_router(self, outbound)
+
+            def serve_outbound(info: ConnectionInfo) -> asyncio.BaseProtocol:
+                # HTTP/1.x (absolute-form requests, CONNECT) or, opening with the h2 preface, h2c/gRPC.
+                return PrefaceSwitch(lambda: HttpServerConnection(outbound, self.stats, self.connections),
+                                     lambda: H2ServerConnection(route_h2, self.h2_pools, self.stats,
+                                                                self.connections))
+
             self._outbound = Listener("outbound", node.mesh_address, self.bootstrap.outbound_port,
-                                      lambda info: HttpServerConnection(outbound, self.stats, self.connections))
+                                      serve_outbound)
         # With capture the pod has one address; the admin port is excluded from the capture rules there.
         admin_address = node.pod_address if self.capture else node.mesh_address
         self._admin = Listener("admin", admin_address, self.bootstrap.admin_port,
@@ -216,6 +228,9 @@ class Sidecar:
             if transport is not None:
                 transport.abort()
         self.pools.close()
+        self.h2_pools.close()
+        if self._inbound_handler is not None:
+            self._inbound_handler.h2_pools.close()
         await asyncio.sleep(0)
 
     def _listen_captured(self, outbound: OutboundDispatcher, loop: asyncio.AbstractEventLoop) -> None:
@@ -226,7 +241,7 @@ class Sidecar:
         self._inbound_handler = InboundHandler(self, self.stats, self.connections, loop,
                                                bind=INBOUND_PASSTHROUGH_SOURCE)
         capture_out = OutboundCapture(self, outbound, Passthrough(self.pools, self.stats), self.stats,
-                                      self.connections, own)
+                                      self.connections, own, self.h2_pools)
         self._outbound = Listener("outbound", "0.0.0.0", bootstrap.outbound_port, capture_out, capture=True)
         try:
             self._inbound_capture = Listener("inbound", "0.0.0.0", bootstrap.inbound_capture_port,
@@ -236,7 +251,8 @@ class Sidecar:
             raise
 
     def _busy(self) -> bool:
-        return any(isinstance(c, HttpServerConnection) and c.exchange is not None for c in self.connections)
+        return any((isinstance(c, HttpServerConnection) and c.exchange is not None)
+                   or (isinstance(c, H2ServerConnection) and c.calls) for c in self.connections)
 
     def _close_idle(self) -> None:
         """Close client connections with no request in flight; the others close after their response."""
@@ -245,6 +261,8 @@ class Sidecar:
                 conn.closing = True
                 if conn.exchange is None:
                     conn.transport.close()
+            elif isinstance(conn, H2ServerConnection):
+                conn.drain()  # GOAWAY: streams in flight finish, then it closes
 
     def _accept_inbound(self, info: ConnectionInfo) -> asyncio.BaseProtocol:
         assert self._inbound_handler is not None

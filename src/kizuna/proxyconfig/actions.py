@@ -1,5 +1,5 @@
 """Route actions beyond "send to weighted clusters": Istio's redirect, directResponse, rewrite, headers, fault
-and mirror, as the control plane hands them to a sidecar (part of the snapshot contract, like ``model.py``).
+mirror and CORS, as the control plane hands them to a sidecar (part of the snapshot contract, like ``model.py``).
 
 All of a route's extra actions travel in one ``RoutePolicy`` so the proxy's hot path checks a single field:
 a route without any of them has ``RouteAction.policy`` None. Percentages are floats 0..100; durations float
@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # model imports this module; StringMatch is only needed at run time in Cors.from_json
+    from kizuna.proxyconfig.model import StringMatch
 
 DerivePort = Literal["FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"]
 
@@ -158,6 +161,46 @@ class Mirror:
 
 
 @dataclass(frozen=True, slots=True)
+class Cors:
+    """Istio CorsPolicy, with Envoy's CORS filter semantics: a preflight (``OPTIONS`` with ``Origin`` and
+    ``Access-Control-Request-Method``) from an allowed origin is answered by the sidecar; other responses to
+    an allowed origin get ``Access-Control-Allow-Origin`` (the origin itself) and the exposed headers.
+    ``forward_unmatched`` False (``unmatchedPreflights: IGNORE``) answers other preflights too, without CORS
+    headers, instead of forwarding them."""
+
+    allow_origins: tuple[StringMatch, ...] = ()
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age: int | None = None
+    """Seconds a preflight answer may be cached."""
+    allow_credentials: bool = False
+    forward_unmatched: bool = True
+
+    def allows(self, origin: str) -> bool:
+        """Envoy's isOriginAllowed: some matcher matches the origin, or matches ``*`` (allow any)."""
+        return any(m.matches("*") or m.matches(origin) for m in self.allow_origins)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"allowOrigins": [m.to_json() for m in self.allow_origins],
+                "allowMethods": list(self.allow_methods), "allowHeaders": list(self.allow_headers),
+                "exposeHeaders": list(self.expose_headers), "maxAge": self.max_age,
+                "allowCredentials": self.allow_credentials, "forwardUnmatched": self.forward_unmatched}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Cors:
+        from kizuna.proxyconfig.model import StringMatch
+
+        age = data.get("maxAge")
+        return cls(tuple(StringMatch.from_json(m) for m in data.get("allowOrigins", ())),
+                   tuple(str(m) for m in data.get("allowMethods", ())),
+                   tuple(str(h) for h in data.get("allowHeaders", ())),
+                   tuple(str(h) for h in data.get("exposeHeaders", ())),
+                   int(age) if age is not None else None, bool(data.get("allowCredentials", False)),
+                   bool(data.get("forwardUnmatched", True)))
+
+
+@dataclass(frozen=True, slots=True)
 class RoutePolicy:
     """Everything a route does besides picking a cluster. ``redirect`` and ``direct_response`` replace the
     upstream call; the rest shape it. ``destination_headers`` says some weighted cluster has its own
@@ -170,11 +213,13 @@ class RoutePolicy:
     fault: Fault | None = None
     mirrors: tuple[Mirror, ...] = ()
     destination_headers: bool = False
+    cors: Cors | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in (("redirect", self.redirect), ("directResponse", self.direct_response),
-                           ("rewrite", self.rewrite), ("headers", self.headers), ("fault", self.fault)):
+                           ("rewrite", self.rewrite), ("headers", self.headers), ("fault", self.fault),
+                           ("cors", self.cors)):
             if value is not None:
                 out[key] = value.to_json()
         if self.mirrors:
@@ -191,4 +236,4 @@ class RoutePolicy:
         return cls(opt("redirect", Redirect), opt("directResponse", DirectResponse), opt("rewrite", Rewrite),
                    opt("headers", HeaderRules), opt("fault", Fault),
                    tuple(Mirror.from_json(m) for m in data.get("mirrors", ())),
-                   bool(data.get("destinationHeaders", False)))
+                   bool(data.get("destinationHeaders", False)), opt("cors", Cors))

@@ -19,6 +19,7 @@ from kizuna.proxyconfig.policy import DEFAULT_POOL, ConnectionPool, HashPolicy, 
 
 MatchKind = Literal["exact", "prefix", "regex"]
 Protocol = Literal["http", "tcp", "auto"]
+OutboundPolicy = Literal["ALLOW_ANY", "REGISTRY_ONLY"]
 LbPolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH"]
 
 # Istio's mesh default retry policy (pilot networking/core/route/retry: DefaultPolicy).
@@ -341,18 +342,28 @@ class Snapshot:
     inbound: tuple[InboundPort, ...] = ()
     virtual_hosts: tuple[VirtualHost, ...] = ()
     clusters: tuple[Cluster, ...] = ()
+    outbound_policy: OutboundPolicy = "ALLOW_ANY"
+    """Istio's ``outboundTrafficPolicy.mode``: what happens to traffic for a destination the snapshot does not
+    know. ALLOW_ANY passes it through (transparent capture); REGISTRY_ONLY refuses it (HTTP 502, TCP closed)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "inbound": [p.to_json() for p in self.inbound],
-                "virtualHosts": [v.to_json() for v in self.virtual_hosts],
-                "clusters": [c.to_json() for c in self.clusters]}
+        out = {"version": self.version, "inbound": [p.to_json() for p in self.inbound],
+               "virtualHosts": [v.to_json() for v in self.virtual_hosts],
+               "clusters": [c.to_json() for c in self.clusters]}
+        if self.outbound_policy != "ALLOW_ANY":
+            out["outboundPolicy"] = self.outbound_policy
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Snapshot:
+        policy = data.get("outboundPolicy", "ALLOW_ANY")
+        if policy not in ("ALLOW_ANY", "REGISTRY_ONLY"):
+            raise ValueError(f"outboundPolicy: {policy!r} is not ALLOW_ANY or REGISTRY_ONLY")
         return cls(str(data["version"]),
                    tuple(InboundPort.from_json(p) for p in data.get("inbound", ())),
                    tuple(VirtualHost.from_json(v) for v in data.get("virtualHosts", ())),
-                   tuple(Cluster.from_json(c) for c in data.get("clusters", ())))
+                   tuple(Cluster.from_json(c) for c in data.get("clusters", ())),
+                   "REGISTRY_ONLY" if policy == "REGISTRY_ONLY" else "ALLOW_ANY")
 
 
 EMPTY_SNAPSHOT = Snapshot(version="")
