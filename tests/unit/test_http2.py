@@ -14,7 +14,7 @@ from kizuna.protocols.http2 import (
     grpc_timeout,
 )
 from kizuna.proxy.errors import NO_HEALTHY_UPSTREAM, NO_ROUTE, UPSTREAM_TIMEOUT, fault_abort
-from kizuna.proxy.h2 import grpc_retry_codes, synthetic_headers
+from kizuna.proxy.h2_routing import grpc_retry_codes, synthetic_headers
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"echo:50051"),
            (b":path", b"/echo.Echo/Say"), (b"content-type", b"application/grpc")]

@@ -11,7 +11,7 @@ from kizuna.protocols.http1 import split_authority
 from kizuna.protocols.http2 import Headers
 from kizuna.protocols.sniff import H2_PREFACE
 from kizuna.proxy.errors import CLUSTER_NOT_FOUND, MALFORMED_REQUEST, NO_ROUTE, SyntheticResponse
-from kizuna.proxy.h2 import Routed, StreamRouter, header
+from kizuna.proxy.h2_routing import Routed, StreamRouter, header
 from kizuna.proxy.outbound import OutboundDispatcher, StateSource
 from kizuna.proxy.stats import Stats
 
