@@ -56,6 +56,16 @@ class Layout:
         return f"{self.net}.22"
 
     @property
+    def origin_h2(self) -> tuple[str, int]:
+        """The h2c origin (HAProxy ``proto h2``) of the h2 paths: same address, its own port."""
+        return f"{self.net}.10", 8082
+
+    @property
+    def kizuna_h2_addresses(self) -> tuple[str, str, str]:
+        """The h2 path's sidecars: ``(client mesh, client pod, server mesh)``."""
+        return f"{self.net}.41", f"{self.net}.13", f"{self.net}.42"
+
+    @property
     def haproxy_client(self) -> tuple[str, int]:
         return f"{self.net}.31", 15001
 
@@ -76,6 +86,8 @@ class PathUnderTest:
     """The network namespace the load tools run in (the transparent path), None for the host."""
     origin: Started | None = None
     """The path's own origin, when it cannot use the shared one (the transparent path's is in a namespace)."""
+    load: str = "http1"
+    """Which load tools measure it: "http1" (bench.paced + wrk) or "h2" (h2load, see ``bench.h2``)."""
 
 
 def render_haproxy(template: str, out: Path, **values: str) -> Path:
@@ -173,15 +185,19 @@ def kizuna_proxy_argv(bootstrap: Path) -> list[str]:
     return [sys.executable, "-c", _RUN_SNIPPET, str(bootstrap)]
 
 
-def write_kizuna_bootstraps(layout: Layout, workdir: Path) -> tuple[Path, Path, int]:
+def write_kizuna_bootstraps(layout: Layout, workdir: Path, origin: tuple[str, int] | None = None,
+                            addresses: tuple[str, str, str] | None = None,
+                            prefix: str = "kizuna") -> tuple[Path, Path, int]:
     """Static snapshots and bootstraps of the kizuna path's two sidecars (no control plane):
-    ``(server bootstrap, client bootstrap, server inbound port)``."""
+    ``(server bootstrap, client bootstrap, server inbound port)``. ``origin`` and ``addresses`` (client mesh,
+    client pod, server mesh) default to the kizuna path's; the h2 path passes its own."""
     # Imported here so the other paths run while the proxy is still being written.
     from kizuna.proxyconfig.bootstrap import Bootstrap, Node
     from kizuna.testing.mesh import two_hop_snapshots
 
-    o_addr, o_port = layout.origin
-    client_mesh, server_mesh = layout.kizuna_client_mesh, layout.kizuna_server_mesh
+    o_addr, o_port = origin or layout.origin
+    client_mesh, client_pod, server_mesh = addresses or (layout.kizuna_client_mesh, layout.kizuna_client_pod,
+                                                         layout.kizuna_server_mesh)
     client_snap, server_snap = two_hop_snapshots(client_mesh, server_mesh, o_addr, o_port,
                                                  service=SERVICE, port=SERVICE_PORT)
     files = []
@@ -189,11 +205,11 @@ def write_kizuna_bootstraps(layout: Layout, workdir: Path) -> tuple[Path, Path, 
         ("server", server_snap, Node(id="bench-server-0.default", workload="bench-server",
                                      pod_address=o_addr, mesh_address=server_mesh, ports=(o_port,))),
         ("client", client_snap, Node(id="bench-client-0.default", workload="bench-client",
-                                     pod_address=layout.kizuna_client_pod, mesh_address=client_mesh)),
+                                     pod_address=client_pod, mesh_address=client_mesh)),
     ):
-        snap_file = workdir / f"kizuna-{role}-snapshot.json"
+        snap_file = workdir / f"{prefix}-{role}-snapshot.json"
         snap_file.write_text(json.dumps(snap.to_json()))
-        boot_file = workdir / f"kizuna-{role}-bootstrap.json"
+        boot_file = workdir / f"{prefix}-{role}-bootstrap.json"
         Bootstrap(node=node, static_snapshot=str(snap_file)).dump(boot_file)
         files.append(boot_file)
     # The inbound listens on what the snapshot says (the app's target port, in Istio's terms).

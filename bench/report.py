@@ -74,6 +74,7 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "haproxy": _first_line(["/usr/sbin/haproxy", "-v"]),
         "wrk": _first_line(["wrk", "-v"]),
+        "h2load": _first_line(["h2load", "--version"]),
         "uvloop": _dist("uvloop"),
         "httptools": _dist("httptools"),
         "py-spy": _dist("py-spy"),
@@ -99,10 +100,12 @@ def comparisons(result: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"added_latency_ms": {}}
     out["disturbed"] = [f"{name}/{phase}" for name, data in paths.items() for phase in ("fixed", "saturation")
                         if (data.get(phase, {}).get("others_vcpu") or 0.0) > DISTURBED_VCPU]
-    direct = paths.get("direct", {}).get("fixed", {}).get("latency", {})
     for name, data in paths.items():
+        # h2 paths are measured with h2load against an h2c origin: their baseline is direct h2c.
+        base = "h2-direct" if data.get("load") == "h2" else "direct"
+        direct = paths.get(base, {}).get("fixed", {}).get("latency", {})
         lat = data.get("fixed", {}).get("latency", {})
-        if name != "direct" and direct and lat.get("count"):
+        if name != base and direct and lat.get("count"):
             out["added_latency_ms"][name] = {q: lat[f"{q}_ms"] - direct[f"{q}_ms"]
                                              for q in ("p50", "p90", "p99")}
     kz, hp = paths.get("kizuna"), paths.get("haproxy")
@@ -160,7 +163,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"uvloop {m['uvloop']} httptools {m['httptools']} | "
         f"kizuna {m['kizuna_commit']}{' (modified tree)' if m['kizuna_tree_modified'] else ''}",
         f"pinning: {result['pinning']}",
-        "request (all paths, both tools): GET http://bench:80/ HTTP/1.1 + Host: bench; "
+        "request (HTTP/1.1 paths, both tools): GET http://bench:80/ HTTP/1.1 + Host: bench; "
         "response 200, 1024-byte body",
         "",
         f"Fixed rate: {s['rate']:g} req/s open loop, {s['connections']} keep-alive connections, "
@@ -175,9 +178,15 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{name:<12}{_fmt(lat.get('p50_ms')):>8}{_fmt(lat.get('p90_ms')):>8}{_fmt(lat.get('p99_ms')):>8}"
                      f"{_fmt(lat.get('p99.9_ms')):>8}{_fmt(lat.get('max_ms')):>8}{_fmt(add.get('p50')):>8}"
                      f"{_fmt(add.get('p90')):>8}{_fmt(add.get('p99')):>8}{sum(f['errors'].values()):>8}"
-                     f"{f['queued']:>8}")
+                     f"{'-' if f['queued'] is None else f['queued']:>8}")
+    if any(d.get("load") == "h2" for d in result["paths"].values()):
+        lines.append(f"h2 rows: h2load -c{s['connections']} -m{s.get('h2_streams', 10)} --rps "
+                     f"{s['rate'] / s['connections']:g} (per connection), h2c, :authority bench; +p* over h2-direct; "
+                     "h2load does not report queued requests")
     lines += ["", f"Saturation: wrk -t{s['saturation_threads']} -c{s['saturation_connections']}, "
-              f"{s['saturation_seconds']:g} s",
+              f"{s['saturation_seconds']:g} s"
+              + (f"; h2 rows: h2load -c{s['saturation_connections']} -m{s.get('h2_streams', 10)}"
+                 if any(d.get("load") == "h2" for d in result["paths"].values()) else ""),
               f"{'path':<12}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}"]
     for name, data in result["paths"].items():
         w = data["saturation"]

@@ -24,15 +24,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import profile, wrk
+from bench import h2, profile, wrk
 from bench.paths import HOST_HEADER, STARTERS, TARGET, Layout, PathUnderTest, kizuna_unavailable, start_origin
 from bench.procs import Processes, Started, cpu_seconds, memory_kb, repin, system_cpu
 from bench.report import DISTURBED_VCPU, comparisons, format_table, machine_info
 from bench.settings import BenchSettings, parse_args
+from bench.stats import summarize_ns
 from bench.transparent import cleanup as transparent_cleanup
 from bench.transparent import start_transparent, transparent_unavailable
 
-STARTERS = {**STARTERS, "transparent": start_transparent}
+STARTERS = {**STARTERS, "transparent": start_transparent, "h2-direct": h2.start_h2_direct, "h2": h2.start_h2}
 
 
 def _say(text: str) -> None:
@@ -136,6 +137,37 @@ def saturation(path: PathUnderTest, watched: list[Started], s: BenchSettings, cp
     return out, cpu
 
 
+def h2_phase(path: PathUnderTest, watched: list[Started], s: BenchSettings, cpus: frozenset[int] | None,
+             log: Path, fixed: bool) -> tuple[dict[str, Any], dict[str, dict[str, float | None]]]:
+    """One h2load run through an h2 path: rate-limited (``fixed``, s.rate over s.connections connections)
+    or as fast as it goes (s.saturation_connections connections); result keyed like the HTTP/1.1 phases."""
+    host, port = path.entry
+    seconds = s.fixed_seconds if fixed else s.saturation_seconds
+    warmup = s.warmup_seconds if fixed else 0.0
+    clients = s.connections if fixed else s.saturation_connections
+    argv = h2.command(f"http://{host}:{port}/", clients=clients, streams=s.h2_streams, seconds=seconds,
+                      warmup=warmup, log_file=log, rps_per_client=s.rate / clients if fixed else None)
+    cpu_before = _children_cpu()
+    meters: list[_Meter] = []
+    summary, latencies, bad = h2.run_h2load(argv, log, warmup, seconds, cpus,
+                                            lambda: meters.append(_Meter(watched)))
+    cpu = meters[0].stop(summary["succeeded"])
+    errors = {"failed": summary["failed"], "errored": summary["errored"], "timeout": summary["timeout"],
+              "non_200_logged": bad}
+    lat = summarize_ns(latencies)
+    out: dict[str, Any] = {"tool": "h2load", "argv": argv, "h2load": summary, "completed": summary["succeeded"],
+                           "machine": meters[0].machine, "h2load_cpu_s": _children_cpu() - cpu_before}
+    if fixed:
+        # h2load does not count requests it held back for want of a free stream: no "queued" figure.
+        out.update(errors={"failed": summary["failed"]}, queued=None, latency=lat, error_detail=errors)
+    else:
+        us = {k: lat.get(f"{k}_ms", 0.0) * 1000 for k in ("p50", "p90", "p99", "max", "mean")}
+        out.update(requests=summary["succeeded"], duration_s=seconds, rps=summary["rps"],
+                   errors={"failed": summary["failed"]}, error_detail=errors, latency_us=us)
+    log.unlink(missing_ok=True)  # up to a few hundred thousand lines; the numbers are in the JSON
+    return out, cpu
+
+
 def run_profile(path: PathUnderTest, s: BenchSettings, cpus: frozenset[int] | None, results: Path,
                 logs: Path, stamp: str) -> dict[str, Any]:
     """py-spy on the client sidecar while wrk saturates the path (an extra, unmeasured run).
@@ -183,10 +215,16 @@ def measure(path: PathUnderTest, origin: Started, s: BenchSettings, load_cpus: f
     watched = [*path.proxies, origin]
     _say(f"{path.name}: fixed rate {s.rate:g} req/s for {s.fixed_seconds:g} s "
          f"(+{s.warmup_seconds:g} s warm-up)")
-    fixed, fixed_cpu = fixed_rate(path, watched, s, load_cpus, logs / f"paced-{path.name}.log")
+    if path.load == "h2":
+        fixed, fixed_cpu = h2_phase(path, watched, s, load_cpus, logs / f"h2load-{path.name}-fixed.tsv", True)
+    else:
+        fixed, fixed_cpu = fixed_rate(path, watched, s, load_cpus, logs / f"paced-{path.name}.log")
     rss_after_fixed = {p.name: memory_kb(p.pid, "VmRSS") for p in path.proxies}
     _say(f"{path.name}: saturation for {s.saturation_seconds:g} s")
-    sat, sat_cpu = saturation(path, watched, s, load_cpus, s.saturation_seconds)
+    if path.load == "h2":
+        sat, sat_cpu = h2_phase(path, watched, s, load_cpus, logs / f"h2load-{path.name}-sat.tsv", False)
+    else:
+        sat, sat_cpu = saturation(path, watched, s, load_cpus, s.saturation_seconds)
     procs: dict[str, Any] = {}
     for p in path.proxies:
         procs[p.name] = {"pid": p.pid, "cpus": sorted(p.cpus) if p.cpus else None,
@@ -194,9 +232,9 @@ def measure(path: PathUnderTest, origin: Started, s: BenchSettings, load_cpus: f
                          "rss_kb_after_fixed": rss_after_fixed[p.name],
                          "peak_rss_kb": memory_kb(p.pid, "VmHWM")}
     shared = {origin.name: {"fixed": fixed_cpu[origin.name], "saturation": sat_cpu[origin.name]}}
-    fixed["others_vcpu"] = _others(fixed["machine"], fixed_cpu, fixed["cpu_s"])
-    sat["others_vcpu"] = _others(sat["machine"], sat_cpu, sat["wrk_cpu_s"])
-    return {"notes": path.notes, "entry": f"{path.entry[0]}:{path.entry[1]}", "fixed": fixed,
+    fixed["others_vcpu"] = _others(fixed["machine"], fixed_cpu, fixed.get("h2load_cpu_s", fixed.get("cpu_s", 0.0)))
+    sat["others_vcpu"] = _others(sat["machine"], sat_cpu, sat.get("h2load_cpu_s", sat.get("wrk_cpu_s", 0.0)))
+    return {"notes": path.notes, "load": path.load, "entry": f"{path.entry[0]}:{path.entry[1]}", "fixed": fixed,
             "saturation": sat, "processes": procs, "shared": shared}
 
 
@@ -280,10 +318,11 @@ def run(s: BenchSettings) -> dict[str, Any]:
     with Processes(logs) as shared:
         origin = start_origin(shared, layout, logs, load_cpus)
         for name in s.path_list:
-            reason = (kizuna_unavailable() if name in ("kizuna", "transparent") else None) or (
-                transparent_unavailable() if name == "transparent" else None)
+            reason = (kizuna_unavailable() if name in ("kizuna", "transparent", "h2") else None) or (
+                transparent_unavailable() if name == "transparent" else None) or (
+                h2.h2load_unavailable() if name in ("h2", "h2-direct") else None)
             if reason:
-                _say(f"kizuna: skipped, {reason}")
+                _say(f"{name}: skipped, {reason}")
                 result["skipped"][name] = reason
                 continue
             if s.quiet_wait_seconds > 0:

@@ -14,7 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-ALL_PATHS = ("direct", "kizuna", "haproxy", "transparent")
+ALL_PATHS = ("direct", "kizuna", "haproxy", "transparent", "h2-direct", "h2")
+DEFAULT_PATHS = ("direct", "kizuna", "haproxy", "transparent")
+"""The h2 paths (h2load, ~1 more minute) are opt-in: ``--paths direct,h2-direct,h2``."""
 
 
 def _f(default: Any, help: str) -> Any:
@@ -25,7 +27,8 @@ def _f(default: Any, help: str) -> Any:
 class BenchSettings:
     """One benchmark run. Defaults give the full run (about two and a half minutes on 2 cores)."""
 
-    paths: str = _f(",".join(ALL_PATHS), "comma-separated paths to measure: direct, kizuna, haproxy, transparent")
+    paths: str = _f(",".join(DEFAULT_PATHS), "comma-separated paths to measure: direct, kizuna, haproxy, "
+                    "transparent, h2-direct, h2 (h2 alone also runs h2-direct, its baseline)")
     rate: float = _f(1000.0, "fixed-rate phase: requests per second (open loop)")
     connections: int = _f(4, "fixed-rate phase: keep-alive connections")
     warmup_seconds: float = _f(2.0, "warm-up at the fixed rate before the fixed-rate run (not reported)")
@@ -33,6 +36,7 @@ class BenchSettings:
     saturation_seconds: float = _f(10.0, "saturation phase (wrk) duration")
     saturation_connections: int = _f(4, "saturation phase: wrk connections")
     saturation_threads: int = _f(1, "saturation phase: wrk threads")
+    h2_streams: int = _f(10, "h2 paths: concurrent streams per h2load connection (-m), both phases")
     profile_seconds: float = _f(5.0, "py-spy profile of the kizuna client sidecar under saturation; 0: skip")
     quiet_wait_seconds: float = _f(30.0, "before each path, wait up to this long for other work on the "
                                    "machine to stop (< 0.15 vCPU busy for 1 s); 0: do not wait")
@@ -49,6 +53,9 @@ class BenchSettings:
         unknown = [p for p in chosen if p not in ALL_PATHS]
         if unknown:
             raise ValueError(f"unknown path(s) {unknown}; choose from {ALL_PATHS}")
+        if "h2" in chosen and "h2-direct" not in chosen:
+            # h2's added latency is over direct h2c; measure that baseline first.
+            chosen = tuple(p for p in chosen if p != "h2") + ("h2-direct", "h2")
         return chosen
 
     def cpu_set(self, which: str) -> frozenset[int] | None:
