@@ -257,13 +257,25 @@ class Percent(IstioModel):
     value: Percentage = 0.0
 
 
-class Delay(IstioModel):
+class _Fault(IstioModel):
+    """What a delay and an abort share: the percentage of requests they apply to."""
+
+    percentage: Percent | None = None
+    percent: IntPercentage | None = None  # deprecated integer form; read as percentage.value
+
+    @property
+    def share(self) -> float:
+        """The percentage of requests affected (Istio's default when unset is 100)."""
+        if self.percentage is not None:
+            return self.percentage.value
+        return float(self.percent) if self.percent is not None else 100.0
+
+
+class Delay(_Fault):
     """Delay a share of requests before forwarding them."""
 
     fixed_delay: PositiveDuration | None = None
     exponential_delay: PositiveDuration | None = None
-    percentage: Percent | None = None
-    percent: IntPercentage | None = None  # deprecated integer form; read as percentage.value
 
     @model_validator(mode="after")
     def _one(self) -> Self:
@@ -273,22 +285,13 @@ class Delay(IstioModel):
             raise FieldErrors(errors)
         return self
 
-    @property
-    def share(self) -> float:
-        """The percentage of requests delayed (Istio's default when unset is 100)."""
-        if self.percentage is not None:
-            return self.percentage.value
-        return float(self.percent) if self.percent is not None else 100.0
 
-
-class Abort(IstioModel):
+class Abort(_Fault):
     """Fail a share of requests with an HTTP status, a gRPC status or an HTTP/2 error."""
 
     http_status: Annotated[int, between(200, 599)] | None = None
     grpc_status: str | None = None
     http2_error: str | None = None
-    percentage: Percent | None = None
-    percent: IntPercentage | None = None  # deprecated integer form; read as percentage.value
 
     @model_validator(mode="after")
     def _one(self) -> Self:
@@ -297,13 +300,6 @@ class Abort(IstioModel):
         if errors:
             raise FieldErrors(errors)
         return self
-
-    @property
-    def share(self) -> float:
-        """The percentage of requests aborted (Istio's default when unset is 100)."""
-        if self.percentage is not None:
-            return self.percentage.value
-        return float(self.percent) if self.percent is not None else 100.0
 
 
 class HTTPFaultInjection(IstioModel):
