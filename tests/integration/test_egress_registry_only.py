@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,8 @@ import pytest
 from kizuna.api import parse_all, parse_text
 from kizuna.controlplane.client import ControlPlaneClient
 from kizuna.controlplane.compile import compile_snapshot
-from kizuna.proxy.capture import OutboundCapture, OwnPorts
 from kizuna.proxy.discovery import DiscoveryClient
-from kizuna.proxy.listener import ConnectionInfo
-from kizuna.proxy.outbound import OutboundDispatcher
-from kizuna.proxy.passthrough import Passthrough
-from kizuna.proxy.pool import PoolRegistry
 from kizuna.proxy.sidecar import Sidecar
-from kizuna.proxy.state import ProxyState
-from kizuna.proxy.stats import Stats
-from kizuna.proxy.upstream import UpstreamConnection
 from kizuna.proxyconfig.bootstrap import Bootstrap, Node
 from kizuna.proxyconfig.model import Snapshot
 from kizuna.testing.mesh import LocalMesh, loopback_addresses
@@ -108,55 +99,14 @@ def test_proxy_mode_unknown_host(mesh: LocalMesh, mode: str | None) -> None:
     assert len(app.requests) == 1
 
 
-Captured = Callable[[Snapshot, tuple[str, int]], tuple[str, int]]
-
-
-@pytest.fixture
-def captured(mesh: LocalMesh) -> Iterator[Captured]:
-    """Listeners serving every connection as the outbound capture port serves one redirected from ``dst``;
-    all closed when the test ends."""
-    loop = mesh.loop.loop
-    servers: list[tuple[asyncio.Server, PoolRegistry[UpstreamConnection]]] = []
-
-    def make(snapshot: Snapshot, dst: tuple[str, int]) -> tuple[str, int]:
-        stats = Stats()
-        pools: PoolRegistry[UpstreamConnection] = PoolRegistry()
-
-        class Source:
-            state = ProxyState(snapshot, pools, stats)
-
-        source = Source()
-        capture = OutboundCapture(source, OutboundDispatcher(source, stats, loop), Passthrough(pools, stats),
-                                  stats, set(), OwnPorts(set(), {15001}))
-        (address,) = loopback_addresses(1, prefix="127.90")
-
-        async def serve() -> asyncio.Server:
-            return await loop.create_server(lambda: capture(ConnectionInfo("outbound", 15001, dst)), address, 0)
-
-        server = mesh.loop.run(serve())
-        servers.append((server, pools))
-        return address, server.sockets[0].getsockname()[1]
-
-    async def close(server: asyncio.Server, pools: PoolRegistry[UpstreamConnection]) -> None:
-        server.close()
-        pools.close()
-        await server.wait_closed()
-
-    try:
-        yield make
-    finally:
-        for server, pools in servers:
-            mesh.loop.run(close(server, pools))
-
-
 @pytest.mark.parametrize("mode", ["ALLOW_ANY", "REGISTRY_ONLY"])
-def test_captured_traffic_to_an_unknown_destination(mesh: LocalMesh, captured: Captured, mode: str) -> None:
+def test_captured_traffic_to_an_unknown_destination(mesh: LocalMesh, mode: str) -> None:
     (app_addr,) = loopback_addresses(1, prefix="127.90")
     app = mesh.upstream(app_addr, 0)
     echo = mesh.echo(app_addr, 0, greeting=b"hello\n")
     _, snapshot = compiled(mode, "127.90.255.254", 80)
-    http_addr = captured(snapshot, (app_addr, app.port))
-    tcp_addr = captured(snapshot, (app_addr, echo.port))
+    http_addr = mesh.captured(snapshot, (app_addr, app.port))
+    tcp_addr = mesh.captured(snapshot, (app_addr, echo.port))
 
     conn = http.client.HTTPConnection(*http_addr, timeout=10)
     conn.request("GET", "/get", headers={"Host": "unknown.egress.test"})
@@ -177,7 +127,7 @@ def test_captured_traffic_to_an_unknown_destination(mesh: LocalMesh, captured: C
 
 
 def test_captured_tcp_to_an_entry_address_reaches_its_endpoint_under_registry_only(
-        mesh: LocalMesh, captured: Captured) -> None:
+        mesh: LocalMesh) -> None:
     vip, app_addr = loopback_addresses(2, prefix="127.90")
     echo = mesh.echo(app_addr, 0, greeting=b"db\n")
     yaml = MESH_CONFIG.format(mode="REGISTRY_ONLY") + textwrap.dedent(f"""\
@@ -193,10 +143,46 @@ def test_captured_tcp_to_an_entry_address_reaches_its_endpoint_under_registry_on
     """)
     node, _ = compiled(None, "127.90.255.254", 80)
     snapshot = compile_snapshot(parse_all(parse_text(yaml, "test.yaml")), [], node, "1")
-    with socket.create_connection(captured(snapshot, (vip, 5432)), timeout=5) as sock:
+    with socket.create_connection(mesh.captured(snapshot, (vip, 5432)), timeout=5) as sock:
         sock.settimeout(5)
         assert sock.recv(100) == b"db\n"
     assert echo.connections == 1
+
+
+def test_resolution_none_entry_passes_its_address_block_through_to_the_original_destination(
+        mesh: LocalMesh) -> None:
+    # Istio: resolution NONE forwards to the address the app connected to; ``addresses`` may be a block.
+    (app_addr,) = loopback_addresses(1, prefix="127.90")
+    echo = mesh.echo(app_addr, 0, greeting=b"legacy\n")
+    app = mesh.upstream(app_addr, 0)
+    block = app_addr.rsplit(".", 1)[0] + ".0/24"
+    yaml = MESH_CONFIG.format(mode="REGISTRY_ONLY") + textwrap.dedent(f"""\
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {{name: legacy}}
+    spec:
+      hosts: [legacy.egress.test]
+      addresses: [{block}]
+      ports:
+      - {{number: {echo.port}, name: tcp, protocol: TCP}}
+      - {{number: {app.port}, name: http, protocol: HTTP}}
+      resolution: NONE
+    """)
+    node, _ = compiled(None, "127.90.255.254", 80)
+    snapshot = compile_snapshot(parse_all(parse_text(yaml, "test.yaml")), [], node, "1")
+    with socket.create_connection(mesh.captured(snapshot, (app_addr, echo.port)), timeout=5) as sock:
+        sock.settimeout(5)
+        assert sock.recv(100) == b"legacy\n"
+    conn = http.client.HTTPConnection(*mesh.captured(snapshot, (app_addr, app.port)), timeout=10)
+    conn.request("GET", "/get", headers={"Host": "legacy.egress.test"})
+    assert conn.getresponse().status == 200 and len(app.requests) == 1
+    conn.close()
+    # A port the entry does not declare stays outside the registry.
+    other = mesh.echo(app_addr, 0, greeting=b"other\n")
+    with socket.create_connection(mesh.captured(snapshot, (app_addr, other.port)), timeout=5) as sock:
+        sock.settimeout(5)
+        assert sock.recv(100) == b""
+    assert other.connections == 0
 
 
 # -- applied live through the control plane ------------------------------------------------------------------

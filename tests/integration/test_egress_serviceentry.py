@@ -101,3 +101,23 @@ def test_dns_entry_connects_to_the_name_resolved_by_the_sidecar(mesh: LocalMesh)
     seen: dict[str, Any] = json.loads(body)
     assert status == 200 and seen["path"] == "/anything/x"
     assert len(app.requests) == 1
+
+
+def test_wildcard_entry_takes_every_name_under_its_domain(mesh: LocalMesh) -> None:
+    (address,) = loopback_addresses(1, prefix="127.90")
+    app = mesh.upstream(address, 0, name="wiki")
+    side = client_sidecar(mesh, f"""\
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {{name: wiki}}
+    spec:
+      hosts: ["*.wikipedia.test"]
+      ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {app.port}}}]
+      resolution: DNS
+      endpoints: [{{address: {address}}}]
+    """)
+    for lang in ("en", "de"):
+        status, _, body = get(side, f"http://{lang}.wikipedia.test/wiki/Bond")
+        assert status == 200 and json.loads(body)["headers"]["host"] == f"{lang}.wikipedia.test"
+    assert get(side, "http://wikipedia.test/")[0] == 404
+    assert len(app.requests) == 2

@@ -20,6 +20,7 @@ import pytest
 from kizuna.api import Resource, parse_all, parse_text
 from kizuna.controlplane.compile import compile_snapshot
 from kizuna.controlplane.instances import Instance
+from kizuna.proxy.explain import explain
 from kizuna.proxy.sidecar import Sidecar
 from kizuna.proxyconfig.bootstrap import Node
 from kizuna.testing.mesh import LocalMesh, loopback_addresses
@@ -137,8 +138,20 @@ def test_outlier_detection_ejects_a_failing_endpoint(mesh: LocalMesh) -> None:
     m = start(mesh, load(HTTPBIN, rule, NO_RETRIES), apps=3)
     bad = m.apps[0]
     bad.status = 503
+    bad_endpoint = f"{m.instances[1].node.mesh_address}:8080"
     conn = http.client.HTTPConnection(m.address, 15001, timeout=10)
     try:
+        # The first ejection lasts baseEjectionTime (1 s): right after it, /stats and explain name the endpoint.
+        for _ in range(100):
+            get(conn)
+            if m.client.stats.to_json()["resilience"][CLUSTER]["outlier_detection"]["ejections_total"]:
+                break
+        ejected = m.client.stats.to_json()["resilience"][CLUSTER]["outlier_detection"]["ejected"]
+        assert ejected == [bad_endpoint]
+        why = explain(m.client.state.snapshot, "httpbin", 8000, "GET", "/get", {"host": "httpbin:8000"},
+                      {CLUSTER: frozenset(ejected)}).to_json()
+        health = {f"{e['address']}:{e['port']}": e["health"] for e in why["destinations"][0]["endpoints"]}
+        assert sorted(health.values()) == ["ejected", "healthy", "healthy"] and health[bad_endpoint] == "ejected"
         statuses = Counter(get(conn).status for _ in range(2000))
         assert statuses[200] >= 0.99 * 2000, statuses
         stats = m.client.stats.to_json()["resilience"][CLUSTER]["outlier_detection"]

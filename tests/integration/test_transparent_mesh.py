@@ -271,6 +271,29 @@ def test_new_service_resolves_in_running_apps(mesh: Mesh, tmp_path: Path) -> Non
     assert exec_(mesh, "sleep", "getent", "hosts", "late").returncode != 0
 
 
+def test_service_entry_host_resolves_and_routes_in_running_apps(mesh: Mesh, tmp_path: Path) -> None:
+    # An entry for a name no resolver knows, whose endpoint is the echo workload: Istio's DNS proxy with
+    # address auto-allocation makes such names work; kizuna writes the allocated address to the pod's hosts.
+    echo = mesh.instance("echo", 0)["podAddress"]
+    manifest = tmp_path / "entry.yaml"
+    manifest.write_text(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: legacy-api}\n"
+        "spec:\n  hosts: [api.legacy.internal]\n  location: MESH_EXTERNAL\n  resolution: STATIC\n"
+        "  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]\n"
+        f"  endpoints: [{{address: {echo}}}]\n")
+    assert mesh.kizuna("apply", "-f", manifest).returncode == 0
+    try:
+        item = json.loads(mesh.kizuna("get", "serviceentry", "legacy-api", "-o", "json").stdout)
+        address = item["status"]["addresses"][0]["value"]
+        result = exec_(mesh, "sleep", "getent", "hosts", "api.legacy.internal")
+        assert result.stdout.split()[:1] == [address], result
+        status, body = curl(mesh, "sleep", "http://api.legacy.internal/")
+        assert status == 200 and "Directory listing" in body
+    finally:
+        assert mesh.kizuna("delete", "-f", manifest).returncode == 0
+    assert exec_(mesh, "sleep", "getent", "hosts", "api.legacy.internal").returncode != 0
+
+
 @pytest.mark.skipif(not HAS_REDIS, reason="needs Debian's redis-server and redis-tools")
 def test_redis_through_the_vip_is_balanced_across_replicas(mesh: Mesh) -> None:
     result = exec_(mesh, "redis-client", "redis-cli", "-h", "redis", stdin="SET greeting hello\nGET greeting\n")

@@ -132,12 +132,15 @@ def test_route_needs_an_action_and_destination_host() -> None:
     ]
 
 
-def test_hosts_required_and_not_empty() -> None:
+def test_hosts_may_only_be_left_out_by_a_delegate() -> None:
     base = "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: r}\n"
-    assert errors_of(base + "spec: {http: [{route: [{destination: {host: r}}]}]}\n") == [
-        "vs.yaml: VirtualService default/r: spec.hosts: required"]
-    assert errors_of(base + "spec: {hosts: [], http: [{route: [{destination: {host: r}}]}]}\n") == [
-        "vs.yaml: VirtualService default/r: spec.hosts: must not be empty"]
+    # No hosts: a delegate (Istio), so it may not delegate again; a host itself must not be empty.
+    (delegate,) = parse_all(parse_text(base + "spec: {http: [{route: [{destination: {host: r}}]}]}\n", "vs.yaml"))
+    assert isinstance(delegate.spec, VirtualServiceSpec) and delegate.spec.is_delegate
+    assert errors_of(base + "spec: {http: [{delegate: {name: x}}]}\n") == [
+        "vs.yaml: VirtualService default/r: spec.http[0].delegate: a delegate cannot delegate again (one level only)"]
+    assert errors_of(base + "spec: {hosts: [''], http: [{route: [{destination: {host: r}}]}]}\n") == [
+        "vs.yaml: VirtualService default/r: spec.hosts[0]: must not be empty"]
 
 
 def test_retries_attempts_must_not_be_negative() -> None:
@@ -197,11 +200,11 @@ spec:
 def test_unsupported_kind_is_one_line() -> None:
     errors = errors_of("""\
 apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: bookinfo-gateway}
-spec: {selector: {istio: ingressgateway}}
-""", "gw.yaml")
-    assert errors == ["gw.yaml: Gateway default/bookinfo-gateway: kind Gateway (networking.istio.io/v1) "
+kind: Sidecar
+metadata: {name: default}
+spec: {egress: [{hosts: ["./*"]}]}
+""", "sidecar.yaml")
+    assert errors == ["sidecar.yaml: Sidecar default/default: kind Sidecar (networking.istio.io/v1) "
                       "is not supported yet"]
 
 

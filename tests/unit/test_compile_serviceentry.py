@@ -135,3 +135,65 @@ def test_mesh_config_is_validated_like_istio_resources() -> None:
         "mesh.yaml: MeshConfig istio-system/mesh: spec.outboundTrafficPolicy.mode: must be one of "
         "'ALLOW_ANY' or 'REGISTRY_ONLY' (got 'DENY')",
         "mesh.yaml: MeshConfig istio-system/mesh: spec.trustDomain: unknown field"]
+
+
+def test_workload_selector_makes_the_selected_mesh_instances_the_endpoints() -> None:
+    from kizuna.controlplane.instances import Instance
+
+    def vm(n: int, ready: bool, namespace: str = "default", app: str = "legacy") -> Instance:
+        node = Node(id=f"legacy-{n}.{namespace}", workload="legacy", namespace=namespace,
+                    labels=(("app", app),), pod_address=f"127.90.1.{n}", mesh_address=f"127.90.2.{n}")
+        return Instance(node, ready)
+
+    resources = parse_all(parse_text(textwrap.dedent("""\
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: legacy}
+    spec:
+      hosts: [legacy.internal]
+      location: MESH_INTERNAL
+      ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+      resolution: STATIC
+      workloadSelector: {labels: {app: legacy}}
+    """), "inline.yaml"))
+    instances = [vm(1, True), vm(2, False), vm(3, True, namespace="other"), vm(4, True, app="else")]
+    snap = compile_snapshot(resources, instances, CLIENT, "1")
+    sim = simulate(snap, "legacy.internal", 80, "/")
+    assert sim is not None
+    # Only the ready instance of the entry's namespace with the labels; at the entry port's targetPort.
+    assert [(e.address, e.port) for e in cluster(snap, sim.cluster).endpoints] == [("127.90.2.1", 8080)]
+
+
+def test_wildcard_entry_host_routes_every_name_under_it() -> None:
+    snap = snapshot("""\
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: wiki}
+    spec:
+      hosts: ["*.wikipedia.test"]
+      ports: [{number: 80, name: http, protocol: HTTP}]
+      resolution: DNS
+      endpoints: [{address: 127.90.0.20}]
+    """)
+    for host in ("en.wikipedia.test", "de.wikipedia.test"):
+        sim = simulate(snap, host, 80, "/")
+        assert sim is not None and sim.cluster == "outbound|80||*.wikipedia.test"
+    assert simulate(snap, "wikipedia.test", 80, "/") is None
+    assert [(e.address, e.port) for e in cluster(snap, "outbound|80||*.wikipedia.test").endpoints] == [
+        ("127.90.0.20", 80)]
+
+
+def test_resolution_none_sends_to_the_original_destination() -> None:
+    snap = snapshot("""\
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: any-db}
+    spec:
+      hosts: [db.internal]
+      addresses: [10.20.0.0/16]
+      ports: [{number: 5432, name: tcp, protocol: TCP}]
+      resolution: NONE
+    """)
+    (vh,) = snap.virtual_hosts
+    assert vh.addresses == ("10.20.0.0/16",)
+    assert cluster(snap, "outbound|5432||db.internal").lb_policy == "PASSTHROUGH"

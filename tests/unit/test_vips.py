@@ -148,3 +148,52 @@ def test_bad_service_range_is_refused() -> None:
         VipAllocator("10.96.0.0/33")
     with pytest.raises(ValueError, match="too small"):
         VipAllocator("10.96.0.0/31")
+
+
+def entry(name: str, hosts: list[str], addresses: list[str] | None = None,
+          resolution: str = "DNS") -> dict[str, Any]:
+    spec: dict[str, Any] = {"hosts": hosts, "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                            "resolution": resolution}
+    if addresses is not None:
+        spec["addresses"] = addresses
+    return {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": name},
+            "spec": spec}
+
+
+def allocated(cp: ControlPlane, name: str) -> Any:
+    status, body = cp.call("/v1/resources", [], "GET", {"kind": ["ServiceEntry"], "name": [name]})
+    assert status == 200
+    return {a["host"]: a["value"] for a in (body["items"][0].get("status") or {}).get("addresses", [])}
+
+
+def test_service_entry_hosts_get_addresses_like_istio_auto_allocation(tmp_path: Path) -> None:
+    cp = ControlPlane(tmp_path)
+    status, body = cp.apply(service("a"), entry("ext", ["api.example.com", "db.example.com"]),
+                            entry("own", ["own.example.com"], addresses=["10.96.0.5"]),
+                            entry("none", ["none.example.com"], resolution="NONE"))
+    assert status == 200, body
+    got = allocated(cp, "ext")
+    # One address per host, none taken twice, none for entries with their own or NONE.
+    assert set(got) == {"api.example.com", "db.example.com"}
+    assert len({*got.values(), cp.cluster_ip("a")}) == 3
+    assert allocated(cp, "own") == {} and allocated(cp, "none") == {}
+    # Re-applying (no status in the manifest) keeps the addresses and changes nothing; so does a restart.
+    status, body = cp.apply(entry("ext", ["api.example.com", "db.example.com"]))
+    assert status == 200 and body["results"][0]["action"] == "unchanged", body
+    restarted = ControlPlane(tmp_path)
+    status, body = restarted.apply(service("b"))
+    assert status == 200
+    assert allocated(restarted, "ext") == got and restarted.cluster_ip("b") not in got.values()
+
+
+def test_entry_hosts_resolve_in_the_pod_hosts_file() -> None:
+    from kizuna.runtime.names import entry_addresses, hosts_text
+
+    entries = entry_addresses([
+        {"spec": {"hosts": ["api.example.com", "*.x.com"]},
+         "status": {"addresses": [{"host": "api.example.com", "value": "10.96.0.3"}]}},
+        {"spec": {"hosts": ["own.example.com"], "addresses": ["10.96.0.9/32"]}},
+        {"spec": {"hosts": ["cidr.example.com"], "addresses": ["10.1.0.0/16"]}}])
+    assert entries == [("10.96.0.3", "api.example.com"), ("10.96.0.9", "own.example.com")]
+    text = hosts_text("sleep-1", "10.210.0.2", "default", [], entries)
+    assert "10.96.0.3\tapi.example.com\n" in text and "own.example.com" in text and "cidr" not in text

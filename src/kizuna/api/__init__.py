@@ -1,6 +1,6 @@
 """Mesh resources as plain data: Kubernetes Deployment/Service/ServiceAccount and Istio VirtualService,
-DestinationRule and ServiceEntry, read from YAML and validated with errors that name the file, the resource
-and the field.
+DestinationRule, ServiceEntry, Gateway, PeerAuthentication, AuthorizationPolicy and RequestAuthentication, read
+from YAML and validated with errors that name the file, the resource and the field.
 
 The bottom layer of kizuna: imports only pydantic, PyYAML and the standard library.
 """

@@ -17,14 +17,22 @@ from kizuna.api.codec import Document
 from kizuna.api.destinationrule import DestinationRuleSpec
 from kizuna.api.errors import ValidationError
 from kizuna.api.fields import FieldErrors, IstioModel, KubeModel
+from kizuna.api.gateway import GatewaySpec
 from kizuna.api.meshconfig import MESH_CONFIG_API, MeshConfigSpec
 from kizuna.api.meta import DEFAULT_NAMESPACE, ObjectMeta
+from kizuna.api.security import (
+    SECURITY_API,
+    AuthorizationPolicySpec,
+    PeerAuthenticationSpec,
+    RequestAuthenticationSpec,
+)
 from kizuna.api.serviceentry import ServiceEntrySpec
 from kizuna.api.virtualservice import VirtualServiceSpec
 from kizuna.api.workloads import DeploymentSpec, ServiceAccountSpec, ServiceSpec
 
 Spec = (DeploymentSpec | ServiceSpec | ServiceAccountSpec | VirtualServiceSpec | DestinationRuleSpec
-        | ServiceEntrySpec | MeshConfigSpec)
+        | ServiceEntrySpec | MeshConfigSpec | GatewaySpec | PeerAuthenticationSpec | AuthorizationPolicySpec
+        | RequestAuthenticationSpec)
 
 ISTIO_NETWORKING = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
 
@@ -46,6 +54,22 @@ class _DestinationRuleDocument(_IstioDocument):
 
 class _ServiceEntryDocument(_IstioDocument):
     spec: ServiceEntrySpec
+
+
+class _GatewayDocument(_IstioDocument):
+    spec: GatewaySpec
+
+
+class _PeerAuthenticationDocument(_IstioDocument):
+    spec: PeerAuthenticationSpec = PeerAuthenticationSpec()
+
+
+class _AuthorizationPolicyDocument(_IstioDocument):
+    spec: AuthorizationPolicySpec = AuthorizationPolicySpec()
+
+
+class _RequestAuthenticationDocument(_IstioDocument):
+    spec: RequestAuthenticationSpec = RequestAuthenticationSpec()
 
 
 class _MeshConfigDocument(_IstioDocument):
@@ -75,11 +99,16 @@ class _ServiceAccountDocument(_KubeDocument):
 
 
 _Document = (_VirtualServiceDocument | _DestinationRuleDocument | _ServiceEntryDocument | _DeploymentDocument
-             | _ServiceDocument | _ServiceAccountDocument | _MeshConfigDocument)
+             | _ServiceDocument | _ServiceAccountDocument | _MeshConfigDocument | _GatewayDocument
+             | _PeerAuthenticationDocument | _AuthorizationPolicyDocument | _RequestAuthenticationDocument)
 _KINDS: dict[str, tuple[tuple[str, ...], type[_Document]]] = {
     "VirtualService": (ISTIO_NETWORKING, _VirtualServiceDocument),
     "DestinationRule": (ISTIO_NETWORKING, _DestinationRuleDocument),
     "ServiceEntry": (ISTIO_NETWORKING, _ServiceEntryDocument),
+    "Gateway": (ISTIO_NETWORKING, _GatewayDocument),
+    "PeerAuthentication": (SECURITY_API, _PeerAuthenticationDocument),
+    "AuthorizationPolicy": (SECURITY_API, _AuthorizationPolicyDocument),
+    "RequestAuthentication": (SECURITY_API, _RequestAuthenticationDocument),
     "MeshConfig": ((MESH_CONFIG_API,), _MeshConfigDocument),
     "Deployment": (("apps/v1",), _DeploymentDocument),
     "Service": (("v1",), _ServiceDocument),

@@ -400,12 +400,18 @@ class TLSRoute(IstioModel):
 class VirtualServiceSpec(IstioModel):
     """Routing rules for the listed hosts, applied by sidecars (``mesh``) and/or gateways."""
 
-    hosts: Annotated[list[str], Field(min_length=1)]
+    hosts: list[str] = Field(default_factory=list)
+    """Empty only for a delegate: a VirtualService whose ``http`` routes another one's ``delegate`` uses."""
     gateways: list[str] = Field(default_factory=list)
     http: list[HTTPRoute] = Field(default_factory=list)
     tls: list[TLSRoute] = Field(default_factory=list)
     tcp: list[TCPRoute] = Field(default_factory=list)
     export_to: list[str] = Field(default_factory=list)
+
+    @property
+    def is_delegate(self) -> bool:
+        """A VirtualService without hosts only serves as another one's ``delegate``."""
+        return not self.hosts
 
     @property
     def applies_to_mesh(self) -> bool:
@@ -417,6 +423,14 @@ class VirtualServiceSpec(IstioModel):
         errors: list[tuple[str, str]] = []
         if not (self.http or self.tcp or self.tls):
             errors.append(("", "one of http, tcp or tls is required"))
+        if self.is_delegate:
+            # Istio's rules for a delegate (a VirtualService with no hosts).
+            for name, value in (("gateways", self.gateways), ("tls", self.tls), ("tcp", self.tcp)):
+                if value:
+                    errors.append((name, f"a delegate VirtualService (no hosts) must not set {name}"))
+            for i, route in enumerate(self.http):
+                if route.delegate is not None:
+                    errors.append((f"http[{i}].delegate", "a delegate cannot delegate again (one level only)"))
         for i, host in enumerate(self.hosts):
             if not host:
                 errors.append((f"hosts[{i}]", "must not be empty"))

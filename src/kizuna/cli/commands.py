@@ -172,11 +172,11 @@ def controlplane(args: argparse.Namespace) -> int:
         recorded = (state.read_runtime() or {}).get("controlPlane")
         previous = (state.read_controlplane() or {}).get("address")
         listen = str(recorded or previous or "127.0.0.1:0")
-    service_cidr = settings_from(ControlPlaneSettings, args).service_cidr
-    service_cidr = service_cidr or (state.read_runtime() or {}).get("serviceCidr")
-    if service_cidr:
-        return run(str(state.root), listen, service_cidr=service_cidr)
-    return run(str(state.root), listen)
+    settings = settings_from(ControlPlaneSettings, args)
+    service_cidr = settings.service_cidr or (state.read_runtime() or {}).get("serviceCidr")
+    return run(str(state.root), listen, service_cidr=service_cidr or None,
+               workload_cert_ttl=settings.workload_cert_ttl,
+               cacerts=str(settings.cacerts) if settings.cacerts else None)
 
 
 def proxy(args: argparse.Namespace) -> int:

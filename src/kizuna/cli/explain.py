@@ -30,6 +30,7 @@ def run(state: StateDir, args: argparse.Namespace) -> int:
     except (OSError, urllib.error.URLError, ValueError) as exc:
         raise UserError(f"cannot read the config of {instance.id}'s sidecar at {admin}: {exc}") from None
     snapshot = Snapshot.from_json(dump["snapshot"])
+    ejected = _ejections(instance.mesh_address)
     url = urlsplit(args.url if "://" in args.url else f"http://{args.url}")
     if not url.hostname:
         raise UserError(f"{args.url}: not a URL with a host")
@@ -41,13 +42,24 @@ def run(state: StateDir, args: argparse.Namespace) -> int:
             raise UserError(f"-H {line!r}: expected 'Name: value'")
         headers[name.strip().lower()] = value.strip()
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    result = explain(snapshot, url.hostname, port, args.request.upper(), path, headers)
+    result = explain(snapshot, url.hostname, port, args.request.upper(), path, headers, ejected)
     if args.output == "json":
         print(json.dumps({"from": instance.id, "configVersion": dump.get("version"), **result.to_json()},
                          indent=2))
     else:
         print(render(result, instance.id, str(dump.get("version", ""))))
     return 0 if result.route is not None else 1
+
+
+def _ejections(address: str) -> dict[str, frozenset[str]]:
+    """The sidecar's live outlier ejections by cluster (from its ``/stats``; empty when unreadable)."""
+    try:
+        with urllib.request.urlopen(f"http://{address}:{ADMIN_PORT}/stats", timeout=5) as response:
+            stats = json.load(response)
+    except (OSError, urllib.error.URLError, ValueError):
+        return {}
+    return {name: frozenset(entry.get("outlier_detection", {}).get("ejected", ()))
+            for name, entry in stats.get("resilience", {}).items()}
 
 
 def render(result: Explanation, source: str, version: str) -> str:
@@ -79,8 +91,10 @@ def render(result: Explanation, source: str, version: str) -> str:
         if cluster is None:
             lines.append(f"destination  {weight:>3}%  {name}: not in the config -> 503 (NC)")
             continue
-        endpoints = ", ".join(f"{e.address}:{e.port} ({e.workload})" for e in cluster.endpoints) or \
-            "none -> 503 no healthy upstream (UH)"
+        endpoints = ", ".join(
+            f"{e.address}:{e.port} ({e.workload}"
+            + (", ejected by outlier detection)" if result.health(name, e.address, e.port) == "ejected" else ")")
+            for e in cluster.endpoints) or "none -> 503 no healthy upstream (UH)"
         lines.append(f"destination  {weight:>3}%  {name}")
         lines.append(f"               load balancer {cluster.lb_policy}, connect timeout {cluster.connect_timeout:g}s;"
                      f" endpoints: {endpoints}")

@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 
 from kizuna.api.validate import Resource
 from kizuna.controlplane.compile_clusters import build_cluster
+from kizuna.controlplane.compile_gateway import compile_gateway
 from kizuna.controlplane.compile_index import (
     DOMAIN,
     KubeService,
@@ -30,6 +32,7 @@ from kizuna.controlplane.compile_index import (
     port_protocol,
 )
 from kizuna.controlplane.compile_routes import ClusterRef, build_routes
+from kizuna.controlplane.compile_security import compile_security
 from kizuna.controlplane.instances import Instance
 from kizuna.proxyconfig.bootstrap import Node
 from kizuna.proxyconfig.model import InboundPort, Protocol, Snapshot, VirtualHost, cluster_name
@@ -45,6 +48,8 @@ def compile_snapshot(resources: Sequence[Resource], instances: Sequence[Instance
 
 def compile_for(index: MeshIndex, node: Node, version: str) -> Snapshot:
     """:func:`compile_snapshot` over a prebuilt index (build it once per change, compile per proxy)."""
+    if node.kind == "gateway":
+        return replace(compile_gateway(index, node, version), security=compile_security(index, node))
     refs: dict[str, ClusterRef] = {}
     virtual_hosts = []
     services = [s for s in index.services if exported_to(s.export_to, s.namespace, node)]
@@ -66,8 +71,7 @@ def compile_for(index: MeshIndex, node: Node, version: str) -> Snapshot:
         if not exported_to(entry.export_to, entry.namespace, node):
             continue
         # A ServiceEntry host answers to its name exactly as written, on each declared port, and at its
-        # ``addresses`` (VIP matching of captured traffic; CIDR blocks are not matched per address).
-        addresses = tuple(a for a in entry.spec.addresses if "/" not in a or a.endswith(("/32", "/128")))
+        # addresses (VIP matching of captured traffic).
         for se_port in entry.spec.ports:
             protocol = entry_protocol(se_port.protocol)
             routes, used = build_routes(index, node, entry, se_port.number, protocol)
@@ -75,10 +79,12 @@ def compile_for(index: MeshIndex, node: Node, version: str) -> Snapshot:
             default = cluster_name("outbound", se_port.number, "", host)
             refs.setdefault(default, (host, se_port.number, ""))
             virtual_hosts.append(VirtualHost(f"{host}:{se_port.number}", (host,), se_port.number, protocol,
-                                             routes, tuple(a.split("/")[0] for a in addresses)))
+                                             routes, entry.addresses))
     clusters = [build_cluster(index, node, name, refs[name]) for name in sorted(refs)]
-    return Snapshot(version, _inbound(index, node), tuple(sorted(virtual_hosts, key=lambda v: v.name)),
-                    tuple(clusters), index.outbound_policy or "ALLOW_ANY")
+    inbound = _inbound(index, node)
+    return Snapshot(version, inbound, tuple(sorted(virtual_hosts, key=lambda v: v.name)),
+                    tuple(clusters), index.outbound_policy or "ALLOW_ANY",
+                    security=compile_security(index, node, (p.port for p in inbound)))
 
 
 def snapshot_digest(snapshot: Snapshot) -> str:

@@ -90,6 +90,35 @@ def effective_policy(top: TrafficPolicy | None, subset: TrafficPolicy | None, po
     return lb, pool, outlier
 
 
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
+"""The label Istio's injector puts on pods with a sidecar (value ``istio``): auto mTLS dials them with mTLS."""
+
+
+def tls_mode(top: TrafficPolicy | None, subset: TrafficPolicy | None, port: int) -> str:
+    """The DestinationRule ``tls.mode`` for ``port`` (port level, then subset, then host), or "" if none."""
+    mode = ""
+    for policy in (top, subset):
+        if policy is None:
+            continue
+        if policy.tls is not None:
+            mode = policy.tls.mode
+        level = policy.for_port(port)
+        if level is not None and level.tls is not None:
+            mode = level.tls.mode
+    return mode
+
+
+def endpoint_identity(node: Node, mode: str, trust_domain: str = "cluster.local") -> str:
+    """The identity a client checks on this endpoint when it talks mTLS to it, or "" for plaintext: Istio's
+    auto mTLS (the endpoint has a sidecar) unless the DestinationRule turns TLS off (``DISABLE``) or
+    originates its own (``SIMPLE``/``MUTUAL``); ``ISTIO_MUTUAL`` asks for it explicitly."""
+    if mode in ("DISABLE", "SIMPLE", "MUTUAL"):
+        return ""
+    if dict(node.labels).get(TLS_MODE_LABEL) != "istio":
+        return ""
+    return f"{trust_domain}/ns/{node.namespace}/sa/{node.service_account}"
+
+
 def lb_policy(lb: LoadBalancerSettings | None) -> LbPolicy:
     """The balancer for a ``loadBalancer.simple`` setting (consistent hashing: see ``hash_policy``)."""
     return _LB.get(lb.simple or "", DEFAULT_LB) if lb is not None else DEFAULT_LB
@@ -109,7 +138,9 @@ def build_cluster(index: MeshIndex, node: Node, name: str, ref: ClusterRef) -> C
     service_port = service.port(port) if service is not None else None
     top, subsets = merged_rule(index, node, service_fqdn)
     subset = subsets.get(subset_name) if subset_name else None
-    lb, pool, outlier = effective_policy(top, subset.traffic_policy if subset is not None else None, port)
+    subset_policy = subset.traffic_policy if subset is not None else None
+    lb, pool, outlier = effective_policy(top, subset_policy, port)
+    tls = tls_mode(top, subset_policy, port)
     endpoints: list[Endpoint] = []
     if service is not None and service_port is not None and (not subset_name or subset is not None):
         wanted = subset.labels if subset is not None else {}
@@ -119,29 +150,42 @@ def build_cluster(index: MeshIndex, node: Node, name: str, ref: ClusterRef) -> C
                 continue
             target = index.target_port(service_port, inst)
             if target is not None:
-                endpoints.append(Endpoint(inst.mesh_address, target, inst.workload, inst.labels))
+                endpoints.append(Endpoint(inst.mesh_address, target, inst.workload, inst.labels,
+                                          endpoint_identity(inst, tls)))
     protocol = port_protocol(service_port) if service_port is not None else "auto"
     entry = index.external.get(service_fqdn) if service is None else None
     if entry is not None and (not subset_name or subset is not None):
-        endpoints = entry_endpoints(entry, port, subset.labels if subset is not None else {})
+        endpoints = entry_endpoints(index, entry, port, subset.labels if subset is not None else {})
         entry_port = entry.spec.port(port)
         protocol = entry_protocol(entry_port.protocol) if entry_port is not None else "auto"
     endpoints.sort(key=lambda e: (e.address, e.port, e.workload))
-    return Cluster(name, service_fqdn, port, subset_name, protocol, lb_policy(lb), tuple(endpoints),
+    balancer = lb_policy(lb)
+    if entry is not None and entry.spec.resolution == "NONE" and entry.spec.workload_selector is None and lb is None:
+        balancer = "PASSTHROUGH"  # Istio's ORIGINAL_DST cluster: where the app was connecting (with capture)
+    return Cluster(name, service_fqdn, port, subset_name, protocol, balancer, tuple(endpoints),
                    connect_timeout(pool), connection_pool(pool), outlier_detection(outlier), hash_policy(lb))
 
 
-def entry_endpoints(entry: ExternalHost, port: int, wanted: dict[str, str]) -> list[Endpoint]:
+def entry_endpoints(index: MeshIndex, entry: ExternalHost, port: int, wanted: dict[str, str]) -> list[Endpoint]:
     """A ServiceEntry host's endpoints on ``port``: STATIC/DNS ``endpoints`` (port from the endpoint's
-    ``ports`` by port name, else ``targetPort``, else the port), or, with none listed, the host name itself
-    (DNS, NONE: the sidecar resolves it when it connects; NONE in proxy mode has no original destination)."""
+    ``ports`` by port name, else ``targetPort``, else the port); with a ``workloadSelector``, the ready mesh
+    instances of the entry's namespace carrying its labels (as Istio selects pods and WorkloadEntries); with
+    neither, the host name itself (DNS, NONE: the sidecar resolves it when it connects, or, for NONE with
+    capture, forwards to the original destination; see the PASSTHROUGH balancer)."""
     se_port = entry.spec.port(port)
     if se_port is None:
         return []
     default_port = se_port.target_port or se_port.number
+    selector = entry.spec.workload_selector
+    if selector is not None:
+        want = {**selector.labels, **wanted}
+        return [Endpoint(i.node.mesh_address, default_port, i.node.workload, i.node.labels,
+                         endpoint_identity(i.node, ""))
+                for i in index.instances
+                if i.ready and i.node.namespace == entry.namespace and labels_match(want, i.node.labels)]
     if not entry.spec.endpoints:
-        if entry.spec.resolution == "STATIC" or entry.spec.workload_selector is not None:
-            return []  # workloadSelector: mesh workloads are not matched to entries yet
+        if entry.spec.resolution == "STATIC":
+            return []
         return [Endpoint(entry.fqdn, default_port, entry.name)] if not wanted else []
     return [Endpoint(ep.address, ep.ports.get(se_port.name, default_port), entry.name,
                      tuple(sorted(ep.labels.items())))

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kizuna.api.destinationrule import DestinationRuleSpec
+from kizuna.api.gateway import GatewaySpec
 from kizuna.api.meshconfig import MeshConfigSpec
 from kizuna.api.serviceentry import ServiceEntrySpec
 from kizuna.api.validate import Resource
@@ -20,6 +21,7 @@ from kizuna.proxyconfig.bootstrap import Node
 from kizuna.proxyconfig.model import OutboundPolicy, Protocol
 
 DOMAIN = "svc.cluster.local"
+SECURITY_KINDS = frozenset({"PeerAuthentication", "AuthorizationPolicy", "RequestAuthentication"})
 EXPORT_TO_ANNOTATION = "networking.istio.io/exportTo"
 
 # Istio protocol selection: appProtocol, else the port name's prefix before "-". HTTP-family protocols are
@@ -46,6 +48,16 @@ def port_protocol(port: ServicePort) -> Protocol:
             if candidate in _TCP:
                 return "tcp"
     return "auto"
+
+
+def allocated_addresses(resource: Resource) -> dict[str, str]:
+    """A ServiceEntry's auto-allocated addresses by host (from its ``status.addresses``)."""
+    status = resource.raw.get("status") or {}
+    found = {}
+    for item in status.get("addresses") or ():
+        if isinstance(item, dict) and item.get("host") and item.get("value"):
+            found[str(item["host"])] = str(item["value"])
+    return found
 
 
 def labels_match(selector: Mapping[str, str], labels: Iterable[tuple[str, str]] | Mapping[str, str]) -> bool:
@@ -102,6 +114,16 @@ class ExternalHost:
     namespace: str
     name: str
     spec: ServiceEntrySpec
+    allocated: str = ""
+    """The address the control plane allocated to this host (an entry without ``addresses``; see vips)."""
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Where captured traffic to this host goes: the entry's addresses (single ones, and CIDR blocks the
+        sidecar matches by prefix), else the allocated one."""
+        own = tuple(a[:-3] if a.endswith("/32") else a[:-4] if a.endswith("/128") else a
+                    for a in self.spec.addresses)
+        return own or ((self.allocated,) if self.allocated else ())
 
     @property
     def export_to(self) -> tuple[str, ...]:
@@ -116,12 +138,12 @@ class Rule:
     name: str
     namespace: str
     hosts: tuple[str, ...]
-    spec: VirtualServiceSpec | DestinationRuleSpec
+    spec: VirtualServiceSpec | DestinationRuleSpec | GatewaySpec
 
     @property
     def source(self) -> str:
         """``VirtualService ns/name``: where a compiled route came from (shown by explain tools)."""
-        kind = "VirtualService" if isinstance(self.spec, VirtualServiceSpec) else "DestinationRule"
+        kind = type(self.spec).__name__.removesuffix("Spec")
         return f"{kind} {self.namespace}/{self.name}"
 
 
@@ -134,11 +156,15 @@ class MeshIndex:
     deployments: dict[tuple[str, str], DeploymentSpec] = field(default_factory=dict)
     virtual_services: list[Rule] = field(default_factory=list)
     destination_rules: list[Rule] = field(default_factory=list)
+    gateways: list[Rule] = field(default_factory=list)
+    """Istio Gateways (``hosts`` empty; compiled for gateway proxies only)."""
     instances: list[Instance] = field(default_factory=list)
     by_fqdn: dict[str, KubeService] = field(default_factory=dict)
     external: dict[str, ExternalHost] = field(default_factory=dict)
     outbound_policy: OutboundPolicy | None = None
     """``MeshConfig`` ``outboundTrafficPolicy.mode`` (None: no MeshConfig, Istio's default ALLOW_ANY)."""
+    security: list[Resource] = field(default_factory=list)
+    """PeerAuthentication, AuthorizationPolicy and RequestAuthentication resources (``compile_security``)."""
 
     @classmethod
     def build(cls, resources: Sequence[Resource], instances: Sequence[Instance]) -> MeshIndex:
@@ -158,14 +184,21 @@ class MeshIndex:
                 index.virtual_services.append(Rule(r.name, r.namespace, tuple(spec.hosts), spec))
             elif isinstance(spec, DestinationRuleSpec):
                 index.destination_rules.append(Rule(r.name, r.namespace, (spec.host,), spec))
+            elif isinstance(spec, GatewaySpec):
+                index.gateways.append(Rule(r.name, r.namespace, (), spec))
+            elif r.kind in SECURITY_KINDS:
+                index.security.append(r)
             elif isinstance(spec, MeshConfigSpec):
                 if index.outbound_policy is None:  # the first by (namespace, name) holds
                     index.outbound_policy = spec.outbound_traffic_policy.mode
             elif isinstance(spec, ServiceEntrySpec):
+                allocated = allocated_addresses(r)
                 for host in spec.hosts:
                     # Two entries for one host: the first by (namespace, name) wins, deterministically.
-                    if not host.startswith("*") and host not in index.by_fqdn:
-                        index.external.setdefault(host, ExternalHost(host, r.namespace, r.name, spec))
+                    # A wildcard host (``*.example.com``) becomes a virtual host the router matches by suffix.
+                    if host not in index.by_fqdn:
+                        index.external.setdefault(host, ExternalHost(host, r.namespace, r.name, spec,
+                                                                          allocated.get(host, "")))
         index.instances = sorted(instances, key=lambda i: i.node.id)
         return index
 
@@ -189,6 +222,13 @@ class MeshIndex:
         if host.startswith("*."):
             return service_fqdn.endswith(host[1:])
         return self.resolve(host, namespace) == service_fqdn
+
+    def virtual_service(self, namespace: str, name: str) -> VirtualServiceSpec | None:
+        """The VirtualService ``namespace/name`` (how a ``delegate`` is found)."""
+        for rule in self.virtual_services:
+            if rule.namespace == namespace and rule.name == name and isinstance(rule.spec, VirtualServiceSpec):
+                return rule.spec
+        return None
 
     def deployment_of(self, node: Node) -> DeploymentSpec | None:
         """The Deployment that runs ``node`` (by workload name and namespace)."""

@@ -2,9 +2,10 @@
 
 Matches that cannot apply to this proxy (``sourceLabels``, ``sourceNamespace``, ``gateways``) or to this port
 are dropped here, so the data plane only ever evaluates request attributes. A route left with no match is
-dropped; a route without ``match`` takes everything. Redirect, directResponse, rewrite, headers, fault and
-mirrors and corsPolicy become the route's ``RoutePolicy`` (``proxyconfig/actions.py``); delegate routes are
-skipped.
+dropped; a route without ``match`` takes everything; TLS routes keep only their ``sniHosts`` for the proxy.
+Redirect, directResponse, rewrite, headers, fault and mirrors and corsPolicy become the route's
+``RoutePolicy`` (``proxyconfig/actions.py``); a ``delegate`` is replaced by the delegate's routes
+(``compile_delegate.py``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from kizuna.api.virtualservice import (
     RouteDestination,
     StringMatch,
     TCPRoute,
+    TLSMatchAttributes,
+    TLSRoute,
     VirtualServiceSpec,
 )
+from kizuna.controlplane.compile_delegate import expand
 from kizuna.controlplane.compile_index import (
     ExternalHost,
     KubeService,
@@ -121,9 +125,14 @@ def build_routes(index: MeshIndex, node: Node, service: KubeService | ExternalHo
     routes: list[Route] | None = None
     if rule is not None and isinstance(spec, VirtualServiceSpec):
         if protocol != "tcp" and spec.http:
-            routes = [r for i, h in enumerate(spec.http) if (r := _http_route(scope, rule, i, h)) is not None]
-        elif protocol != "http" and spec.tcp:
-            routes = [r for i, t in enumerate(spec.tcp) if (r := _tcp_route(scope, rule, i, t)) is not None]
+            routes = [r for label, h in expand(spec.http, rule.namespace, index.virtual_service)
+                      if (r := _http_route(scope, rule, label, h)) is not None]
+        elif protocol != "http" and (spec.tls or spec.tcp):
+            # TLS routes (by SNI) first, then TCP routes: a connection no SNI route takes falls to them.
+            # (Only ports declared TLS/HTTPS/TCP route on SNI: a sniffed port may carry HTTP.)
+            routes = [r for i, t in enumerate(spec.tls) if protocol == "tcp"
+                      and (r := _tls_route(scope, rule, i, t)) is not None]
+            routes += [r for i, t in enumerate(spec.tcp) if (r := _tcp_route(scope, rule, i, t)) is not None]
     if routes is None:
         # No rule for this host (or none for this protocol): Istio's default route to the whole service.
         wc = WeightedCluster(scope.cluster(service.fqdn, port), 100)
@@ -131,7 +140,9 @@ def build_routes(index: MeshIndex, node: Node, service: KubeService | ExternalHo
     return tuple(routes), scope.refs
 
 
-def _http_route(scope: _Scope, rule: Rule, i: int, http: HTTPRoute) -> Route | None:
+def _http_route(scope: _Scope, rule: Rule, label: str | int, http: HTTPRoute) -> Route | None:
+    if isinstance(label, int):
+        label = f"http[{label}]"
     matches: list[RouteMatch] = []
     for m in http.match:
         converted = _route_match(scope, m)
@@ -146,7 +157,7 @@ def _http_route(scope: _Scope, rule: Rule, i: int, http: HTTPRoute) -> Route | N
         # Istio: timeouts and retries are not enabled on a route with fault injection.
         timeout, retry = None, NO_RETRY
     action = RouteAction(clusters, timeout, retry, policy)
-    return Route(http.name or f"{rule.name}.http[{i}]", tuple(matches), action, rule.source)
+    return Route(http.name or f"{rule.name}.{label}", tuple(matches), action, rule.source)
 
 
 def _tcp_route(scope: _Scope, rule: Rule, i: int, tcp: TCPRoute) -> Route | None:
@@ -158,7 +169,16 @@ def _tcp_route(scope: _Scope, rule: Rule, i: int, tcp: TCPRoute) -> Route | None
                  rule.source)
 
 
-def _l4_fits(scope: _Scope, m: L4MatchAttributes) -> bool:
+def _tls_route(scope: _Scope, rule: Rule, i: int, tls: TLSRoute) -> Route | None:
+    # Only the SNI is left for the proxy to decide; port and source conditions are decided here.
+    names = tuple(dict.fromkeys(h for m in tls.match if _l4_fits(scope, m) for h in m.sni_hosts))
+    if not names:
+        return None
+    return Route(f"{rule.name}.tls[{i}]", (RouteMatch(sni_hosts=names),),
+                 RouteAction(_weighted(scope, rule, tls.route), None, NO_RETRY), rule.source)
+
+
+def _l4_fits(scope: _Scope, m: L4MatchAttributes | TLSMatchAttributes) -> bool:
     return (m.port is None or m.port == scope.port) and scope.source_fits(
         m.source_labels, m.source_namespace, m.gateways)
 

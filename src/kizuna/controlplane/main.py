@@ -17,6 +17,8 @@ from typing import Any
 
 import uvloop
 
+from kizuna.controlplane.ca import DEFAULT_WORKLOAD_TTL, CaError, CertificateAuthority
+from kizuna.controlplane.credentials import CredentialError
 from kizuna.controlplane.files import ADDRESS_FILE, atomic_write_json, read_address_file
 from kizuna.controlplane.push import PushQueue
 from kizuna.controlplane.registry import Registry
@@ -56,10 +58,13 @@ def _remove_address_file(state_dir: Path) -> None:
 
 
 async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asyncio.Event | None = None,
-                service_cidr: str | None = None) -> int:
+                service_cidr: str | None = None, workload_cert_ttl: float | None = None,
+                cacerts: str | Path | None = None) -> int:
     """Run the control plane until ``stop`` is set (or SIGTERM/SIGINT); returns the exit status.
 
-    With ``service_cidr``, Services get a clusterIP (VIP) from that range (transparent mode)."""
+    With ``service_cidr``, Services get a clusterIP (VIP) from that range (transparent mode). The certificate
+    authority signs workload certificates for ``workload_cert_ttl`` seconds (default 24 h), with the root
+    plugged in from ``cacerts`` (Istio's layout) or the state dir's own self-signed one."""
     state = Path(state_dir)
     host, port = parse_listen(listen)
     vips = VipAllocator(service_cidr) if service_cidr else None
@@ -78,7 +83,13 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
     registry = Registry(path=state / STORE_DIR / REGISTRY_FILE)
     restored = registry.restore()
     pusher = PushQueue(store, registry)
-    server = ControlPlaneServer(token, store, registry, pusher, vips=vips)
+    try:
+        ca = CertificateAuthority.load_or_create(state, workload_ttl=workload_cert_ttl or DEFAULT_WORKLOAD_TTL,
+                                                 plugged=cacerts)
+    except (CaError, CredentialError, OSError, ValueError) as exc:
+        log.error("certificate authority: %s", exc)
+        return 1
+    server = ControlPlaneServer(token, store, registry, pusher, vips=vips, ca=ca)
     try:
         bound_host, bound_port = await server.start(host, port)
     except OSError as exc:
@@ -112,7 +123,8 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
     return 0
 
 
-def run(state_dir: str, listen: str = "127.0.0.1:0", service_cidr: str | None = None) -> int:
+def run(state_dir: str, listen: str = "127.0.0.1:0", service_cidr: str | None = None,
+        workload_cert_ttl: float | None = None, cacerts: str | None = None) -> int:
     """Entry point for ``kizuna controlplane``: blocks until SIGTERM/SIGINT, returns the exit status.
 
     ``service_cidr`` (``--service-cidr``) turns on clusterIP allocation for Services."""
@@ -127,4 +139,5 @@ def run(state_dir: str, listen: str = "127.0.0.1:0", service_cidr: str | None = 
         log.error("%s", exc)
         return 2
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(state_dir, listen, service_cidr=service_cidr))
+        return runner.run(serve(state_dir, listen, service_cidr=service_cidr,
+                                workload_cert_ttl=workload_cert_ttl, cacerts=cacerts))

@@ -16,6 +16,7 @@ from typing import Any
 from kizuna.api.codec import Document
 from kizuna.api.errors import ValidationError
 from kizuna.api.validate import parse_all
+from kizuna.controlplane.ca import CaError, CertificateAuthority
 from kizuna.controlplane.httpserver import (
     HttpServer,
     Request,
@@ -75,8 +76,11 @@ class ControlPlaneServer:
     """The HTTP API and discovery endpoint over one store, registry and push queue."""
 
     def __init__(self, token: str, store: MemoryStore[Any], registry: Registry, pusher: PushQueue,
-                 parse: Parse = parse_all, vips: VipAllocator | None = None) -> None:
+                 parse: Parse = parse_all, vips: VipAllocator | None = None,
+                 ca: CertificateAuthority | None = None) -> None:
         self.token = token
+        self.ca = ca
+        """Signs workload certificates (``POST /v1/certificates``); None: no CA, the endpoint answers 404."""
         self.vips = vips
         """Allocates Service clusterIPs (transparent mode); None leaves Services without VIPs."""
         self.store = store
@@ -90,6 +94,8 @@ class ControlPlaneServer:
             ("GET", "/v1/resources"): self._resources,
             ("GET", "/v1/status"): lambda _: json_response(200, self.pusher.status()),
             ("GET", "/v1/registry"): self._registry,
+            ("POST", "/v1/certificates"): self._certificates,
+            ("GET", "/v1/roots"): self._roots,
             ("GET", DISCOVERY_PATH): self._discovery,
         }
 
@@ -123,7 +129,8 @@ class ControlPlaneServer:
             resources = list(self._parse(documents))
             if self.vips is not None:
                 # The handler runs on the loop thread, so nothing else applies between this and the store.
-                resources = self.vips.assign(resources, self.store.list(kind="Service"))
+                resources = self.vips.assign(resources, [*self.store.list(kind="Service"),
+                                                          *self.store.list(kind="ServiceEntry")])
         except ValidationError as exc:
             return error_response(422, *exc.errors)
         if body.get("dryRun"):
@@ -134,6 +141,32 @@ class ControlPlaneServer:
             except StoreError as exc:
                 return error_response(500, str(exc))
         return json_response(200, {"results": [r.to_json() for r in results]})
+
+    # -- identity ------------------------------------------------------------------------------------------
+
+    def _certificates(self, request: Request) -> Response:
+        """``{"csr", "namespace", "serviceAccount", "credential", "ttl"?}`` → the signed certificate, its chain
+        and the trust bundle; 403 when the credential does not grant that identity."""
+        if self.ca is None:
+            return error_response(404, "this control plane runs no certificate authority")
+        try:
+            body = json.loads(request.body or b"{}")
+            csr, namespace = str(body["csr"]), str(body["namespace"])
+            account, credential = str(body["serviceAccount"]), str(body["credential"])
+            ttl = float(body["ttl"]) if body.get("ttl") is not None else None
+        except (ValueError, KeyError, TypeError) as exc:
+            return error_response(400, f"expected csr, namespace, serviceAccount and credential: {exc}")
+        try:
+            issued = self.ca.sign(csr, namespace, account, credential, ttl)
+        except CaError as exc:
+            log.warning("refused a certificate for %s/%s: %s", namespace, account, exc)
+            return error_response(403, str(exc))
+        return json_response(200, issued.to_json())
+
+    def _roots(self, _: Request) -> Response:
+        if self.ca is None:
+            return error_response(404, "this control plane runs no certificate authority")
+        return json_response(200, {"roots": self.ca.roots_pem(), "trustDomain": self.ca.trust_domain})
 
     def _delete(self, request: Request) -> Response:
         _, documents = _documents(request)

@@ -29,11 +29,13 @@ from kizuna.proxy.inbound import InboundHandler, SniffingConnection
 from kizuna.proxy.listener import ConnectionInfo
 from kizuna.proxy.outbound import NOT_IN_REGISTRY, OutboundDispatcher, StateSource
 from kizuna.proxy.passthrough import PASSTHROUGH_CONNECT_TIMEOUT, Passthrough
+from kizuna.proxy.sni import SniWait, has_sni_routes, route_for_sni
 from kizuna.proxy.state import Pool, ProxyState
 from kizuna.proxy.stats import Stats
 from kizuna.proxy.tcp import TcpForward
 from kizuna.proxyconfig.model import VirtualHost
 
+PASSTHROUGH: Final = "PASSTHROUGH"
 SNIFF_TIMEOUT: Final = 0.1
 """How long an outbound connection of unknown protocol may stay silent before it is relayed as opaque TCP
 (server-first protocols such as MySQL or SMTP send nothing first)."""
@@ -125,23 +127,37 @@ class OutboundCapture:
             return _Closing()
         if vh is None:
             return TcpForward(dst[0], dst[1], PASSTHROUGH_CONNECT_TIMEOUT, self.stats, self.registry, initial)
-        endpoint = _tcp_endpoint(state, vh)
+        if has_sni_routes(vh):
+            return SniWait(lambda sni, data: self._forward(state, vh, dst, data, sni), initial)
+        return self._forward(state, vh, dst, initial)
+
+    def _forward(self, state: ProxyState, vh: VirtualHost, dst: tuple[str, int], initial: bytes,
+                 sni: str | None = None) -> asyncio.Protocol:
+        endpoint = _tcp_endpoint(state, vh, sni)
         if endpoint is None:
             self.stats.error("no healthy upstream")
             return _Closing()
+        if isinstance(endpoint, str):  # a ServiceEntry with resolution NONE: where the app was connecting
+            return TcpForward(dst[0], dst[1], PASSTHROUGH_CONNECT_TIMEOUT, self.stats, self.registry, initial)
         pool, timeout = endpoint
         return TcpForward(pool.address, pool.port, timeout, self.stats, self.registry, initial, load=pool)
 
 
-def _tcp_endpoint(state: ProxyState, vh: VirtualHost) -> tuple[Pool, float] | None:
-    """Opaque TCP to a service: its first route that takes any request (TCP has no path or headers to match),
-    else its first route; then the weighted cluster and a balanced endpoint."""
-    route = next((r for r in vh.routes if not r.matches), vh.routes[0] if vh.routes else None)
+def _tcp_endpoint(state: ProxyState, vh: VirtualHost, sni: str | None = None) -> tuple[Pool, float] | str | None:
+    """Opaque TCP to a service: with an ``sni``, the route for it (see ``sni``); else its first route that
+    takes any request (TCP has no path or headers to match), else its first route; then the weighted cluster
+    and a balanced endpoint (``PASSTHROUGH`` for a cluster that sends to the original destination)."""
+    if sni is not None:
+        route = route_for_sni(vh.routes, sni)
+    else:
+        route = next((r for r in vh.routes if not r.matches), vh.routes[0] if vh.routes else None)
     if route is None:
         return None
     dest = state.destination(route)
     if dest is None:
         return None
+    if dest.cluster.cluster.lb_policy == PASSTHROUGH:
+        return PASSTHROUGH
     pool = dest.cluster.balancer.pick()
     if pool is None:
         return None

@@ -127,6 +127,15 @@ class DiscoveryClient:
             return ""
         return Path(self.bootstrap.token_file).read_text().strip()
 
+    def address(self) -> str:
+        """The control plane's current ``host:port`` (for the CA's API on the same listener)."""
+        target = self._target()
+        return f"{target[0]}:{target[1]}" if target is not None else ""
+
+    def token(self) -> str:
+        """The bearer token for the control plane's API."""
+        return self._token()
+
     async def _session(self) -> bool:
         """One stream from connect to close; returns True when it got as far as receiving a message."""
         target = self._target()

@@ -220,6 +220,10 @@ class Exchange:
         if outlier is not None and self.pool is not None:
             outlier.observe(self.pool, status, self.loop.time())
 
+    def request_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The request's headers as they go upstream (for ``consistentHash``)."""
+        return self.head.headers
+
     def peer(self) -> str | None:
         """The client's IP address (for ``consistentHash.useSourceIp``)."""
         info = self.down.transport.get_extra_info("peername")
@@ -418,9 +422,16 @@ class Exchange:
 
     def response_head(self, head: ResponseHead) -> None:
         """A response head from the current try."""
+        accepted = self._accept(head)
+        if accepted is not None:
+            self._write_head(accepted)
+
+    def _accept(self, head: ResponseHead) -> ResponseHead | None:
+        """Count the response and decide on it: None when it is informational, retried, or a 101 (whose
+        bytes follow in ``response_upgraded``); else the head to pass on."""
         status = head.status
         if status < 200 and status != 101:
-            return  # informational: the client already had our own 100 Continue
+            return None  # informational: the client already had our own 100 Continue
         dest = self.dest
         dest.cluster.counters[status // 100 - 1] += 1
         if dest.cluster.outlier is not None:
@@ -429,7 +440,7 @@ class Exchange:
             if self._may_retry():
                 self._abandon()
                 self._retry()
-                return
+                return None
             if self.tried:
                 # Retries were spent and this try failed the same way: Envoy's URX on the passed-on answer.
                 self.stats.flag("URX")
@@ -440,7 +451,14 @@ class Exchange:
             self.try_timer = None
         if status == 101:
             self.upgrade_head = head  # the new protocol's first bytes follow in response_upgraded
-            return
+            return None
+        if self.hash_cookie is not None:
+            head = head._replace(headers=(*head.headers, self.hash_cookie))
+        return head
+
+    def _write_head(self, head: ResponseHead) -> None:
+        """The accepted response head, framed for the HTTP/1.x client."""
+        status = head.status
         request = self.head
         keep_alive = self.keep_alive
         http11 = request.version == b"1.1"
@@ -462,8 +480,7 @@ class Exchange:
             connection = None if keep_alive else b"close"
         else:
             connection = b"keep-alive" if keep_alive else b"close"
-        headers = head.headers if self.hash_cookie is None else (*head.headers, self.hash_cookie)
-        self.out.append(encode_response_head(status, head.reason, headers, announce, length, connection))
+        self.out.append(encode_response_head(status, head.reason, head.headers, announce, length, connection))
 
     def response_body(self, data: bytes) -> None:
         """A piece of the response body."""

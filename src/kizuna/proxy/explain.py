@@ -40,6 +40,12 @@ class Explanation:
     route: Route | None = None
     clusters: tuple[tuple[int, Cluster | None, str], ...] = field(default=())
     """(weight, cluster or None when the snapshot lacks it, cluster name) of the chosen route."""
+    ejected: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """``address:port`` of the endpoints outlier detection holds out, by cluster name (live sidecar state)."""
+
+    def health(self, cluster: str, address: str, port: int) -> str:
+        """``healthy`` (ready, in the balancer) or ``ejected`` (held out by outlier detection)."""
+        return "ejected" if f"{address}:{port}" in self.ejected.get(cluster, ()) else "healthy"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"request": {"host": self.host, "port": self.port, "method": self.method,
@@ -55,7 +61,8 @@ class Explanation:
             out["destinations"] = [
                 {"weight": weight, "cluster": name,
                  **({"subset": c.subset, "lbPolicy": c.lb_policy, "connectTimeout": c.connect_timeout,
-                     "endpoints": [e.to_json() for e in c.endpoints],
+                     "endpoints": [{**e.to_json(), "health": self.health(name, e.address, e.port)}
+                                   for e in c.endpoints],
                      "policies": {k: v for k, v in c.to_json().items()
                                   if k in ("connectionPool", "outlierDetection", "hashPolicy")}}
                     if c is not None else {"missing": True})}
@@ -63,9 +70,10 @@ class Explanation:
         return out
 
 
-def explain(snapshot: Snapshot, host: str, port: int, method: str, path: str,
-            headers: Mapping[str, str]) -> Explanation:
-    """Replay the proxy's routing of one request over ``snapshot``; ``headers`` by lower-case name."""
+def explain(snapshot: Snapshot, host: str, port: int, method: str, path: str, headers: Mapping[str, str],
+            ejected: Mapping[str, frozenset[str]] | None = None) -> Explanation:
+    """Replay the proxy's routing of one request over ``snapshot``; ``headers`` by lower-case name;
+    ``ejected``: the sidecar's outlier ejections by cluster, when known."""
     host = host.lower().rstrip(".")
     router = Router(snapshot)
     vh = router.virtual_host(host, port)
@@ -83,7 +91,7 @@ def explain(snapshot: Snapshot, host: str, port: int, method: str, path: str,
     if chosen is not None:
         by_name = {c.name: c for c in snapshot.clusters}
         clusters = tuple((w.weight, by_name.get(w.cluster), w.cluster) for w in chosen.action.clusters)
-    return Explanation(host, port, method, path, vh.name, tuple(verdicts), chosen, clusters)
+    return Explanation(host, port, method, path, vh.name, tuple(verdicts), chosen, clusters, ejected or {})
 
 
 def _first_failure(m: RouteMatch, port: int, method: str, path: str, headers: Mapping[str, str]) -> str:

@@ -9,8 +9,11 @@ at most one window per stream. Trailers are forwarded (gRPC's status lives there
 ``grpc-status`` and ``grpc-message``), its ``grpc-timeout`` bounds the request (with the route timeout), and
 retries follow ``grpc-status`` of trailers-only answers (``unavailable``, ``cancelled``, ...).
 
-Not done on HTTP/2 streams yet: route policies (rewrite, header operations, faults, mirrors, redirects),
-circuit breaking, outlier detection and consistent hashing (the cluster's balancer picks the endpoint).
+Each stream gets the route's policy and the cluster's resilience policies as an HTTP/1.1 request does
+(see ``h2_call``).
+
+A stream whose destination speaks HTTP/1.1 only (``Routed.http1``) is bridged to it by an ``H1Call``
+(``h2_bridge``).
 
 This module holds the two connection protocols and the upstream pool; ``h2_call`` the per-stream ``H2Call``,
 ``h2_routing`` what a stream router answers and the gRPC helpers (re-exported here for existing importers).
@@ -34,8 +37,9 @@ from kizuna.protocols.http2 import (
     TrailersReceived,
     WindowOpened,
 )
+from kizuna.proxy.h2_bridge import H1Call
 from kizuna.proxy.h2_call import H2Call
-from kizuna.proxy.h2_routing import StreamRouter
+from kizuna.proxy.h2_routing import Routed, StreamRouter
 from kizuna.proxy.stats import Stats
 
 
@@ -50,7 +54,7 @@ class H2ServerConnection(asyncio.Protocol):
         self.registry = registry
         self.h2 = H2Endpoint(client_side=False)
         self.transport: asyncio.Transport | None = None
-        self.calls: dict[int, H2Call] = {}
+        self.calls: dict[int, H2Call | H1Call] = {}
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -84,9 +88,14 @@ class H2ServerConnection(asyncio.Protocol):
                 self.h2.reset(event.stream_id, REFUSED_STREAM)
                 return
             self.stats.downstream_rq_total += 1
-            call = H2Call(self, event.stream_id, event.headers, event.end_stream)
+            routed = self.route(event.headers)
+            call: H2Call | H1Call
+            if isinstance(routed, Routed) and routed.http1:
+                call = H1Call(self, event.stream_id, event.headers, event.end_stream)
+            else:
+                call = H2Call(self, event.stream_id, event.headers, event.end_stream)
             self.calls[event.stream_id] = call
-            call.start()
+            call.start(routed)
         elif isinstance(event, DataReceived):
             found = self.calls.get(event.stream_id)
             if found is None:

@@ -1,35 +1,72 @@
 """One HTTP/2 request stream proxied end to end (``H2Call``): routed, sent upstream (again on retry), its
-response relayed back, with flow control credited across the two connections and the deadline enforced."""
+response relayed back, with flow control credited across the two connections and the deadline enforced.
+
+It gets what an HTTP/1.1 exchange gets: the route's policy (``route_actions.plan``: rewrite, header
+operations, fault delay and abort, mirrors), the cluster's circuit breaker, outlier detection, consistent
+hashing, per-try timeouts, and an ``x-request-id`` when the client sent none.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, Final, cast
+from collections.abc import Sequence
+from dataclasses import replace
+from random import getrandbits
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from kizuna.protocols.http2 import CANCEL, REFUSED_STREAM, Headers, grpc_timeout
+from kizuna.proxy.circuit import OVERFLOW, QUEUED
 from kizuna.proxy.errors import (
     NO_HEALTHY_UPSTREAM,
     UPSTREAM_CONNECT_ERROR,
+    UPSTREAM_OVERFLOW,
     UPSTREAM_RESET,
     UPSTREAM_TIMEOUT,
     SyntheticResponse,
 )
-from kizuna.proxy.h2_routing import GRPC_DEADLINE_EXCEEDED, Routed, header, synthetic_headers
+from kizuna.proxy.h2_policy import downstream_headers, mirror, outlier_status, regular, upstream_headers
+from kizuna.proxy.h2_routing import GRPC_DEADLINE_EXCEEDED, Routed, StreamSink, header, send_synthetic
+from kizuna.proxy.hashing import set_cookie_header
 from kizuna.proxy.retry import backoff
 from kizuna.proxy.state import Pool
 
 if TYPE_CHECKING:  # h2 builds calls at run time; the calls only hold its connections
-    from kizuna.proxy.h2 import H2ClientConnection, H2ServerConnection
+    from kizuna.proxy.h2 import H2ClientConnection, H2Pools
+    from kizuna.proxy.stats import Stats
+    from kizuna.proxyconfig.policy import HashPolicy
 
 RETRY_BUFFER: Final = 64 * 1024
 """A request whose body grows past this many bytes is not retried (its start is no longer kept)."""
 
 
+class CallOwner(Protocol):
+    """The client side of a call: an HTTP/2 server connection (``h2.H2ServerConnection``) or one HTTP/1.1
+    request (``h2_front.H2Front``)."""
+
+    @property
+    def h2(self) -> StreamSink: ...
+
+    @property
+    def stats(self) -> Stats: ...
+
+    @property
+    def pools(self) -> H2Pools: ...
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+    def flush(self) -> None:
+        """Write what ``h2`` queued."""
+
+    def finished(self, stream_id: int) -> None:
+        """The call is over."""
+
+
 class H2Call:
     """One request stream: routed, sent upstream (again on retry), its response relayed back."""
 
-    def __init__(self, down: H2ServerConnection, stream_id: int, headers: Headers, end_stream: bool) -> None:
+    def __init__(self, down: CallOwner, stream_id: int, headers: Headers, end_stream: bool) -> None:
         self.down = down
         self.stream_id = stream_id
         self.headers = headers
@@ -37,6 +74,9 @@ class H2Call:
         self.grpc = content_type.startswith(b"application/grpc")
         self.loop = asyncio.get_running_loop()
         self.routed: Routed | None = None
+        self.up_headers = headers
+        """The request head as it goes upstream (after the route policy)."""
+        self.target = header(headers, b":path") or b"/"
         # Request body: chunks not yet sent upstream as [data, flow length not yet credited downstream].
         self.pending_up: deque[list[bytes | int]] = deque()
         self.copy: list[bytes] | None = []  # the whole body so far, while a retry may resend it
@@ -48,22 +88,58 @@ class H2Call:
         self.pool: Pool | None = None
         self.tried: list[Pool] = []
         self.tries = 0
+        self.generation = 0  # bumped whenever a try is given up: a connect that completes late is ignored
         self.started = False  # response headers went downstream: no retry, no synthetic answer
         self.pending_down: deque[list[bytes | int]] = deque()
         self.response_ended: Headers | bool = False
         self.done = False
         self.timer: asyncio.TimerHandle | None = None
+        self.try_timer: asyncio.TimerHandle | None = None
+        self.delay_handle: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.mirror_due = False
+        self.hash_cookie: tuple[bytes, bytes] | None = None
 
     # -- downstream side --------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        routed = self.down.route(self.headers)
+    def start(self, routed: Routed | SyntheticResponse) -> None:
+        """Go where the stream router sent the stream (after a fault delay), or answer for the proxy."""
         if isinstance(routed, SyntheticResponse):
             self.down.stats.flag(routed.flag)
             self.respond(routed)
             return
         self.routed = routed
+        plan = routed.plan
+        self.up_headers = upstream_headers(self.headers, plan)
+        if plan is not None:
+            self.target = plan.target
+            if plan.delay is not None:
+                if plan.delayed_abort is None:
+                    self.down.stats.flag("DI")  # an abort after the delay counts DI with its FI
+                self.delay_handle = self.loop.call_later(plan.delay, self._delay_over)
+                return
+            self.mirror_due = bool(plan.mirror_to)
+        self._proceed()
+
+    def _delay_over(self) -> None:
+        self.delay_handle = None
+        routed = self.routed
+        if self.done or routed is None or routed.plan is None:
+            return
+        abort = routed.plan.delayed_abort
+        if abort is not None:
+            abort = replace(abort, flag="DI,FI")
+            self.down.stats.flag(abort.flag)
+            self.respond(abort)
+            return
+        self.mirror_due = bool(routed.plan.mirror_to)
+        self._proceed()
+
+    def _proceed(self) -> None:
+        """Past the fault stage (as Envoy's router): the deadline starts, mirrors go, the circuit breaker
+        admits (or queues, or refuses) the first try."""
+        routed = self.routed
+        assert routed is not None
         timeout = routed.dest.timeout
         if self.grpc:
             value = header(self.headers, b"grpc-timeout")
@@ -72,7 +148,45 @@ class H2Call:
                 timeout = deadline if timeout is None else min(timeout, deadline)
         if timeout is not None:
             self.timer = self.loop.call_later(timeout, self.timed_out)
+        self._mirror()
+        circuit = routed.dest.cluster.circuit
+        if circuit is not None:
+            verdict = circuit.enter(self, self._resume)
+            if verdict == OVERFLOW:
+                self.down.stats.flag(UPSTREAM_OVERFLOW.flag)
+                self.respond(UPSTREAM_OVERFLOW)
+                return
+            if verdict == QUEUED:
+                return
         self.task = self.loop.create_task(self.attempt())
+
+    def _resume(self) -> None:
+        if not self.done:
+            self.task = self.loop.create_task(self.attempt())
+
+    def _mirror(self) -> None:
+        """Once the request is complete and kept: its copy to the mirror clusters (fire and forget)."""
+        routed = self.routed
+        if not self.mirror_due or self.request_ended is False or routed is None or routed.plan is None:
+            return
+        self.mirror_due = False
+        if self.copy is not None:
+            mirror(self.loop, self.down.stats, routed.plan, self.up_headers, b"".join(self.copy))
+
+    # -- what consistent hashing asks (state.Picking) ----------------------------------------------------
+
+    def request_headers(self) -> Sequence[tuple[bytes, bytes]]:
+        return regular(self.up_headers)
+
+    def peer(self) -> str | None:
+        transport = self.down.transport
+        info = transport.get_extra_info("peername") if transport is not None else None
+        return str(info[0]) if info else None
+
+    def new_hash_cookie(self, policy: HashPolicy) -> bytes:
+        value = b"%016x" % getrandbits(64)
+        self.hash_cookie = set_cookie_header(policy, value)
+        return value
 
     def request_data(self, data: bytes, flow: int, end: bool) -> None:
         if self.done:
@@ -86,15 +200,16 @@ class H2Call:
         self.pending_up.append([data, flow])
         if end:
             self.request_ended = True
+            self._mirror()
         self.flush_up()
 
     def request_end(self, trailers: Headers) -> None:
         self.request_ended = trailers
+        self._mirror()
         self.flush_up()
 
     def downstream_gone(self) -> None:
         """The client reset the stream or went away: cancel upstream."""
-        self.down.calls.pop(self.stream_id, None)
         self.down.stats.flag("DC")
         self._cancel_up()
         self.finish()
@@ -105,7 +220,7 @@ class H2Call:
         routed = self.routed
         assert routed is not None
         cluster = routed.dest.cluster
-        pool = cluster.balancer.pick(self.tried)
+        pool = cluster.balancer.pick(self.tried) if cluster.plain else cluster.pick(self)
         if pool is None:
             self.down.stats.flag(NO_HEALTHY_UPSTREAM.flag)
             self.respond(NO_HEALTHY_UPSTREAM)
@@ -114,26 +229,28 @@ class H2Call:
         self.tried.append(pool)
         self.pool = pool
         pool.active += 1
+        generation = self.generation
+        per_try = routed.dest.retry.per_try_timeout
+        if per_try is not None:
+            self.try_timer = self.loop.call_later(per_try, self.try_timed_out)
         try:
             conn = await self.down.pools.get(pool.address, pool.port, cluster.connect_timeout)
         except (TimeoutError, OSError):
-            self._release()  # (a no-op when a timeout or the client ended the call meanwhile)
-            if self.done:
-                return
+            if self.done or generation != self.generation:
+                return  # this try was given up meanwhile (timeout, client gone): nothing more to do
+            self._observe(503)  # Envoy counts a connect failure as a 5xx / gateway error of the endpoint
+            self._release()
             if routed.dest.retry.on_connect_failure and self.may_retry():
                 self.retry()
                 return
-            flagged = UPSTREAM_CONNECT_ERROR.with_flag("URX") if self.tries > 1 else UPSTREAM_CONNECT_ERROR
-            self.down.stats.flag(flagged.flag)
-            self.respond(flagged)
+            self.fail(UPSTREAM_CONNECT_ERROR)
             return
-        if self.done:
-            self._release()
+        if self.done or generation != self.generation:
             return
         self.up = conn
         self.up_ended = False
         end = self.request_ended is True and not self.pending_up
-        self.up_stream = conn.open(self, self.headers)
+        self.up_stream = conn.open(self, self.up_headers)
         if end:
             conn.h2.end_stream(self.up_stream)
             self.up_ended = True
@@ -171,17 +288,34 @@ class H2Call:
             return
         routed = self.routed
         assert routed is not None
-        status = header(headers, b":status") or b"0"
-        retriable = int(status) in routed.dest.retry.retriable_statuses if status.isdigit() else False
+        raw = header(headers, b":status") or b"0"
+        status = int(raw) if raw.isdigit() else 0
+        dest = routed.dest
+        if 100 <= status < 600:
+            dest.cluster.counters[status // 100 - 1] += 1
+        self._observe(outlier_status(headers, self.grpc))
+        retriable = status in dest.retry.retriable_statuses
         if not retriable and end_stream and routed.grpc_codes:
             code = header(headers, b"grpc-status")
             retriable = code is not None and code.isdigit() and int(code) in routed.grpc_codes
-        if retriable and self.may_retry():
-            self._cancel_up()
-            self.retry()
-            return
+        extra: Headers = []
+        if retriable:
+            if self.may_retry():
+                self._cancel_up()
+                self.retry()
+                return
+            if self.tries > 1:
+                # Retries were spent and this try failed the same way: Envoy's URX on the passed-on answer.
+                self.down.stats.flag("URX")
+                extra.append((b"x-kizuna-flags", b"URX"))
+        if self.hash_cookie is not None:
+            extra.append(self.hash_cookie)
         self.started = True
-        self.down.h2.send_headers(self.stream_id, headers, end_stream=end_stream)
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        self.down.h2.send_headers(self.stream_id, downstream_headers(headers, routed.plan, extra),
+                                  end_stream=end_stream)
         self.down.flush()
         if end_stream:
             self.finish()
@@ -235,6 +369,8 @@ class H2Call:
         """The upstream stream was reset or its connection lost."""
         if self.done:
             return
+        if not self.started:
+            self._observe(503)  # Envoy counts a reset before the response as a 5xx / gateway error
         self._release()
         routed = self.routed
         assert routed is not None
@@ -248,16 +384,17 @@ class H2Call:
             self.down.flush()
             self.finish()
             return
-        self.down.stats.flag(UPSTREAM_RESET.flag)
-        self.respond(UPSTREAM_RESET)
+        self.fail(UPSTREAM_RESET)
 
     # -- retries, deadline, the end ---------------------------------------------------------------------
 
     def may_retry(self) -> bool:
         routed = self.routed
         assert routed is not None
-        return (not self.started and self.copy is not None and self.tries <= routed.dest.retry.attempts
-                and not self.done)
+        if self.started or self.copy is None or self.tries > routed.dest.retry.attempts or self.done:
+            return False
+        circuit = routed.dest.cluster.circuit
+        return circuit is None or circuit.may_retry(self)
 
     def retry(self) -> None:
         """Start over on another endpoint after a backoff, resending the kept body."""
@@ -275,11 +412,28 @@ class H2Call:
 
         self.loop.call_later(delay, again)
 
+    def try_timed_out(self) -> None:
+        """The per-try timeout: this try is given up; retried when the route says so, else UT."""
+        self.try_timer = None
+        if self.done or self.started:
+            return
+        self.down.stats.timeouts += 1
+        self._observe(504)  # Envoy counts an upstream timeout as a gateway error of that endpoint
+        self._cancel_up()
+        routed = self.routed
+        assert routed is not None
+        if routed.dest.retry.on_timeout and self.may_retry():
+            self.retry()
+            return
+        self.fail(UPSTREAM_TIMEOUT)
+
     def timed_out(self) -> None:
         self.timer = None
         if self.done:
             return
         self.down.stats.timeouts += 1
+        if not self.started:
+            self._observe(504)
         self.down.stats.flag(UPSTREAM_TIMEOUT.flag)
         self._cancel_up()
         if not self.started:
@@ -296,15 +450,28 @@ class H2Call:
             self.down.flush()
             self.finish()
 
+    def fail(self, error: SyntheticResponse) -> None:
+        """Answer ``error`` after the last try failed (with URX when retries were spent), counted."""
+        routed = self.routed
+        if routed is not None and self.tries > 1 and routed.dest.retry.attempts:
+            error = error.with_flag("URX")
+        self.down.stats.flag(error.flag)
+        self.respond(error)
+
+    def _observe(self, status: int) -> None:
+        """Tell outlier detection how the current try's endpoint answered."""
+        routed = self.routed
+        outlier = routed.dest.cluster.outlier if routed is not None else None
+        if outlier is not None and self.pool is not None:
+            outlier.observe(self.pool, status, self.loop.time())
+
     def respond(self, response: SyntheticResponse) -> None:
         """Answer the client with a proxy-made response (a gRPC error for a gRPC request)."""
         if self.done:
             return
-        headers, body = synthetic_headers(response, self.grpc)
+        self.down.stats.error(response.reason)
         h2 = self.down.h2
-        h2.send_headers(self.stream_id, headers, end_stream=not body)
-        if body:
-            h2.send_data(self.stream_id, body, end_stream=True)
+        send_synthetic(h2, self.stream_id, response, self.grpc)
         # The request body will not be read: credit it so the connection's window stays open.
         for chunk in self.pending_up:
             h2.acknowledge(self.stream_id, cast(int, chunk[1]))
@@ -325,6 +492,10 @@ class H2Call:
 
     def _release(self) -> None:
         self.up = None
+        self.generation += 1
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
         if self.pool is not None:
             self.pool.active -= 1
             self.pool = None
@@ -339,7 +510,16 @@ class H2Call:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.delay_handle is not None:
+            self.delay_handle.cancel()
+            self.delay_handle = None
         if self.up is not None:
             self.up.forget(self.up_stream)
         self._release()
+        routed = self.routed
+        circuit = routed.dest.cluster.circuit if routed is not None else None
+        if circuit is not None:
+            start = circuit.leave(self)
+            if start is not None:
+                self.loop.call_soon(start)
         self.down.finished(self.stream_id)

@@ -11,8 +11,10 @@ from kizuna.protocols.http1 import split_authority
 from kizuna.protocols.http2 import Headers
 from kizuna.protocols.sniff import H2_PREFACE
 from kizuna.proxy.errors import CLUSTER_NOT_FOUND, MALFORMED_REQUEST, NO_ROUTE, SyntheticResponse
+from kizuna.proxy.h2_policy import regular
 from kizuna.proxy.h2_routing import Routed, StreamRouter, header
 from kizuna.proxy.outbound import OutboundDispatcher, StateSource
+from kizuna.proxy.route_actions import plan
 from kizuna.proxy.stats import Stats
 
 
@@ -45,10 +47,19 @@ def outbound_router(source: StateSource, outbound: OutboundDispatcher,
         selected = router.select(host, port, method, path, view)
         if selected is None:
             return NO_ROUTE
+        retry_on = selected.action.retry.retry_on
+        policy = selected.action.policy
+        if policy is not None:
+            scheme = header(headers, b":scheme") or b"http"
+            planned = plan(state, selected, policy, method.encode("latin-1"), regular(headers), scheme, port,
+                           path.encode("latin-1"), authority, view)
+            if isinstance(planned, SyntheticResponse):
+                return planned
+            return Routed(planned.dest, retry_on, planned, planned.dest.cluster.cluster.http_version == "1.1")
         dest = state.destination(selected)
         if dest is None:
             return CLUSTER_NOT_FOUND
-        return Routed(dest, selected.action.retry.retry_on)
+        return Routed(dest, retry_on, None, dest.cluster.cluster.http_version == "1.1")
 
     return route
 
@@ -62,7 +73,7 @@ def inbound_router(source: StateSource, port: int, stats: Stats) -> StreamRouter
         target = source.state.inbound.get(port)
         if target is None:
             return NO_ROUTE
-        return Routed(target.destination)
+        return Routed(target.destination, http1=target.port.http_version == "1.1")
 
     return route
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Final
+from typing import TYPE_CHECKING, Final, Protocol
 
-from kizuna.protocols.http2 import Headers
+from kizuna.protocols.http2 import CANCEL, Headers
 from kizuna.proxy.errors import SyntheticResponse
 from kizuna.proxy.state import Destination
+
+if TYPE_CHECKING:  # route_actions pulls in the HTTP/1.1 exchange; routing only carries its plan
+    from kizuna.proxy.route_actions import Plan
 
 GRPC_CODES: Final = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8, "internal": 13,
                      "unavailable": 14}
@@ -27,14 +30,33 @@ def grpc_retry_codes(retry_on: frozenset[str]) -> frozenset[int]:
 
 
 class Routed:
-    """Where a stream goes: a destination plus the retry conditions only HTTP/2 has."""
+    """Where a stream goes: a destination plus the retry conditions only HTTP/2 has, the route policy's
+    ``plan`` (None: the request goes as it came), and whether the upstream speaks HTTP/1.1 only."""
 
-    __slots__ = ("dest", "grpc_codes", "refused_stream")
+    __slots__ = ("dest", "grpc_codes", "refused_stream", "plan", "http1")
 
-    def __init__(self, dest: Destination, retry_on: frozenset[str] = frozenset()) -> None:
+    def __init__(self, dest: Destination, retry_on: frozenset[str] = frozenset(), plan: Plan | None = None,
+                 http1: bool = False) -> None:
         self.dest = dest
         self.grpc_codes = grpc_retry_codes(retry_on)
         self.refused_stream = "refused-stream" in retry_on
+        self.plan = plan
+        self.http1 = http1
+
+
+class StreamSink(Protocol):
+    """Where a call's response goes, stream by stream: ``protocols.http2.H2Endpoint`` of the client's
+    connection, or an HTTP/1.1 client's writer (``h2_front``)."""
+
+    def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> None: ...
+
+    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> int: ...
+
+    def end_stream(self, stream_id: int) -> None: ...
+
+    def acknowledge(self, stream_id: int, length: int) -> None: ...
+
+    def reset(self, stream_id: int, code: int = CANCEL) -> None: ...
 
 
 StreamRouter = Callable[[Headers], "Routed | SyntheticResponse"]
@@ -70,3 +92,11 @@ def synthetic_headers(response: SyntheticResponse, grpc: bool) -> tuple[Headers,
         own.append((b"content-type", b"text/plain"))
     return [(b":status", b"%d" % response.status), *own, *extra,
             (b"content-length", b"%d" % len(body))], body
+
+
+def send_synthetic(h2: StreamSink, stream_id: int, response: SyntheticResponse, grpc: bool) -> None:
+    """Answer stream ``stream_id`` with ``response`` (see ``synthetic_headers``), ending it."""
+    headers, body = synthetic_headers(response, grpc)
+    h2.send_headers(stream_id, headers, end_stream=not body)
+    if body:
+        h2.send_data(stream_id, body, end_stream=True)

@@ -17,13 +17,19 @@ from collections.abc import Callable
 from typing import Final, cast
 
 from kizuna.protocols.http1 import RequestHead
+from kizuna.protocols.http2 import Headers as H2Headers
 from kizuna.protocols.sniff import Detected, sniff
 from kizuna.proxy.downstream import HttpServerConnection
 from kizuna.proxy.errors import NO_ROUTE, SyntheticResponse
 from kizuna.proxy.exchange import HTTP, UPGRADE, Exchange
 from kizuna.proxy.h2 import H2Pools, H2ServerConnection
 from kizuna.proxy.h2_dispatch import PrefaceSwitch, inbound_router
+from kizuna.proxy.h2_front import H2Front
+from kizuna.proxy.h2_routing import Routed
+from kizuna.proxy.identity import WorkloadIdentity
+from kizuna.proxy.inbound_policy import InboundGuard
 from kizuna.proxy.listener import ConnectionInfo
+from kizuna.proxy.mtls import InboundMtls
 from kizuna.proxy.outbound import StateSource
 from kizuna.proxy.state import INBOUND_CONNECT_TIMEOUT
 from kizuna.proxy.stats import Stats
@@ -35,23 +41,56 @@ SNIFF_TIMEOUT: Final = 0.1
 class InboundDispatcher:
     """Sends every request of one inbound port to the app, as the current snapshot says."""
 
-    __slots__ = ("source", "port", "stats", "counter", "loop")
+    __slots__ = ("source", "port", "stats", "counter", "loop", "h2_pools", "guard")
 
-    def __init__(self, source: StateSource, port: int, stats: Stats, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, source: StateSource, port: int, stats: Stats, loop: asyncio.AbstractEventLoop,
+                 h2_pools: H2Pools | None = None, guard: InboundGuard | None = None) -> None:
+        self.guard = guard or InboundGuard(stats)
+        """JWT and authorization (``inbound_policy``), consulted only when the snapshot has a policy."""
         self.source = source
         self.port = port
         self.stats = stats
         self.counter = stats.inbound_counter(port)
         self.loop = loop
+        self.h2_pools = h2_pools
+        """For an app that speaks HTTP/2 only: its requests go to it as streams (``h2_front``)."""
 
     def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse:
         self.stats.inbound_rq_total += 1
         self.counter[0] += 1
-        target = self.source.state.inbound.get(self.port)
+        state = self.source.state
+        target = state.inbound.get(self.port)
         if target is None or head.method == b"CONNECT":
             return NO_ROUTE
+        security = state.snapshot.security
+        if security is not None:
+            checked = self.guard.check_request(security, head, down.transport, self.port)
+            if type(checked) is SyntheticResponse:
+                return checked
+            head = cast(RequestHead, checked)
+        head = self._client_cert(head, down.transport)
+        if target.port.http_version == "2" and self.h2_pools is not None and head.upgrade is None:
+            return H2Front(down, head, Routed(target.destination), head.target, self.stats, self.loop,
+                           self.h2_pools)
         return Exchange(down, head, target.destination, head.target, head.host, self.stats, self.loop,
                         HTTP if head.upgrade is None else UPGRADE)
+
+
+    def _client_cert(self, head: RequestHead, transport: asyncio.BaseTransport) -> RequestHead:
+        """Envoy's ``x-forwarded-client-cert`` (SANITIZE_SET): on an mTLS connection the app learns the
+        client's identity (``By=<this workload>;URI=<client>``); a header the client sent itself is dropped."""
+        headers = head.headers
+        if any(n.lower() == XFCC for n, _ in headers):
+            headers = tuple((n, v) for n, v in headers if n.lower() != XFCC)
+        peer = transport.get_extra_info("peer_identity")
+        if peer is not None:
+            own = getattr(self.source, "identity", None)
+            by = f"By={own.spiffe_id};" if own is not None else ""
+            headers += ((XFCC, f"{by}URI=spiffe://{peer.principal}".encode()),)
+        return head if headers is head.headers else head._replace(headers=headers)
+
+
+XFCC: Final = b"x-forwarded-client-cert"
 
 
 class SniffingConnection(asyncio.Protocol):
@@ -113,7 +152,7 @@ class SniffingConnection(asyncio.Protocol):
 class InboundHandler:
     """Accepted inbound connections → the protocol their port's current setting asks for."""
 
-    __slots__ = ("source", "stats", "registry", "loop", "bind", "h2_pools", "_dispatchers")
+    __slots__ = ("source", "stats", "registry", "loop", "bind", "h2_pools", "guard", "identity", "_dispatchers")
 
     def __init__(self, source: StateSource, stats: Stats, registry: set[asyncio.BaseProtocol],
                  loop: asyncio.AbstractEventLoop, bind: str | None = None) -> None:
@@ -125,9 +164,33 @@ class InboundHandler:
         self.loop = loop
         self.h2_pools = H2Pools(stats, bind)
         """HTTP/2 connections to the app (h2c and gRPC streams multiplexed)."""
+        self.guard = InboundGuard(stats)
+        """Inbound JWT and authorization (one JWKS cache across snapshots)."""
+        self.identity: WorkloadIdentity | None = None
+        """This workload's certificate (set once the sidecar has one): inbound mTLS by PeerAuthentication."""
         self._dispatchers: dict[int, InboundDispatcher] = {}
 
     def __call__(self, info: ConnectionInfo) -> asyncio.BaseProtocol:
+        security = self.source.state.snapshot.security
+        identity = self.identity
+        context = identity.server_context if identity is not None else None
+        if context is not None:
+            peer_auth = security.peer_authentication if security is not None else None
+            mode = peer_auth.mode_for(info.port) if peer_auth is not None else "PERMISSIVE"
+            if mode != "DISABLE":
+                reason = (f"mutual TLS required on port {info.port} (PeerAuthentication "
+                          f"{peer_auth.source if peer_auth is not None else ''} STRICT); plaintext refused")
+                return InboundMtls(lambda: cast(asyncio.Protocol, self._guarded(info)), context,
+                                   "STRICT" if mode == "STRICT" else "PERMISSIVE", reason, self.stats.count)
+        return self._guarded(info)
+
+    def _guarded(self, info: ConnectionInfo) -> asyncio.BaseProtocol:
+        security = self.source.state.snapshot.security
+        if security is None:
+            return self._serve(info)
+        return self.guard.hold(security, lambda: self._serve(info))
+
+    def _serve(self, info: ConnectionInfo) -> asyncio.BaseProtocol:
         target = self.source.state.inbound.get(info.port)
         if target is None:
             if info.original_dst is not None:
@@ -143,22 +206,62 @@ class InboundHandler:
         bind = self.bind
 
         def opaque(initial: bytes = b"") -> asyncio.Protocol:
-            return TcpForward(address, port, INBOUND_CONNECT_TIMEOUT, self.stats, self.registry, initial,
-                              source=bind)
+            forward = TcpForward(address, port, INBOUND_CONNECT_TIMEOUT, self.stats, self.registry, initial,
+                                 source=bind)
+            security = self.source.state.snapshot.security
+            if security is None or not security.authorization:
+                return forward
+            return _Authorized(forward, lambda t: self.guard.allows_connection(security, t, info.port),
+                               self.stats)
 
         if target.protocol == "tcp":
             return opaque()
         return SniffingConnection(lambda: self._http(info.port), opaque, make_h2=lambda: self._h2(info.port))
 
     def _h2(self, port: int) -> H2ServerConnection:
-        return H2ServerConnection(inbound_router(self.source, port, self.stats), self.h2_pools, self.stats,
-                                  self.registry)
+        route = inbound_router(self.source, port, self.stats)
+        source, guard = self.source, self.guard
+
+        def guarded(headers: H2Headers) -> Routed | SyntheticResponse:
+            # Checked per stream (a policy applied later reaches long-lived gRPC connections too); JWT header
+            # changes are made in place, before the stream's call takes ``headers``.
+            security = source.state.snapshot.security
+            if security is not None:
+                refused = guard.check_stream(security, headers, conn.transport, port)
+                if refused is not None:
+                    return refused
+            return route(headers)
+
+        conn = H2ServerConnection(guarded, self.h2_pools, self.stats, self.registry)
+        return conn
 
     def _http(self, port: int) -> HttpServerConnection:
         dispatcher = self._dispatchers.get(port)
         if dispatcher is None:
-            dispatcher = self._dispatchers[port] = InboundDispatcher(self.source, port, self.stats, self.loop)
+            dispatcher = self._dispatchers[port] = InboundDispatcher(self.source, port, self.stats, self.loop,
+                                                                     self.h2_pools, self.guard)
         return HttpServerConnection(dispatcher, self.stats, self.registry)
+
+
+class _Authorized(asyncio.Protocol):
+    """An opaque connection that authorization checks before relaying it: allowed, it becomes ``forward``;
+    denied, it is closed (Envoy's RBAC network filter) and counted."""
+
+    __slots__ = ("forward", "allows", "stats")
+
+    def __init__(self, forward: asyncio.Protocol, allows: Callable[[asyncio.BaseTransport], bool],
+                 stats: Stats) -> None:
+        self.forward = forward
+        self.allows = allows
+        self.stats = stats
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.allows(transport):
+            self.stats.error("rbac access denied")
+            transport.close()
+            return
+        transport.set_protocol(self.forward)
+        self.forward.connection_made(transport)
 
 
 class _Closing(asyncio.Protocol):

@@ -43,9 +43,10 @@ async def serve(bootstrap: Bootstrap) -> int:
         await sidecar.stop(drain=0)
         return 1
     node = bootstrap.node
-    print(f"kizuna proxy {node.id}: outbound {node.mesh_address}:{bootstrap.outbound_port}, "
-          f"admin {node.mesh_address}:{bootstrap.admin_port}, config {sidecar.version or '(none)'}",
-          file=sys.stderr, flush=True)
+    serving = (f"gateway {sidecar.gateway.describe()}" if sidecar.gateway is not None
+               else f"outbound {node.mesh_address}:{bootstrap.outbound_port}")
+    print(f"kizuna proxy {node.id}: {serving}, admin {node.mesh_address}:{bootstrap.admin_port}, "
+          f"config {sidecar.version or '(none)'}", file=sys.stderr, flush=True)
     # Start-up objects live for the whole process: keep the collector from scanning them again and again,
     # and let it run less often (the request path makes few reference cycles).
     gc.freeze()

@@ -20,6 +20,7 @@ address the sidecar could safely dial).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Iterator, Mapping
 from typing import Final, Protocol
 
@@ -29,6 +30,7 @@ from kizuna.proxy.errors import CLUSTER_NOT_FOUND, MALFORMED_REQUEST, NO_ROUTE, 
 from kizuna.proxy.exchange import CONNECT, HTTP, UPGRADE, Exchange
 from kizuna.proxy.passthrough import Passthrough
 from kizuna.proxy.route_actions import act
+from kizuna.proxy.sni import has_sni_routes, route_for_sni
 from kizuna.proxy.state import ProxyState
 from kizuna.proxy.stats import Stats
 from kizuna.proxyconfig.model import VirtualHost
@@ -78,7 +80,7 @@ class HeaderView(Mapping[str, str]):
 class OutboundDispatcher:
     """Routes each request of the outbound listener."""
 
-    __slots__ = ("source", "stats", "loop", "_authorities", "_vip_state", "_vips")
+    __slots__ = ("source", "stats", "loop", "_authorities", "_vip_state", "_vips", "_blocks")
 
     def __init__(self, source: StateSource, stats: Stats, loop: asyncio.AbstractEventLoop) -> None:
         self.source = source
@@ -88,16 +90,26 @@ class OutboundDispatcher:
         self._authorities: dict[tuple[bytes, bytes], tuple[str, int]] = {}
         self._vip_state: ProxyState | None = None
         self._vips: dict[tuple[str, int], VirtualHost] = {}
+        self._blocks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int, VirtualHost]] = []
 
     def virtual_host_at(self, state: ProxyState, address: tuple[str, int]) -> VirtualHost | None:
         """The virtual host whose service VIP and port are ``address`` (index rebuilt once per snapshot)."""
         if state is not self._vip_state:
             vips: dict[tuple[str, int], VirtualHost] = {}
+            blocks = []
             for vh in state.snapshot.virtual_hosts:
                 for vip in vh.addresses:
-                    vips.setdefault((vip, vh.port), vh)
-            self._vips, self._vip_state = vips, state
-        return self._vips.get(address)
+                    if "/" in vip:
+                        blocks.append((ipaddress.ip_network(vip, strict=False), vh.port, vh))
+                    else:
+                        vips.setdefault((vip, vh.port), vh)
+            blocks.sort(key=lambda b: -b[0].prefixlen)  # the longest prefix first
+            self._vips, self._blocks, self._vip_state = vips, blocks, state
+        found = self._vips.get(address)
+        if found is None and self._blocks:
+            ip = ipaddress.ip_address(address[0])
+            found = next((vh for net, port, vh in self._blocks if port == address[1] and ip in net), None)
+        return found
 
     def black_hole(self) -> SyntheticResponse:
         """REGISTRY_ONLY's answer to an unknown destination, counted as a 5xx of ``BlackHoleCluster``."""
@@ -133,10 +145,34 @@ class OutboundDispatcher:
         host, port = host_port
         return self._route(state, down, head, host, port, path, authority, scheme)
 
+    def dispatch_gateway(self, down: HttpServerConnection, head: RequestHead,
+                         port: int) -> Exchange | SyntheticResponse:
+        """A request on a gateway listener: the virtual host is the Host header's name (a port in it is
+        ignored, as Envoy's gateway domains ``host:*`` do) on the listener ``port``; then as ``dispatch``."""
+        self.stats.outbound_rq_total += 1
+        if head.method == b"CONNECT":
+            self.stats.flag(NO_ROUTE.flag)
+            return NO_ROUTE
+        target = head.target
+        if target[:1] == b"/":
+            authority, path = head.host, target
+        else:
+            try:
+                _, authority, path = split_absolute_target(target)
+            except ValueError:
+                return MALFORMED_REQUEST
+        try:
+            host = split_authority(authority, port)[0] if authority else ""
+        except ValueError:
+            return MALFORMED_REQUEST
+        return self._route(self.source.state, down, head, host, port, path, authority)
+
     def _route(self, state: ProxyState, down: HttpServerConnection, head: RequestHead, host: str, port: int,
-               path: bytes, authority: bytes, scheme: bytes = b"http") -> Exchange | SyntheticResponse:
+               path: bytes, authority: bytes, scheme: bytes = b"http",
+               original: tuple[tuple[str, int], Passthrough] | None = None) -> Exchange | SyntheticResponse:
         """The (host, port) virtual host's matching route → its weighted cluster → an exchange (or the route's
-        own answer: redirect, direct response, fault abort; see ``route_actions``)."""
+        own answer: redirect, direct response, fault abort; see ``route_actions``). ``original``: where a
+        captured connection was going, for a PASSTHROUGH cluster (a ServiceEntry with resolution NONE)."""
         router = state.router
         route = router.unconditional(host, port)
         view = None
@@ -160,6 +196,9 @@ class OutboundDispatcher:
         if dest is None:
             self.stats.flag(CLUSTER_NOT_FOUND.flag)
             return CLUSTER_NOT_FOUND
+        if original is not None and dest.cluster.cluster.lb_policy == "PASSTHROUGH":
+            (address, dst_port), passthrough = original
+            dest = passthrough.destination(state, address, dst_port)
         return Exchange(down, head, dest, path, authority, self.stats, self.loop, mode)
 
     def dispatch_captured(self, down: HttpServerConnection, head: RequestHead, dst: tuple[str, int],
@@ -196,7 +235,8 @@ class OutboundDispatcher:
             else:
                 return Exchange(down, head, passthrough.destination(state, dst[0], dst[1]), path, authority,
                                 self.stats, self.loop, HTTP if head.upgrade is None else UPGRADE)
-        return self._route(state, down, head, host, port, path, authority)
+        return self._route(state, down, head, host, port, path, authority,
+                           original=(dst, passthrough) if passthrough is not None else None)
 
     def _tunnel(self, down: HttpServerConnection, head: RequestHead,
                 state: ProxyState) -> Exchange | SyntheticResponse:
@@ -211,7 +251,13 @@ class OutboundDispatcher:
             return self.black_hole()
         if vh is None or not vh.routes:
             return NO_ROUTE
-        route = state.router.select(host, port, "CONNECT", "/", HeaderView(head, head.target)) or vh.routes[0]
+        if has_sni_routes(vh):
+            # TLS routes: the name the app tunnels to stands for the SNI it is about to send.
+            route = route_for_sni(vh.routes, host.lower())
+            if route is None:
+                return NO_ROUTE
+        else:
+            route = state.router.select(host, port, "CONNECT", "/", HeaderView(head, head.target)) or vh.routes[0]
         dest = state.destination(route)
         if dest is None:
             return CLUSTER_NOT_FOUND

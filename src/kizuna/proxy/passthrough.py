@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import Final, TypeVar
 
-from kizuna.proxy.pool import C, EndpointPool, PoolRegistry
+from kizuna.proxy.pool import C, ClientTls, EndpointPool, PoolRegistry
 from kizuna.proxy.state import NO_RETRY_RULES, ClusterState, Destination, ProxyState
 from kizuna.proxy.stats import Stats
 from kizuna.proxy.upstream import UpstreamConnection
@@ -53,15 +53,16 @@ class CapturePoolRegistry(PoolRegistry[C]):
 
     __slots__ = ("local", "source")
 
-    def __init__(self, local: Iterable[str], source: str = INBOUND_PASSTHROUGH_SOURCE) -> None:
-        super().__init__()
+    def __init__(self, local: Iterable[str], source: str = INBOUND_PASSTHROUGH_SOURCE,
+                 tls: ClientTls | None = None) -> None:
+        super().__init__(tls)
         self.local = frozenset(local)
         self.source = source
 
-    def get(self, address: str, port: int) -> EndpointPool[C]:
-        """The pool for an endpoint, created on first use."""
+    def get(self, address: str, port: int, identity: str = "") -> EndpointPool[C]:
+        """The pool for an endpoint, created on first use (to the pod's own addresses: plaintext)."""
         if address not in self.local:
-            return super().get(address, port)
+            return super().get(address, port, identity)
         key = (address, port)
         pool = self.pools.get(key)
         if pool is None or pool.draining:

@@ -8,11 +8,13 @@ warm connections of endpoints that stay; pools of endpoints that disappear are d
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
-IDLE_TIMEOUT: Final = 30.0
-"""Seconds an idle connection stays reusable. Apps often close sooner; that race is retried (see exchange)."""
+IDLE_TIMEOUT: Final = 3600.0
+"""Seconds an idle connection stays reusable: Istio's default ``connectionPool.http.idleTimeout`` (1 h).
+Apps often close sooner; that race is retried once on a fresh connection (see exchange)."""
 MAX_IDLE: Final = 64
 """Idle connections kept per endpoint; more are closed when released."""
 
@@ -44,11 +46,14 @@ class EndpointPool(Generic[C]):
     """Connections to one endpoint, and the count of requests in flight to it (for LEAST_REQUEST)."""
 
     __slots__ = ("address", "port", "active", "idle", "draining", "idle_timeout", "max_requests",
-                 "max_duration")
+                 "max_duration", "identity", "tls")
 
-    def __init__(self, address: str, port: int) -> None:
+    def __init__(self, address: str, port: int, tls: ClientTls | None = None) -> None:
         self.address = address
         self.port = port
+        self.identity = ""
+        """The peer identity to insist on with mTLS (the endpoint's sidecar); empty: plaintext."""
+        self.tls = tls
         self.active = 0
         self.idle: list[C] = []
         self.draining = False
@@ -92,10 +97,20 @@ class EndpointPool(Generic[C]):
             pass
 
     async def connect(self, factory: Callable[[], P], timeout: float) -> P:
-        """Open a new connection to this endpoint; raises OSError or TimeoutError."""
+        """Open a new connection to this endpoint (mTLS when it has an identity and this sidecar a
+        certificate); raises OSError or TimeoutError."""
         loop = asyncio.get_running_loop()
+        context = self.tls.context() if self.identity and self.tls is not None else None
         async with asyncio.timeout(timeout):
-            _, protocol = await loop.create_connection(factory, self.address, self.port)
+            if context is None:
+                _, protocol = await loop.create_connection(factory, self.address, self.port)
+                return protocol
+            transport, protocol = await loop.create_connection(factory, self.address, self.port, ssl=context)
+        assert self.tls is not None
+        problem = self.tls.check_peer(transport.get_extra_info("peercert"), self.identity)
+        if problem:
+            transport.abort()
+            raise ConnectionRefusedError(problem)
         return protocol
 
     def drain(self) -> None:
@@ -105,20 +120,35 @@ class EndpointPool(Generic[C]):
             self.idle.pop().close()
 
 
+class ClientTls(Protocol):
+    """Where pools get mTLS from: the sidecar's current client context and the secure-naming check."""
+
+    def context(self) -> ssl.SSLContext | None:
+        """The client TLS context of the current certificate; None while the sidecar has none."""
+        ...
+
+    def check_peer(self, cert: Any, identity: str) -> str:
+        """Why the peer certificate is not ``identity``'s ("" when it is)."""
+        ...
+
+
 class PoolRegistry(Generic[C]):
     """Every endpoint pool of a sidecar, by (address, port), shared by successive snapshots."""
 
-    __slots__ = ("pools",)
+    __slots__ = ("pools", "tls")
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ClientTls | None = None) -> None:
         self.pools: dict[tuple[str, int], EndpointPool[C]] = {}
+        self.tls = tls
+        """mTLS for endpoints with an identity (None: plaintext everywhere)."""
 
-    def get(self, address: str, port: int) -> EndpointPool[C]:
-        """The pool for an endpoint, created on first use."""
+    def get(self, address: str, port: int, identity: str = "") -> EndpointPool[C]:
+        """The pool for an endpoint, created on first use; ``identity`` (from the snapshot) turns on mTLS."""
         key = (address, port)
         pool = self.pools.get(key)
         if pool is None or pool.draining:
-            pool = self.pools[key] = EndpointPool(address, port)
+            pool = self.pools[key] = EndpointPool(address, port, self.tls)
+        pool.identity = identity
         return pool
 
     def retain(self, keep: set[tuple[str, int]]) -> None:

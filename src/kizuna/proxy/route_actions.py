@@ -102,25 +102,60 @@ class PolicyExchange(Exchange):
 
     def _mirror(self) -> None:
         head = self.head
-        body = b"".join(self.body)
-        data = encode_request_head(head.method, self.target, shadow_host(self.host), head.headers,
-                                   BODY_LENGTH if body or head.has_body else BODY_NONE, len(body), None,
-                                   (*self.extra, (b"connection", b"close"))) + body
-        for cluster in self.mirror_to:
-            pool = cluster.balancer.pick()
-            if pool is not None:
-                send_copy(self.loop, self.stats, pool.address, pool.port, data, cluster.connect_timeout,
-                          _MIRROR_TASKS)
+        send_mirrors(self.loop, self.stats, self.mirror_to, head.method, self.target, self.host,
+                     (*head.headers, *self.extra), b"".join(self.body), head.has_body)
 
 
-def act(state: ProxyState, down: Downstream, head: RequestHead, route: Route, policy: RoutePolicy,
-        scheme: bytes, port: int, path: bytes, authority: bytes, headers: Mapping[str, str], stats: Stats,
-        loop: asyncio.AbstractEventLoop, mode: int) -> Exchange | SyntheticResponse:
-    """What a request routed to ``route`` (whose action has ``policy``) gets."""
+def send_mirrors(loop: asyncio.AbstractEventLoop, stats: Stats, clusters: tuple[ClusterState, ...],
+                 method: bytes, target: bytes, authority: bytes, headers: Headers, body: bytes,
+                 has_body: bool) -> None:
+    """Fire and forget a copy of a complete request (as HTTP/1.1, Host suffixed ``-shadow``) to an endpoint
+    of each of ``clusters``."""
+    data = encode_request_head(method, target, shadow_host(authority), headers,
+                               BODY_LENGTH if body or has_body else BODY_NONE, len(body), None,
+                               ((b"connection", b"close"),)) + body
+    for cluster in clusters:
+        pool = cluster.balancer.pick()
+        if pool is not None:
+            send_copy(loop, stats, pool.address, pool.port, data, cluster.connect_timeout, _MIRROR_TASKS)
+
+
+class Plan:
+    """What a route's policy makes of a request that goes upstream (the same for HTTP/1.1 and HTTP/2): the
+    destination, path, authority and headers to send, response header operations, a fault delay (and the
+    abort after it), mirror clusters."""
+
+    __slots__ = ("dest", "target", "authority", "headers", "response_ops", "delay", "delayed_abort",
+                 "mirror_to")
+
+    def __init__(self, dest: Destination, target: bytes, authority: bytes, headers: Headers,
+                 response_ops: tuple[HeaderOps, ...], delay: float | None,
+                 delayed_abort: SyntheticResponse | None, mirror_to: tuple[ClusterState, ...]) -> None:
+        self.dest = dest
+        self.target = target
+        self.authority = authority
+        self.headers = headers
+        """The request headers after the header operations (Host / ``:authority`` not among them)."""
+        self.response_ops = response_ops
+        self.delay = delay
+        self.delayed_abort = delayed_abort
+        self.mirror_to = mirror_to
+
+    @property
+    def plain(self) -> bool:
+        """Nothing to do past the request: no delay, no response header change, no mirror."""
+        return self.delay is None and not self.response_ops and not self.mirror_to
+
+
+def plan(state: ProxyState, route: Route, policy: RoutePolicy, method: bytes, request_headers: Headers,
+         scheme: bytes, port: int, path: bytes, authority: bytes,
+         headers: Mapping[str, str]) -> Plan | SyntheticResponse:
+    """What a request routed to ``route`` (whose action has ``policy``) gets: the route's own answer, or how
+    it goes upstream. ``request_headers`` are the request's headers without Host / pseudo-headers."""
     route_rules = policy.headers
     response_ops: list[HeaderOps] = []
     if policy.cors is not None:
-        answer = cors(policy.cors, head, headers, response_ops)
+        answer = cors(policy.cors, method, headers, response_ops)
         if answer is not None:
             return answer
     if policy.redirect is not None or policy.direct_response is not None:
@@ -130,7 +165,7 @@ def act(state: ProxyState, down: Downstream, head: RequestHead, route: Route, po
         for ops in response_ops:
             extra = apply_ops(ops, extra)
         if policy.redirect is not None:
-            match = _match(route, port, head, path, headers) if policy.redirect.prefix_rewrite else None
+            match = _match(route, port, method, path, headers) if policy.redirect.prefix_rewrite else None
             return redirect(location(policy.redirect, match, scheme, authority, path), policy.redirect.code,
                             extra)
         assert policy.direct_response is not None
@@ -151,11 +186,11 @@ def act(state: ProxyState, down: Downstream, head: RequestHead, route: Route, po
     if policy.rewrite is not None:
         rw = policy.rewrite
         if rw.uri or rw.regex:
-            match = _match(route, port, head, path, headers) if rw.uri else None
+            match = _match(route, port, method, path, headers) if rw.uri else None
             target = rewritten_path(rw, match, path)
         if rw.authority:
             authority = rw.authority.encode("latin-1")
-    request_headers = head.headers
+    original = request_headers
     if policy.destination_headers:
         # Envoy applies the more specific (destination) operations first, the route's after them.
         for wc in route.action.clusters:
@@ -168,22 +203,33 @@ def act(state: ProxyState, down: Downstream, head: RequestHead, route: Route, po
             request_headers = apply_ops(route_rules.request, request_headers)
         if route_rules.response:
             response_ops.append(route_rules.response)
-    if request_headers is not head.headers:
+    if request_headers is not original:
         # Host travels apart from the other headers (RequestHead.host): a set on host / :authority moves it.
         hosts = [v for n, v in request_headers if n.lower() in (b"host", b":authority")]
         if hosts:
             authority = hosts[-1]
             request_headers = tuple((n, v) for n, v in request_headers if n.lower() not in (b"host", b":authority"))
-        head = head._replace(headers=request_headers)
     mirror_to = tuple(state.clusters[m.cluster] for m in policy.mirrors
                       if m.cluster in state.clusters and drawn(m.percent))
-    if delay is None and not response_ops and not mirror_to:
-        return Exchange(down, head, dest, target, authority, stats, loop, mode)
-    return PolicyExchange(down, head, dest, target, authority, stats, loop, mode, delay, abort,
-                          tuple(response_ops), mirror_to)
+    return Plan(dest, target, authority, request_headers, tuple(response_ops), delay, abort, mirror_to)
 
 
-def cors(policy: Cors, head: RequestHead, headers: Mapping[str, str],
+def act(state: ProxyState, down: Downstream, head: RequestHead, route: Route, policy: RoutePolicy,
+        scheme: bytes, port: int, path: bytes, authority: bytes, headers: Mapping[str, str], stats: Stats,
+        loop: asyncio.AbstractEventLoop, mode: int) -> Exchange | SyntheticResponse:
+    """What a request routed to ``route`` (whose action has ``policy``) gets, as an HTTP/1.1 exchange."""
+    p = plan(state, route, policy, head.method, head.headers, scheme, port, path, authority, headers)
+    if isinstance(p, SyntheticResponse):
+        return p
+    if p.headers is not head.headers:
+        head = head._replace(headers=p.headers)
+    if p.plain:
+        return Exchange(down, head, p.dest, p.target, p.authority, stats, loop, mode)
+    return PolicyExchange(down, head, p.dest, p.target, p.authority, stats, loop, mode, p.delay,
+                          p.delayed_abort, p.response_ops, p.mirror_to)
+
+
+def cors(policy: Cors, method: bytes, headers: Mapping[str, str],
          response_ops: list[HeaderOps]) -> SyntheticResponse | None:
     """Envoy's CORS filter: the answer to a preflight the sidecar takes, or None (then, for an allowed origin,
     ``response_ops`` gets the headers to add to the response)."""
@@ -191,7 +237,7 @@ def cors(policy: Cors, head: RequestHead, headers: Mapping[str, str],
     if not origin:
         return None
     allowed = policy.allows(origin)
-    if head.method == b"OPTIONS" and headers.get("access-control-request-method"):
+    if method == b"OPTIONS" and headers.get("access-control-request-method"):
         if allowed:
             pairs = [("access-control-allow-origin", origin)]
             if policy.allow_credentials:
@@ -216,9 +262,9 @@ def cors(policy: Cors, head: RequestHead, headers: Mapping[str, str],
     return None
 
 
-def _match(route: Route, port: int, head: RequestHead, path: bytes,
+def _match(route: Route, port: int, method: bytes, path: bytes,
            headers: Mapping[str, str]) -> RouteMatch | None:
-    return matched_by(route, port, head.method.decode("latin-1"), path.decode("latin-1"), headers)
+    return matched_by(route, port, method.decode("latin-1"), path.decode("latin-1"), headers)
 
 
 def rewritten_path(rw: Rewrite, match: RouteMatch | None, path: bytes) -> bytes:

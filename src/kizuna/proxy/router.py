@@ -1,8 +1,10 @@
 """Route selection with Istio's match semantics, pure: no sockets, usable by tests and ``explain`` alike.
 
-A ``Router`` is built once per snapshot: (host, port) → virtual host. ``select`` returns the first route of
-that virtual host whose matches hold (any of its ``RouteMatch`` entries; a route without matches takes
-everything).
+A ``Router`` is built once per snapshot: (host, port) → virtual host. A virtual host may also claim ``*`` or
+``*.suffix`` (a gateway's hosts); as in Envoy, an exact name wins, then the longest matching suffix, then
+``*``. Wildcards are only looked at when the exact lookup misses, so sidecars (which have none) pay nothing.
+``select`` returns the first route of that virtual host whose matches hold (any of its ``RouteMatch``
+entries; a route without matches takes everything).
 Within one ``RouteMatch`` every set condition must hold. The uri is matched on the path without the query
 string; ``ignoreUriCase`` is carried by the ``StringMatch``.
 """
@@ -18,26 +20,49 @@ from kizuna.proxyconfig.model import HeaderMatch, Route, RouteMatch, Snapshot, V
 class Router:
     """Index of a snapshot's virtual hosts by (host, port), and Istio route matching over them."""
 
-    __slots__ = ("_hosts", "_unconditional")
+    __slots__ = ("_hosts", "_unconditional", "_wildcards")
 
     def __init__(self, snapshot: Snapshot) -> None:
         self._hosts: dict[tuple[str, int], VirtualHost] = {}
+        wildcards: dict[int, dict[str, VirtualHost]] = {}
         for vh in snapshot.virtual_hosts:
             for host in vh.hosts:
+                name = host.lower().rstrip(".")
                 # The first virtual host to claim a name wins, as the control plane orders them.
-                self._hosts.setdefault((host.lower().rstrip("."), vh.port), vh)
+                if name == "*" or name.startswith("*."):
+                    wildcards.setdefault(vh.port, {}).setdefault(name[1:], vh)
+                else:
+                    self._hosts.setdefault((name, vh.port), vh)
+        # Per port: (suffix, virtual host), longest suffix first; ``*`` is the empty suffix, so it comes last.
+        self._wildcards = {port: sorted(found.items(), key=lambda item: -len(item[0]))
+                           for port, found in wildcards.items()}
         # Where the first route matches everything, the request need not be looked at.
         self._unconditional = {key: vh.routes[0] for key, vh in self._hosts.items()
                                if vh.routes and not vh.routes[0].matches}
 
     def virtual_host(self, host: str, port: int) -> VirtualHost | None:
         """The virtual host serving ``host`` (lower-case, no port) on ``port``."""
-        return self._hosts.get((host, port))
+        vh = self._hosts.get((host, port))
+        if vh is None and self._wildcards:
+            return self._wildcard(host, port)
+        return vh
+
+    def _wildcard(self, host: str, port: int) -> VirtualHost | None:
+        for suffix, vh in self._wildcards.get(port, ()):
+            # ``*.example.com`` needs at least one character before ``.example.com``.
+            if not suffix or (host.endswith(suffix) and len(host) > len(suffix)):
+                return vh
+        return None
 
     def unconditional(self, host: str, port: int) -> Route | None:
         """The route every request to (host, port) takes, when its virtual host's first route matches all;
         else None (then ``select`` decides). The proxy asks this first, to skip decoding the request."""
-        return self._unconditional.get((host, port))
+        route = self._unconditional.get((host, port))
+        if route is None and self._wildcards:
+            vh = self._wildcard(host, port)
+            if vh is not None and vh.routes and not vh.routes[0].matches:
+                return vh.routes[0]
+        return route
 
     def select(self, host: str, port: int, method: str, path: str,
                headers: Mapping[str, str]) -> Route | None:
@@ -51,7 +76,9 @@ class Router:
             return route
         vh = self._hosts.get((host, port))
         if vh is None:
-            return None
+            vh = self._wildcard(host, port) if self._wildcards else None
+            if vh is None:
+                return None
         uri, _, query = path.partition("?")
         request = _Request(method, uri, query, port, headers)
         for route in vh.routes:

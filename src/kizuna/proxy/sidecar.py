@@ -7,6 +7,10 @@ previous one stays. Pools of endpoints that left the config are drained.
 With ``bootstrap.capture == "iptables"`` the sidecar listens on ``0.0.0.0`` at the outbound (15001) and
 inbound capture (15006) ports instead, and serves each connection by its original destination (``capture``);
 the app owns its ports on the pod address, so no per-port inbound listener is opened.
+
+With ``bootstrap.node.kind == "gateway"`` it is an ingress gateway (``gateway``): no app, no capture, no
+outbound or inbound listeners; the snapshot's gateway listeners are bound instead, and follow it as inbound
+ports do.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from kizuna.proxyconfig.model import EMPTY_SNAPSHOT, Snapshot
 
 if TYPE_CHECKING:
     from kizuna.proxy.discovery import DiscoveryClient
+    from kizuna.proxy.gateway import GatewayListeners
+    from kizuna.proxy.identity import WorkloadIdentity
 
 DRAIN_SECONDS = 5.0
 """On stop, how long requests in flight get to finish."""
@@ -59,6 +65,8 @@ class Sidecar:
         self.state = ProxyState(EMPTY_SNAPSHOT, self.pools, self.stats)
         self.connections: set[asyncio.BaseProtocol] = set()
         self.discovery: DiscoveryClient | None = None
+        self.identity: WorkloadIdentity | None = None
+        """The workload certificate, once obtained (see ``_obtain_identity``)."""
         self.h2_pools = H2Pools(self.stats)
         """Outbound HTTP/2 connections (h2c and gRPC streams multiplexed per endpoint)."""
         self._config_applied = False
@@ -74,6 +82,13 @@ class Sidecar:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._probing: asyncio.Task[Any] | None = None
         self._started = False
+        self.gateway: GatewayListeners | None = None
+        """A gateway's listeners (None for a sidecar)."""
+        if bootstrap.node.kind == "gateway":
+            # Imported here: a sidecar never loads gateway code (every sidecar's memory counts).
+            from kizuna.proxy.gateway import GatewayListeners
+
+            self.gateway = GatewayListeners(bootstrap, self, self.stats, self.connections)
 
     # -- what the discovery client and admin read ---------------------------------------------------------
 
@@ -117,7 +132,10 @@ class Sidecar:
         return data
 
     def config_json(self) -> dict[str, Any]:
-        return {"version": self.version, "snapshot": self.state.snapshot.to_json()}
+        out = {"version": self.version, "snapshot": self.state.snapshot.to_json()}
+        if self.identity is not None:
+            out["identity"] = self.identity.to_json()
+        return out
 
     # -- configuration ------------------------------------------------------------------------------------
 
@@ -134,15 +152,16 @@ class Sidecar:
         taken = ports & own
         if taken:
             raise ValueError(f"inbound port {min(taken)} is one of the sidecar's own ports")
-        if self.capture or self.registration_only:
+        if self.capture or self.registration_only or self.gateway is not None:
             ports = set()  # every inbound connection comes through the capture port, or there is no sidecar
+        gateway_opened = self.gateway.prepare(snapshot) if self.gateway is not None else {}
         opened: dict[int, Listener] = {}
         for port in sorted(ports - self._listeners.keys()):
             try:
                 opened[port] = Listener("inbound", self.bootstrap.node.mesh_address, port,
                                         self._accept_inbound)
             except OSError as exc:
-                for listener in opened.values():
+                for listener in (*opened.values(), *gateway_opened.values()):
                     listener.close()
                 raise ValueError(f"cannot listen on inbound port {port}: {exc.strerror or exc}") from exc
         self.state = state
@@ -150,8 +169,11 @@ class Sidecar:
         for port in self._listeners.keys() - ports:
             self._listeners.pop(port).close()
         self._listeners.update(opened)
+        starting = list(opened.values())
+        if self.gateway is not None:
+            starting += self.gateway.commit(snapshot, gateway_opened, self._started)
         if self._started:
-            for listener in opened.values():
+            for listener in starting:
                 self._spawn(listener.start())
         self.pools.retain(state.endpoints())
 
@@ -162,7 +184,9 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         node = self.bootstrap.node
         outbound = OutboundDispatcher(self, self.stats, loop)
-        if self.capture:
+        if self.gateway is not None:
+            self.gateway.outbound = outbound  # gateway listeners come with snapshots
+        elif self.capture:
             self._listen_captured(outbound, loop)
         elif self.registration_only:
             pass  # no traffic passes here: admin, probing and discovery only
@@ -186,7 +210,8 @@ class Sidecar:
             text = Path(self.bootstrap.static_snapshot).read_text()
             self.apply(Snapshot.from_json(json.loads(text)))
         self._started = True
-        for listener in (self._outbound, self._inbound_capture, self._admin, *self._listeners.values()):
+        gateway = list(self.gateway.listeners.values()) if self.gateway is not None else []
+        for listener in (self._outbound, self._inbound_capture, self._admin, *self._listeners.values(), *gateway):
             if listener is not None:
                 await listener.start()
         self._probing = self._spawn(self._prober.run())
@@ -196,6 +221,28 @@ class Sidecar:
 
             self.discovery = DiscoveryClient(self.bootstrap, self)
             self._spawn(self.discovery.run())
+            if self.bootstrap.credential and not self.registration_only:
+                self._spawn(self._obtain_identity(self.discovery))
+
+    async def _obtain_identity(self, discovery: DiscoveryClient) -> None:
+        """Get a workload certificate, then mTLS: inbound by PeerAuthentication, outbound to endpoints that
+        have an identity. Until the first certificate comes, traffic flows as plaintext (PERMISSIVE)."""
+        from kizuna.proxy.identity import WorkloadIdentity
+
+        node = self.bootstrap.node
+        identity = WorkloadIdentity(discovery.address, discovery.token, node.namespace, node.service_account,
+                                    self.bootstrap.credential, trust_domain=self.bootstrap.trust_domain)
+        self.identity = identity
+        try:
+            await identity.start()
+            self.pools.tls = identity
+            for pool in self.pools.pools.values():
+                pool.tls = identity
+            if self._inbound_handler is not None:
+                self._inbound_handler.identity = identity
+            await asyncio.Event().wait()  # keep the renewals running until stop cancels this task
+        finally:
+            identity.close()
 
     async def terminate(self, withdraw: float = WITHDRAW_SECONDS, drain: float = DRAIN_SECONDS) -> None:
         """Leave the mesh without failing a request (Istio users' complaint about rollouts): report the app
@@ -203,7 +250,8 @@ class Sidecar:
         push travels, then stop listening and drain what is in flight."""
         if self._probing is not None:
             self._probing.cancel()
-        if self.control_plane_connected and self._app_ready:
+        if self.control_plane_connected and self._app_ready and self.gateway is None:
+            # (A gateway is no endpoint of anything: there is nothing to withdraw, it only drains.)
             self._on_app_ready(False)
             await asyncio.sleep(withdraw)
         await self.stop(drain)
@@ -214,6 +262,8 @@ class Sidecar:
             if listener is not None:
                 listener.close()
         self._listeners.clear()
+        if self.gateway is not None:
+            self.gateway.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

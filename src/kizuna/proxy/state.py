@@ -6,7 +6,9 @@ changes a request's route, cluster or policy halfway.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+import asyncio
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final, Protocol
 
 from kizuna.proxy.balancer import Balancer, make_balancer, pick_weighted
 from kizuna.proxy.circuit import CircuitBreaker
@@ -20,9 +22,23 @@ from kizuna.proxy.upstream import UpstreamConnection
 from kizuna.proxyconfig.model import NO_RETRY, Cluster, InboundPort, Route, Snapshot
 
 if TYPE_CHECKING:
-    from kizuna.proxy.exchange import Exchange
+    from kizuna.proxyconfig.policy import HashPolicy
 
 Pool = EndpointPool[UpstreamConnection]
+
+
+class Picking(Protocol):
+    """What ``ClusterState.pick`` asks of a request: an HTTP/1.1 exchange or an HTTP/2 call."""
+
+    tried: list[Pool]
+    loop: asyncio.AbstractEventLoop
+    target: bytes
+
+    def request_headers(self) -> Sequence[tuple[bytes, bytes]]: ...
+
+    def peer(self) -> str | None: ...
+
+    def new_hash_cookie(self, policy: HashPolicy) -> bytes: ...
 
 
 class ClusterState:
@@ -58,7 +74,7 @@ class ClusterState:
             stats.policies[cluster.name] = self
         self.plain = self.outlier is None and self.hash is None
 
-    def pick(self, exchange: Exchange) -> Pool | None:
+    def pick(self, exchange: Picking) -> Pool | None:
         """The endpoint for ``exchange``'s next try, by hash or balancer, skipping ejected endpoints."""
         items = self.balancer.items
         exclude: list[Pool] = list(exchange.tried)
@@ -74,7 +90,7 @@ class ClusterState:
         table = self.hash_table
         if table is not None and not exchange.tried:
             assert self.hash is not None
-            key = request_key(self.hash, exchange.head.headers, exchange.target, exchange.peer())
+            key = request_key(self.hash, exchange.request_headers(), exchange.target, exchange.peer())
             if key is None and self.hash.cookie and self.hash.cookie_ttl:
                 key = exchange.new_hash_cookie(self.hash)
             index = table.lookup(hash_key(key)) if key is not None else None
@@ -119,7 +135,8 @@ class ProxyState:
         self.snapshot = snapshot
         self.router = Router(snapshot)
         stats.policies.clear()  # the clusters below re-register: a cluster whose policy went is dropped
-        self.clusters = {c.name: ClusterState(c, [pools.get(e.address, e.port) for e in c.endpoints], stats)
+        self.clusters = {c.name: ClusterState(c, [pools.get(e.address, e.port, e.identity) for e in c.endpoints],
+                                              stats)
                          for c in snapshot.clusters}
         # Per route: cluster name -> Destination, so a request only draws the weighted choice; a route with
         # one cluster has its Destination ready (None when that cluster is missing).

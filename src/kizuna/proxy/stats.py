@@ -14,7 +14,8 @@ class Stats:
     __slots__ = ("downstream_cx_total", "downstream_cx_active", "downstream_rq_total", "outbound_rq_total",
                  "inbound_rq_total", "inbound_rq", "upstream_cx_total", "upstream_cx_active", "upstream_rq",
                  "retries", "timeouts", "errors", "tcp_cx_total", "tcp_cx_active",
-                 "flags", "mirror_total", "mirror_dropped", "mirror_active", "mirror_failed", "policies")
+                 "flags", "mirror_total", "mirror_dropped", "mirror_active", "mirror_failed", "policies",
+                 "security", "jwks")
 
     def __init__(self) -> None:
         self.downstream_cx_total = 0
@@ -45,6 +46,11 @@ class Stats:
         # snapshot's ClusterState for clusters with a circuit breaker or outlier detection; /stats reads their
         # counters (they restart when a new snapshot rebuilds the cluster).
         self.policies: dict[str, Any] = {}
+        # Inbound security (issue 6): authorization decisions and JWT outcomes by name (``rq_allowed``,
+        # ``rq_denied``, ``cx_denied``, ``audit``, ``dry_run``, ``jwt_failed`` ...), and the sidecar's JWKS
+        # cache (anything with ``to_json()``; fetch failures show there).
+        self.security: dict[str, int] = {}
+        self.jwks: Any = None
 
     def cluster_counters(self, cluster: str) -> list[int]:
         """The response-class counters of ``cluster``, created on first use and kept across snapshots."""
@@ -89,7 +95,13 @@ class Stats:
             "mirror": {"rq_total": self.mirror_total, "rq_dropped": self.mirror_dropped,
                        "rq_active": self.mirror_active, "rq_failed": self.mirror_failed},
             "resilience": self._resilience(),
+            **({"security": dict(sorted(self.security.items()))} if self.security else {}),
+            **({"jwks": self.jwks.to_json()} if self.jwks is not None and self.jwks.entries else {}),
         }
+
+    def count(self, name: str) -> None:
+        """Bump the security counter ``name``."""
+        self.security[name] = self.security.get(name, 0) + 1
 
     def _resilience(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -98,6 +110,8 @@ class Stats:
             if cluster.circuit is not None:
                 entry["circuit_breaker"] = cluster.circuit.to_json()
             if cluster.outlier is not None:
-                entry["outlier_detection"] = cluster.outlier.to_json(time.monotonic())
+                now = time.monotonic()
+                entry["outlier_detection"] = {**cluster.outlier.to_json(now), "ejected": sorted(
+                    f"{pool.address}:{pool.port}" for pool in cluster.outlier.ejected(now))}
             out[name] = entry
         return out

@@ -23,6 +23,10 @@ on the mesh address; ``iptables`` — istio-init style REDIRECT in the pod's net
 has no sidecar (``sidecar.istio.io/inject: "false"``): the process carries no traffic and only registers the
 instance and reports its app's readiness (the kubelet's part), so other proxies reach the app directly."""
 CAPTURES: tuple[Capture, ...] = ("proxy", "iptables", "none")
+ProxyKind = Literal["sidecar", "gateway"]
+"""``sidecar`` serves one workload instance; ``gateway`` is an ingress gateway: no app, no capture, it listens
+on the ports of the Gateway servers that select it (``Snapshot.gateway_listeners``) at a host address."""
+PROXY_KINDS: tuple[ProxyKind, ...] = ("sidecar", "gateway")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,19 +46,28 @@ class Node:
     """Where this sidecar listens; other sidecars dial it (the instance's endpoint address)."""
     ports: tuple[int, ...] = ()
     """The app's container ports."""
+    kind: ProxyKind = "sidecar"
+    """What the control plane compiles for this proxy (a gateway gets ``Snapshot.gateway_listeners``)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "workload": self.workload, "namespace": self.namespace,
-                "serviceAccount": self.service_account, "labels": dict(self.labels),
-                "podAddress": self.pod_address, "meshAddress": self.mesh_address, "ports": list(self.ports)}
+        out: dict[str, Any] = {"id": self.id, "workload": self.workload, "namespace": self.namespace,
+                               "serviceAccount": self.service_account, "labels": dict(self.labels),
+                               "podAddress": self.pod_address, "meshAddress": self.mesh_address,
+                               "ports": list(self.ports)}
+        if self.kind != "sidecar":
+            out["kind"] = self.kind
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Node:
+        kind = data.get("kind", "sidecar")
+        if kind not in PROXY_KINDS:
+            raise ValueError(f"node kind must be one of {', '.join(PROXY_KINDS)}, not {kind!r}")
         return cls(str(data["id"]), str(data["workload"]), str(data.get("namespace", "default")),
                    str(data.get("serviceAccount", "default")),
                    tuple(sorted(dict(data.get("labels", {})).items())),
                    str(data.get("podAddress", "127.0.0.1")), str(data.get("meshAddress", "127.0.0.1")),
-                   tuple(int(p) for p in data.get("ports", ())))
+                   tuple(int(p) for p in data.get("ports", ())), "gateway" if kind == "gateway" else "sidecar")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +110,28 @@ class Bootstrap:
     """How traffic reaches this sidecar (see ``Capture``)."""
     inbound_capture_port: int = INBOUND_CAPTURE_PORT
     """With ``iptables`` capture: where inbound connections are redirected to."""
+    gateway_address: str = "127.0.0.1"
+    """A gateway (``node.kind == "gateway"``): the host address its listeners bind."""
+    gateway_ports: tuple[tuple[int, int], ...] = ()
+    """A gateway: (listener port, host port) pairs, e.g. ``((8080, 18080),)``; other ports bind as they are."""
+    credential: str = ""
+    """The workload's bootstrap credential: what lets it obtain a certificate for its own service account's
+    SPIFFE identity from the control plane's CA (and no other). Empty: no workload certificate, no mTLS."""
+    trust_domain: str = "cluster.local"
 
     def to_json(self) -> dict[str, Any]:
-        return {"node": self.node.to_json(), "controlPlane": self.control_plane, "tokenFile": self.token_file,
-                "staticSnapshot": self.static_snapshot, "adminPort": self.admin_port,
-                "outboundPort": self.outbound_port,
-                "readiness": self.readiness.to_json() if self.readiness else None,
-                "controlPlaneFile": self.control_plane_file,
-                "capture": self.capture, "inboundCapturePort": self.inbound_capture_port}
+        out = {"node": self.node.to_json(), "controlPlane": self.control_plane, "tokenFile": self.token_file,
+               "staticSnapshot": self.static_snapshot, "adminPort": self.admin_port,
+               "outboundPort": self.outbound_port,
+               "readiness": self.readiness.to_json() if self.readiness else None,
+               "controlPlaneFile": self.control_plane_file,
+               "capture": self.capture, "inboundCapturePort": self.inbound_capture_port}
+        if self.node.kind == "gateway":
+            out.update(gatewayAddress=self.gateway_address,
+                       gatewayPorts={str(k): v for k, v in self.gateway_ports})
+        if self.credential:
+            out.update(credential=self.credential, trustDomain=self.trust_domain)
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Bootstrap:
@@ -116,7 +143,10 @@ class Bootstrap:
                    data.get("staticSnapshot"), int(data.get("adminPort", ADMIN_PORT)),
                    int(data.get("outboundPort", OUTBOUND_PORT)),
                    ReadinessProbe.from_json(r) if r else None, data.get("controlPlaneFile"),
-                   capture, int(data.get("inboundCapturePort", INBOUND_CAPTURE_PORT)))
+                   capture, int(data.get("inboundCapturePort", INBOUND_CAPTURE_PORT)),
+                   str(data.get("gatewayAddress", "127.0.0.1")),
+                   tuple(sorted((int(k), int(v)) for k, v in dict(data.get("gatewayPorts", {})).items())),
+                   str(data.get("credential", "")), str(data.get("trustDomain", "cluster.local")))
 
     @classmethod
     def load(cls, path: str | Path) -> Bootstrap:

@@ -16,9 +16,13 @@ from typing import Any, Literal
 
 from kizuna.proxyconfig.actions import HeaderRules, RoutePolicy
 from kizuna.proxyconfig.policy import DEFAULT_POOL, ConnectionPool, HashPolicy, OutlierDetection
+from kizuna.proxyconfig.security import SecurityPolicy
 
 MatchKind = Literal["exact", "prefix", "regex"]
 Protocol = Literal["http", "tcp", "auto"]
+HttpVersion = Literal["", "1.1", "2"]
+"""The HTTP version a destination port speaks (Istio port name / appProtocol: ``http`` → 1.1; ``http2``,
+``grpc``, ``h2c`` → 2); empty: not declared, each request goes upstream in the version it came in."""
 OutboundPolicy = Literal["ALLOW_ANY", "REGISTRY_ONLY"]
 LbPolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH"]
 
@@ -103,6 +107,8 @@ class RouteMatch:
     query_params: tuple[HeaderMatch, ...] = ()
     port: int | None = None
     name: str = ""
+    sni_hosts: tuple[str, ...] = ()
+    """A TLS route's ``sniHosts`` (only on routes of opaque TCP virtual hosts; see ``proxy/sni.py``)."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -120,6 +126,8 @@ class RouteMatch:
             out["port"] = self.port
         if self.name:
             out["name"] = self.name
+        if self.sni_hosts:
+            out["sniHosts"] = list(self.sni_hosts)
         return out
 
     @classmethod
@@ -133,6 +141,7 @@ class RouteMatch:
             without_headers=tuple(HeaderMatch.from_json(h) for h in data.get("withoutHeaders", ())),
             query_params=tuple(HeaderMatch.from_json(h) for h in data.get("queryParams", ())),
             port=data.get("port"), name=str(data.get("name", "")),
+            sni_hosts=tuple(str(h) for h in data.get("sniHosts", ())),
         )
 
 
@@ -239,8 +248,9 @@ class VirtualHost:
     protocol: Protocol
     routes: tuple[Route, ...]
     addresses: tuple[str, ...] = ()
-    """The service's virtual IPs (``spec.clusterIP``): with transparent capture, a connection whose original
-    destination is ``address:port`` belongs to this virtual host (how opaque TCP is routed)."""
+    """The service's virtual IPs (``spec.clusterIP``; a ServiceEntry's addresses, CIDR blocks written
+    ``a.b.c.d/n``): with transparent capture, a connection whose original destination is ``address:port``
+    (or in such a block, the longest prefix winning) belongs to this virtual host (how opaque TCP is routed)."""
 
     def to_json(self) -> dict[str, Any]:
         out = {"name": self.name, "hosts": list(self.hosts), "port": self.port, "protocol": self.protocol,
@@ -263,15 +273,20 @@ class Endpoint:
     port: int
     workload: str = ""
     labels: tuple[tuple[str, str], ...] = ()
+    identity: str = ""
+    """The SPIFFE identity (``cluster.local/ns/default/sa/httpbin``) of an endpoint with a sidecar: the
+    client talks mTLS to it and accepts no other peer certificate (secure naming); empty: plaintext."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"address": self.address, "port": self.port, "workload": self.workload,
-                "labels": dict(self.labels)}
+        out = {"address": self.address, "port": self.port, "workload": self.workload, "labels": dict(self.labels)}
+        if self.identity:
+            out["identity"] = self.identity
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Endpoint:
         return cls(str(data["address"]), int(data["port"]), str(data.get("workload", "")),
-                   tuple(sorted(dict(data.get("labels", {})).items())))
+                   tuple(sorted(dict(data.get("labels", {})).items())), str(data.get("identity", "")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +305,8 @@ class Cluster:
     outlier_detection: OutlierDetection | None = None
     hash_policy: HashPolicy | None = None
     """Set for ``consistentHash``: the balancer hashes a request key instead of using ``lb_policy``."""
+    http_version: HttpVersion = ""
+    """The HTTP version the endpoints speak; empty: as the request came."""
 
     def to_json(self) -> dict[str, Any]:
         out = {"name": self.name, "service": self.service, "port": self.port, "subset": self.subset,
@@ -301,6 +318,8 @@ class Cluster:
             out["outlierDetection"] = self.outlier_detection.to_json()
         if self.hash_policy is not None:
             out["hashPolicy"] = self.hash_policy.to_json()
+        if self.http_version:
+            out["httpVersion"] = self.http_version
         return out
 
     @classmethod
@@ -311,7 +330,8 @@ class Cluster:
                    float(data.get("connectTimeout", 10.0)),
                    ConnectionPool.from_json(data["connectionPool"]) if "connectionPool" in data else DEFAULT_POOL,
                    OutlierDetection.from_json(data["outlierDetection"]) if "outlierDetection" in data else None,
-                   HashPolicy.from_json(data["hashPolicy"]) if "hashPolicy" in data else None)
+                   HashPolicy.from_json(data["hashPolicy"]) if "hashPolicy" in data else None,
+                   data.get("httpVersion", ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,15 +343,53 @@ class InboundPort:
     target_address: str
     target_port: int
     protocol: Protocol = "auto"
+    http_version: HttpVersion = ""
+    """The HTTP version the app speaks on this port; empty: as the request came."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"port": self.port, "targetAddress": self.target_address, "targetPort": self.target_port,
-                "protocol": self.protocol}
+        out = {"port": self.port, "targetAddress": self.target_address, "targetPort": self.target_port,
+               "protocol": self.protocol}
+        if self.http_version:
+            out["httpVersion"] = self.http_version
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> InboundPort:
         return cls(int(data["port"]), str(data["targetAddress"]), int(data["targetPort"]),
-                   data.get("protocol", "auto"))
+                   data.get("protocol", "auto"), data.get("httpVersion", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayListener:
+    """A port of a gateway proxy (``Node.kind == "gateway"``): the Gateway servers on it, merged.
+
+    ``port`` is the gateway workload's port, after Istio's ingress Service mapping (server port 80 → 8080,
+    443 → 8443, any other port as itself); the proxy binds it where its bootstrap says. HTTP listeners route
+    by Host over the snapshot's virtual hosts of this ``port`` (hosts may be ``*`` or ``*.suffix``); TCP
+    listeners send every connection along the first route of the virtual host ``*`` of this ``port``.
+    ``problem`` names the servers on this port that are not served and why (TLS termination, for one, is
+    not supported yet); a listener with no ``server_ports`` served is not bound at all."""
+
+    port: int
+    protocol: Protocol
+    server_ports: tuple[int, ...] = ()
+    """The Gateway server ports (``port.number``) served here (empty: nothing is, see ``problem``)."""
+    gateways: tuple[str, ...] = ()
+    """``namespace/name`` of the Gateways with servers on this port (for status and explain)."""
+    problem: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"port": self.port, "protocol": self.protocol,
+                               "serverPorts": list(self.server_ports), "gateways": list(self.gateways)}
+        if self.problem:
+            out["problem"] = self.problem
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GatewayListener:
+        return cls(int(data["port"]), data.get("protocol", "http"),
+                   tuple(int(p) for p in data.get("serverPorts", ())), tuple(data.get("gateways", ())),
+                   str(data.get("problem", "")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,13 +403,21 @@ class Snapshot:
     outbound_policy: OutboundPolicy = "ALLOW_ANY"
     """Istio's ``outboundTrafficPolicy.mode``: what happens to traffic for a destination the snapshot does not
     know. ALLOW_ANY passes it through (transparent capture); REGISTRY_ONLY refuses it (HTTP 502, TCP closed)."""
+    gateway_listeners: tuple[GatewayListener, ...] = ()
+    """A gateway proxy's ports (empty for a sidecar)."""
+    security: SecurityPolicy | None = None
+    """Inbound peer authentication, authorization and JWT rules (``security.py``); None: nothing enforced."""
 
     def to_json(self) -> dict[str, Any]:
-        out = {"version": self.version, "inbound": [p.to_json() for p in self.inbound],
-               "virtualHosts": [v.to_json() for v in self.virtual_hosts],
-               "clusters": [c.to_json() for c in self.clusters]}
+        out: dict[str, Any] = {"version": self.version, "inbound": [p.to_json() for p in self.inbound],
+                               "virtualHosts": [v.to_json() for v in self.virtual_hosts],
+                               "clusters": [c.to_json() for c in self.clusters]}
         if self.outbound_policy != "ALLOW_ANY":
             out["outboundPolicy"] = self.outbound_policy
+        if self.gateway_listeners:
+            out["gatewayListeners"] = [g.to_json() for g in self.gateway_listeners]
+        if self.security is not None:
+            out["security"] = self.security.to_json()
         return out
 
     @classmethod
@@ -363,7 +429,9 @@ class Snapshot:
                    tuple(InboundPort.from_json(p) for p in data.get("inbound", ())),
                    tuple(VirtualHost.from_json(v) for v in data.get("virtualHosts", ())),
                    tuple(Cluster.from_json(c) for c in data.get("clusters", ())),
-                   "REGISTRY_ONLY" if policy == "REGISTRY_ONLY" else "ALLOW_ANY")
+                   "REGISTRY_ONLY" if policy == "REGISTRY_ONLY" else "ALLOW_ANY",
+                   tuple(GatewayListener.from_json(g) for g in data.get("gatewayListeners", ())),
+                   SecurityPolicy.from_json(data["security"]) if "security" in data else None)
 
 
 EMPTY_SNAPSHOT = Snapshot(version="")

@@ -109,7 +109,8 @@ def _remove_network(state: StateDir) -> str:
     return netns.describe_leftovers(found)
 
 
-_ROLES = {"controlplane": "the control plane", "sidecar": "1 sidecar", "app": "1 app"}
+_ROLES = {"controlplane": "the control plane", "sidecar": "1 sidecar", "app": "1 app",
+          "gateway": "the ingress gateway"}
 
 
 def _forget(state: StateDir) -> None:

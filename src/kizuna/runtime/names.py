@@ -4,6 +4,8 @@
 every process of an instance sees that instance's files. Services resolve to their VIP under the same four
 names as on Kubernetes (``svc``, ``svc.ns``, ``svc.ns.svc``, ``svc.ns.svc.cluster.local``); short names are
 written for the instance's own namespace only, as a cluster's search path would make them resolve.
+ServiceEntry hosts resolve as Istio's DNS proxy makes them: to the entry's own address, or the one the control
+plane allocated (``status.addresses``).
 
 The files are rewritten in place (same inode) because a bind mount pins the inode: a renamed-over file would
 never be seen by running processes. glibc reads ``/etc/hosts`` on every lookup, so a Service applied later
@@ -45,10 +47,29 @@ def vips_of(services: Iterable[Mapping[str, Any]]) -> list[ServiceVip]:
     return sorted(found, key=lambda s: (s.namespace, s.name))
 
 
-def hosts_text(hostname: str, pod_ip: str, namespace: str, services: Iterable[ServiceVip]) -> str:
-    """The ``/etc/hosts`` of an instance called ``hostname`` at ``pod_ip`` in ``namespace``."""
+def entry_addresses(entries: Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(address, host) of ServiceEntries (raw resources): each host at the entry's first single address,
+    else at its allocated one; wildcard hosts and hosts with neither are left to the resolver."""
+    found = []
+    for raw in entries:
+        spec, status = raw.get("spec") or {}, raw.get("status") or {}
+        own = [str(a) for a in spec.get("addresses") or () if "/" not in str(a) or str(a).endswith("/32")]
+        allocated = {str(a.get("host")): str(a.get("value")) for a in status.get("addresses") or ()
+                     if isinstance(a, Mapping)}
+        for host in spec.get("hosts") or ():
+            address = own[0].split("/")[0] if own else allocated.get(str(host))
+            if address and not str(host).startswith("*"):
+                found.append((address, str(host)))
+    return sorted(set(found), key=lambda e: (e[1], e[0]))
+
+
+def hosts_text(hostname: str, pod_ip: str, namespace: str, services: Iterable[ServiceVip],
+               entries: Iterable[tuple[str, str]] = ()) -> str:
+    """The ``/etc/hosts`` of an instance called ``hostname`` at ``pod_ip`` in ``namespace``; ``entries``:
+    (address, host) of ServiceEntry hosts."""
     lines = ["# written by kizuna; rewritten when Services change", "127.0.0.1\tlocalhost",
              "::1\tlocalhost ip6-localhost ip6-loopback", f"{pod_ip}\t{hostname}"]
+    lines += [f"{address}\t{host}" for address, host in entries]
     for svc in services:
         fqdn = f"{svc.name}.{svc.namespace}.svc.{CLUSTER_DOMAIN}"
         names = [fqdn, f"{svc.name}.{svc.namespace}.svc", f"{svc.name}.{svc.namespace}"]
@@ -71,10 +92,10 @@ def write_in_place(path: Path, text: str) -> None:
         f.truncate()
 
 
-def write_files(netns: str, hostname: str, pod_ip: str, namespace: str, services: Iterable[ServiceVip]
-                ) -> None:
+def write_files(netns: str, hostname: str, pod_ip: str, namespace: str, services: Iterable[ServiceVip],
+                entries: Iterable[tuple[str, str]] = ()) -> None:
     """Create or refresh ``/etc/netns/<netns>/{hosts,resolv.conf}``."""
     directory = etc_dir(netns)
     directory.mkdir(parents=True, exist_ok=True)
-    write_in_place(directory / "hosts", hosts_text(hostname, pod_ip, namespace, services))
+    write_in_place(directory / "hosts", hosts_text(hostname, pod_ip, namespace, services, entries))
     write_in_place(directory / "resolv.conf", RESOLV_CONF)

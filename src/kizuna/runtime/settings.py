@@ -70,6 +70,16 @@ class UpSettings:
     """how long to wait for every instance to become ready"""
     stop_grace: float = setting(5.0, metavar="SECONDS")
     """on stop, how long processes get after SIGTERM before SIGKILL"""
+    gateway: str = setting("auto", metavar="WHEN")
+    """run the ingress gateway (the workload Istio's Gateways select with istio: ingressgateway): auto = when
+    the manifests hold a Gateway, on = always (Gateways applied later are served too), off = never"""
+    gateway_address: str = setting("127.0.0.1", metavar="ADDRESS")
+    """host address the ingress gateway listens on"""
+    gateway_port: int = setting(8080, metavar="PORT")
+    """host port of the gateway's HTTP listener: Gateway servers on port 80 and 8080 (Istio's ingress
+    Service sends 80 to 8080); servers on other ports listen on that port number"""
+    gateway_https_port: int = setting(8443, metavar="PORT")
+    """host port for Gateway servers on port 443 and 8443 (TLS termination is not supported yet)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +100,11 @@ class ControlPlaneSettings:
     service_cidr: str | None = setting(None, metavar="CIDR")
     """allocate every Service a VIP (spec.clusterIP) from this range (transparent mode; default: the
     range recorded by `kizuna up`, else none)"""
+    workload_cert_ttl: float | None = setting(None, metavar="SECONDS")
+    """lifetime of the workload certificates the CA signs (default 86400, Istio's 24 h; at most 90 days)"""
+    cacerts: Path | None = setting(None, metavar="DIR")
+    """plug in the CA from a directory in Istio's cacerts layout (the CA certificate and key, the root
+    certificate, the chain) instead of the mesh's own self-signed root"""
 
 
 @dataclass(frozen=True, slots=True)

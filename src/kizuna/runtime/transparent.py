@@ -12,6 +12,7 @@ network down even after ``up`` was killed.
 from __future__ import annotations
 
 import ipaddress
+import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -123,11 +124,14 @@ def write_bootstrap(state: StateDir, network: Network, instance: Instance, liste
     netns.write_private(token, state.token.read_bytes(), capture.PROXY_UID, capture.PROXY_GID)
     # Without a sidecar the same process still registers the instance and reports its readiness (capture
     # "none"), so sidecars elsewhere can reach the app directly, as Kubernetes endpoints would let them.
+    sidecar = has_sidecar(instance)
     bootstrap = Bootstrap(node=instance.node(), control_plane=listen, token_file=str(token),
-                          readiness=instance.readiness, capture="iptables" if has_sidecar(instance) else "none")
+                          readiness=instance.readiness, capture="iptables" if sidecar else "none",
+                          credential=instance.credential(state.root) if sidecar else "")
     path = run_dir / f"{instance.id}.json"
-    bootstrap.dump(path)
-    path.chmod(0o644)
+    # Private to the sidecar's UID: the credential in it is this workload's alone.
+    netns.write_private(path, (json.dumps(bootstrap.to_json(), indent=2) + "\n").encode(), capture.PROXY_UID,
+                        capture.PROXY_GID)
     bootstrap.dump(state.bootstrap(instance.id))  # the usual place, for people looking
     return path
 
@@ -159,6 +163,7 @@ def refresh(state: StateDir, client: Any) -> None:
         return
     services = client.get("Service")
     vips = names.vips_of(services)
+    entries = names.entry_addresses(client.get("ServiceEntry"))
     instances = {i["name"] + "." + i["namespace"]: Instance.from_json(i) for i in record.get("instances", [])}
     no_sidecar = [iid for iid in network.get("netns", {}) if iid in instances
                   and not has_sidecar(instances[iid])]
@@ -172,7 +177,7 @@ def refresh(state: StateDir, client: Any) -> None:
         if instance is None or not Path(f"/run/netns/{ns}").exists():
             continue
         try:
-            names.write_files(ns, instance.name, instance.pod_address, instance.namespace, vips)
+            names.write_files(ns, instance.name, instance.pod_address, instance.namespace, vips, entries)
         except PermissionError as exc:
             raise UserError(f"applied, but the Service names inside the mesh's namespaces could not be "
                             f"updated ({exc}); run kizuna as root in transparent mode") from exc

@@ -26,7 +26,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from kizuna.proxyconfig.bootstrap import Bootstrap
-from kizuna.runtime import display, transparent
+from kizuna.runtime import display, gateway, transparent
 from kizuna.runtime.addresses import PodRange, choose_pod_range, listeners_in, parse_pod_cidr
 from kizuna.runtime.down import running_processes
 from kizuna.runtime.errors import UserError
@@ -60,6 +60,7 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
     network = transparent.plan(state, settings.pod_cidr, settings.service_cidr) if mode == "transparent" else None
     pod_range = network.pods if network else _pod_range(settings.pod_cidr, state)
     instances = plan_instances(deployments_of(resources), pod_range, transparent=network is not None)
+    with_gateway = gateway.wanted(settings, resources)
 
     state.create()
     _clear_previous_session(state)
@@ -67,7 +68,9 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
     supervisor = Supervisor(state, {
         "version": 1, "up": {"pid": os.getpid(), "startTime": _own_start_time()}, "mode": mode,
         "podCidr": str(pod_range), "serviceCidr": str(network.services) if network else None,
-        "controlPlane": listen, "instances": [i.to_json() for i in instances], "processes": []})
+        "controlPlane": listen, "instances": [i.to_json() for i in instances], "processes": [],
+        "gateway": {"address": settings.gateway_address, "port": settings.gateway_port,
+                    "httpsPort": settings.gateway_https_port} if with_gateway else None})
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGTERM, _raise_stopped)
     signal.signal(signal.SIGHUP, _raise_stopped)
@@ -78,12 +81,17 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
             client = _start_controlplane(supervisor, state, listen, err,
                                          str(network.services) if network else None)
             client.apply(documents)
+            if with_gateway:
+                gateway.start(supervisor, state, settings, pod_range.control_plane_address, listen,
+                              _mesh_env())
             if network is None:
                 for instance in instances:
                     _start_instance(supervisor, state, instance, listen)
             else:
                 _start_transparent(supervisor, state, network, client, instances, listen, settings)
             _wait_ready(supervisor, client, instances, settings.ready_timeout, state, err)
+            if with_gateway:
+                gateway.wait_ready(client, supervisor, state, settings.ready_timeout, _fail_if_exited)
             if network is not None:
                 transparent.refresh(state, client)
         except BaseException:
@@ -93,6 +101,9 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
                      f"Service VIPs from {network.services}") if network else None
         display.summary(out, state, pod_range, listen, instances, resources, detached=settings.detach,
                         mode=mode_line)
+        if with_gateway:
+            out.write(f"ingress gateway  {gateway.urls(settings)}\n")
+            out.flush()
         if settings.detach:
             supervisor.release()
             return 0
@@ -163,7 +174,7 @@ def _start_controlplane(supervisor: Supervisor, state: StateDir, listen: str, er
 
 def _start_instance(supervisor: Supervisor, state: StateDir, instance: Instance, listen: str) -> None:
     bootstrap = Bootstrap(node=instance.node(), control_plane=listen, token_file=str(state.token),
-                          readiness=instance.readiness)
+                          readiness=instance.readiness, credential=instance.credential(state.root))
     path = state.bootstrap(instance.id)
     bootstrap.dump(path)
     supervisor.spawn(f"{instance.id}.proxy", "sidecar", _kizuna("proxy", "--bootstrap", str(path)),

@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from kizuna.api.workloads import Container, DeploymentSpec, EnvVar
+from kizuna.controlplane.compile_clusters import TLS_MODE_LABEL
+from kizuna.controlplane.credentials import DEFAULT_TRUST_DOMAIN, credential_for, load_or_create_secret, spiffe_id
 from kizuna.proxyconfig.bootstrap import OUTBOUND_PORT, Node, ReadinessProbe
 from kizuna.runtime.addresses import PodRange
+from kizuna.runtime.capture import sidecar_injected
 from kizuna.runtime.errors import UserError
 from kizuna.runtime.expansion import expand
 
@@ -78,9 +81,18 @@ class Instance:
 
     def node(self) -> Node:
         """How the sidecar introduces this instance to the control plane."""
+        labels = self.labels
+        if sidecar_injected(dict(self.annotations)):
+            # What Istio's injector adds to a pod with a sidecar: clients then talk mTLS to it (auto mTLS).
+            labels = tuple(sorted({**dict(labels), TLS_MODE_LABEL: "istio"}.items()))
         return Node(id=self.id, workload=self.deployment, namespace=self.namespace,
-                    service_account=self.service_account, labels=self.labels, pod_address=self.pod_address,
+                    service_account=self.service_account, labels=labels, pod_address=self.pod_address,
                     mesh_address=self.mesh_address, ports=self.ports)
+
+    def credential(self, state_dir: str | Path) -> str:
+        """The bootstrap credential for this instance's identity (its service account), for its sidecar only."""
+        secret = load_or_create_secret(state_dir)
+        return credential_for(secret, spiffe_id(DEFAULT_TRUST_DOMAIN, self.namespace, self.service_account))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "deployment": self.deployment, "namespace": self.namespace,

@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 
 import uvloop
 
+from kizuna.proxy.pool import PoolRegistry
 from kizuna.proxy.sidecar import Sidecar
+from kizuna.proxy.upstream import UpstreamConnection
 from kizuna.proxyconfig.bootstrap import Bootstrap, Capture, Node, ReadinessProbe
 from kizuna.proxyconfig.model import (
     Cluster,
@@ -170,6 +172,7 @@ class LocalMesh:
         self.loop = loop
         self.sidecars: list[Sidecar] = []
         self.servers: list[UpstreamServer | TcpEchoServer] = []
+        self.captures: list[tuple[asyncio.Server, PoolRegistry[UpstreamConnection]]] = []
 
     def upstream(self, address: str, port: int = 0, **options: Any) -> UpstreamServer:
         """A programmable HTTP app on ``address:port`` (see ``UpstreamServer`` for the options)."""
@@ -196,13 +199,52 @@ class LocalMesh:
         """``sidecar.apply`` on the loop's thread; its ValueError comes back here."""
         self.loop.run(_call(sidecar.apply, snapshot))
 
+    def captured(self, snapshot: Snapshot, dst: tuple[str, int], address: str | None = None) -> tuple[str, int]:
+        """A listener serving every connection as the outbound capture port serves one redirected from
+        ``dst`` (what ``SO_ORIGINAL_DST`` reports behind iptables; no network namespace needed), with
+        ``snapshot`` in force; its address."""
+        from kizuna.proxy.capture import OutboundCapture, OwnPorts
+        from kizuna.proxy.listener import ConnectionInfo
+        from kizuna.proxy.outbound import OutboundDispatcher
+        from kizuna.proxy.passthrough import Passthrough
+        from kizuna.proxy.state import ProxyState
+        from kizuna.proxy.stats import Stats
+
+        loop = self.loop.loop
+        stats = Stats()
+        pools: PoolRegistry[UpstreamConnection] = PoolRegistry()
+
+        class Source:
+            state = ProxyState(snapshot, pools, stats)
+
+        capture = OutboundCapture(Source(), OutboundDispatcher(Source(), stats, loop), Passthrough(pools, stats),
+                                  stats, set(), OwnPorts(set(), {15001}))
+        if address is None:
+            (address,) = loopback_addresses(1)
+
+        async def serve() -> asyncio.Server:
+            return await loop.create_server(lambda: capture(ConnectionInfo("outbound", 15001, dst)), address, 0)
+
+        server = self.loop.run(serve())
+        self.captures.append((server, pools))
+        return address, server.sockets[0].getsockname()[1]
+
     def close(self) -> None:
         for sidecar in self.sidecars:
             self.loop.run(sidecar.stop(drain=0.5))
         for server in self.servers:
             self.loop.run(server.stop())
+        for listener, pools in self.captures:
+            self.loop.run(_close_capture(listener, pools))
         self.sidecars.clear()
         self.servers.clear()
+        self.captures.clear()
+
+
+async def _close_capture(server: asyncio.Server, pools: PoolRegistry[UpstreamConnection]) -> None:
+    server.close()
+    pools.close()
+    await server.wait_closed()
 
 
 class Reply:

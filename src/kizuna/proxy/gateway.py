@@ -1,0 +1,132 @@
+"""Gateway mode: the same proxy as an ingress gateway (``bootstrap.node.kind == "gateway"``).
+
+No app, no capture, no outbound or inbound ports: the proxy listens on the ports of its snapshot's
+``gateway_listeners``, at the bootstrap's ``gateway_address`` (default 127.0.0.1), each listener port mapped to
+a host port by ``gateway_ports`` (``kizuna up`` maps 8080, where Istio's ingress Service sends port 80, to its
+``--gateway-port``). An HTTP listener routes each request by its Host header over the virtual hosts of that
+port (``*`` and ``*.suffix`` included) exactly as a sidecar routes outbound requests (``OutboundDispatcher``:
+route, weighted cluster, exchange; no virtual host or route → 404). A TCP listener relays each connection to
+a balanced endpoint of its route. Endpoints are the instances' addresses that sidecars dial too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from kizuna.protocols.http1 import RequestHead
+from kizuna.proxy.capture import _Closing, _tcp_endpoint
+from kizuna.proxy.downstream import HttpServerConnection
+from kizuna.proxy.errors import SyntheticResponse
+from kizuna.proxy.exchange import Exchange
+from kizuna.proxy.listener import ConnectionInfo, Listener
+from kizuna.proxy.outbound import OutboundDispatcher, StateSource
+from kizuna.proxy.stats import Stats
+from kizuna.proxy.tcp import TcpForward
+from kizuna.proxyconfig.bootstrap import Bootstrap
+from kizuna.proxyconfig.model import GatewayListener, Snapshot
+
+
+class GatewayDispatcher:
+    """The dispatcher of one HTTP gateway listener: routes by Host on the listener's port."""
+
+    __slots__ = ("outbound", "port")
+
+    def __init__(self, outbound: OutboundDispatcher, port: int) -> None:
+        self.outbound = outbound
+        self.port = port
+
+    def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse:
+        return self.outbound.dispatch_gateway(down, head, self.port)
+
+
+class GatewayListeners:
+    """The listeners of a gateway proxy, following its snapshots: ``apply`` binds new ports (or refuses the
+    snapshot with ValueError, keeping the previous ones), closes ports that went away."""
+
+    def __init__(self, bootstrap: Bootstrap, source: StateSource, stats: Stats,
+                 connections: set[asyncio.BaseProtocol], log: TextIO = sys.stderr) -> None:
+        self.address = bootstrap.gateway_address
+        self.host_ports = dict(bootstrap.gateway_ports)
+        self.source = source
+        self.stats = stats
+        self.connections = connections
+        self.log = log
+        self.outbound: OutboundDispatcher | None = None
+        self.listeners: dict[tuple[int, str], Listener] = {}
+        """By (listener port, protocol): a port whose protocol changes is closed and bound again."""
+        self._problems: tuple[str, ...] = ()
+
+    def host_port(self, port: int) -> int:
+        """Where listener ``port`` binds on the host."""
+        return self.host_ports.get(port, port)
+
+    def prepare(self, snapshot: Snapshot) -> dict[tuple[int, str], Listener]:
+        """Bind the listeners ``snapshot`` adds (not yet accepting); ValueError, with nothing bound, when a
+        port cannot be had. Hand the result to ``commit`` once the snapshot is taken."""
+        opened: dict[tuple[int, str], Listener] = {}
+        for key, listener in sorted(self._wanted(snapshot).items()):
+            if key in self.listeners:
+                continue
+            port = self.host_port(listener.port)
+            try:
+                opened[key] = Listener("outbound", self.address, port, self._handler(listener))
+            except OSError as exc:
+                for done in opened.values():
+                    done.close()
+                raise ValueError(f"cannot listen on gateway port {self.address}:{port}: "
+                                 f"{exc.strerror or exc}") from exc
+        return opened
+
+    def commit(self, snapshot: Snapshot, opened: dict[tuple[int, str], Listener],
+               started: bool) -> list[Listener]:
+        """Take ``snapshot``'s listeners: close the ones it dropped, keep ``opened``; returns those to start
+        (when the proxy runs already)."""
+        wanted = self._wanted(snapshot)
+        for key in self.listeners.keys() - wanted.keys():
+            self.listeners.pop(key).close()
+        self.listeners.update(opened)
+        problems = tuple(g.problem for g in snapshot.gateway_listeners if g.problem)
+        if problems != self._problems:
+            self._problems = problems
+            for problem in problems:
+                print(f"kizuna gateway: not served: {problem}", file=self.log, flush=True)
+        return list(opened.values()) if started else []
+
+    def close(self) -> None:
+        """Stop accepting on every gateway port."""
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners.clear()
+
+    def describe(self) -> str:
+        """``127.0.0.1:8080 (http), ...`` for the start-up line."""
+        return ", ".join(f"{self.address}:{listener.port} ({protocol})"
+                         for (_, protocol), listener in sorted(self.listeners.items())) or "no ports yet"
+
+    @staticmethod
+    def _wanted(snapshot: Snapshot) -> dict[tuple[int, str], GatewayListener]:
+        return {(g.port, g.protocol): g for g in snapshot.gateway_listeners if g.server_ports}
+
+    def _handler(self, listener: GatewayListener) -> Callable[[ConnectionInfo], asyncio.BaseProtocol]:
+        port = listener.port
+        if listener.protocol == "tcp":
+            return lambda info: self._tcp(port)
+        assert self.outbound is not None, "set outbound before the first snapshot"
+        dispatcher = GatewayDispatcher(self.outbound, port)
+        return lambda info: HttpServerConnection(dispatcher, self.stats, self.connections)
+
+    def _tcp(self, port: int) -> asyncio.Protocol:
+        state = self.source.state  # as of accept: the connection keeps this choice to its end
+        vh = state.router.virtual_host("*", port)
+        if vh is None:
+            self.stats.error("no route")
+            return _Closing()
+        picked = _tcp_endpoint(state, vh)
+        if picked is None or isinstance(picked, str):  # a PASSTHROUGH cluster: a gateway has no original dst
+            self.stats.error("no healthy upstream")
+            return _Closing()
+        pool, timeout = picked
+        return TcpForward(pool.address, pool.port, timeout, self.stats, self.connections, load=pool)
