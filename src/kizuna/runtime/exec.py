@@ -19,7 +19,8 @@ from kizuna.runtime.workloads import Instance, process_env
 
 
 def find_instance(state: StateDir, workload: str, namespace: str | None = None) -> Instance:
-    """The instance ``workload`` names: a Deployment (its first instance), an instance name, or a node id."""
+    """The instance ``workload`` names: a Deployment (its first instance), an instance name, a node id, or,
+    as Istio's docs name workloads (``productpage`` for Deployment ``productpage-v1``), an ``app`` label."""
     record = state.read_runtime()
     if record is None or not running_processes(state):
         raise UserError(f"no mesh is running in {state.root} (start one with kizuna up)")
@@ -27,7 +28,8 @@ def find_instance(state: StateDir, workload: str, namespace: str | None = None) 
     if namespace is not None:
         instances = [i for i in instances if i.namespace == namespace]
     for matches in ([i for i in instances if i.deployment == workload],
-                    [i for i in instances if workload in (i.name, i.id)]):
+                    [i for i in instances if workload in (i.name, i.id)],
+                    sorted((i for i in instances if dict(i.labels).get("app") == workload), key=lambda i: i.id)):
         if matches:
             return matches[0]
     known = ", ".join(sorted({i.deployment for i in instances})) or "none"
