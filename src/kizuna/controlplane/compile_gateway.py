@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from kizuna.api.gateway import HTTP_PROTOCOLS, GatewaySpec, Server, split_host
 from kizuna.api.virtualservice import VirtualServiceSpec
 from kizuna.controlplane.compile_clusters import build_cluster
+from kizuna.controlplane.compile_delegate import expand
 from kizuna.controlplane.compile_index import MeshIndex, Rule, exported_to, fqdn, labels_match
-from kizuna.controlplane.compile_routes import ClusterRef, _http_route, _Scope, _tcp_route
+from kizuna.controlplane.compile_routes import ClusterRef, RouteScope, http_route, tcp_route
 from kizuna.proxyconfig.actions import Redirect, RoutePolicy
 from kizuna.proxyconfig.bootstrap import Node
 from kizuna.proxyconfig.model import (
@@ -70,7 +71,7 @@ def intersect(server_host: str, vs_host: str) -> str | None:
 
 
 @dataclass
-class _GatewayScope(_Scope):
+class _GatewayScope(RouteScope):
     """``compile_routes``' scope with this gateway as the match context: a match's ``gateways`` (names
     resolved in the VirtualService's namespace) must include ``gateway``; ``mesh`` alone does not do."""
 
@@ -213,8 +214,8 @@ def _http_hosts(index: MeshIndex, node: Node, port: int, served: list[tuple[Rule
                     found.append(redirect)
                 continue
             scope = _scope(index, node, gateway, server, vs, refs)
-            for i, http in enumerate(spec.http):
-                route = _http_route(scope, vs, i, http)
+            for label, http in expand(spec.http, vs.namespace, index.virtual_service):
+                route = http_route(scope, vs, label, http)
                 if route is not None:
                     # The server port was decided here; the listener may serve several (80 and 8080).
                     found.append(dataclasses.replace(
@@ -231,7 +232,7 @@ def _tcp_hosts(index: MeshIndex, node: Node, port: int, served: list[tuple[Rule,
             assert isinstance(spec, VirtualServiceSpec)
             scope = _scope(index, node, gateway, server, vs, refs)
             for i, tcp in enumerate(spec.tcp):
-                route = _tcp_route(scope, vs, i, tcp)
+                route = tcp_route(scope, vs, i, tcp)
                 if route is not None:
                     return [VirtualHost(f"*:{port}", ("*",), port, "tcp", (route,))]
     return []

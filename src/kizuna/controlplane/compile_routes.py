@@ -95,7 +95,7 @@ def select_virtual_service(index: MeshIndex, node: Node, service_fqdn: str) -> R
 
 
 @dataclass
-class _Scope:
+class RouteScope:
     """One virtual host being compiled for one proxy; collects the clusters its routes send to."""
 
     index: MeshIndex
@@ -119,20 +119,20 @@ class _Scope:
 def build_routes(index: MeshIndex, node: Node, service: KubeService | ExternalHost, port: int,
                  protocol: Protocol) -> tuple[tuple[Route, ...], dict[str, ClusterRef]]:
     """The routes of ``service``:``port`` as seen by ``node``, and the clusters they reference."""
-    scope = _Scope(index, node, port)
+    scope = RouteScope(index, node, port)
     rule = select_virtual_service(index, node, service.fqdn)
     spec = rule.spec if rule is not None else None
     routes: list[Route] | None = None
     if rule is not None and isinstance(spec, VirtualServiceSpec):
         if protocol != "tcp" and spec.http:
             routes = [r for label, h in expand(spec.http, rule.namespace, index.virtual_service)
-                      if (r := _http_route(scope, rule, label, h)) is not None]
+                      if (r := http_route(scope, rule, label, h)) is not None]
         elif protocol != "http" and (spec.tls or spec.tcp):
             # TLS routes (by SNI) first, then TCP routes: a connection no SNI route takes falls to them.
             # (Only ports declared TLS/HTTPS/TCP route on SNI: a sniffed port may carry HTTP.)
             routes = [r for i, t in enumerate(spec.tls) if protocol == "tcp"
-                      and (r := _tls_route(scope, rule, i, t)) is not None]
-            routes += [r for i, t in enumerate(spec.tcp) if (r := _tcp_route(scope, rule, i, t)) is not None]
+                      and (r := tls_route(scope, rule, i, t)) is not None]
+            routes += [r for i, t in enumerate(spec.tcp) if (r := tcp_route(scope, rule, i, t)) is not None]
     if routes is None:
         # No rule for this host (or none for this protocol): Istio's default route to the whole service.
         wc = WeightedCluster(scope.cluster(service.fqdn, port), 100)
@@ -140,9 +140,9 @@ def build_routes(index: MeshIndex, node: Node, service: KubeService | ExternalHo
     return tuple(routes), scope.refs
 
 
-def _http_route(scope: _Scope, rule: Rule, label: str | int, http: HTTPRoute) -> Route | None:
-    if isinstance(label, int):
-        label = f"http[{label}]"
+def http_route(scope: RouteScope, rule: Rule, label: str, http: HTTPRoute) -> Route | None:
+    """One ``http[]`` rule (``label``: its position, e.g. ``http[2]``) as a route for this scope; None when
+    no match of it can apply here."""
     matches: list[RouteMatch] = []
     for m in http.match:
         converted = _route_match(scope, m)
@@ -160,7 +160,7 @@ def _http_route(scope: _Scope, rule: Rule, label: str | int, http: HTTPRoute) ->
     return Route(http.name or f"{rule.name}.{label}", tuple(matches), action, rule.source)
 
 
-def _tcp_route(scope: _Scope, rule: Rule, i: int, tcp: TCPRoute) -> Route | None:
+def tcp_route(scope: RouteScope, rule: Rule, i: int, tcp: TCPRoute) -> Route | None:
     # L4 matches are all about the connection's source and port, so they are decided here; the first TCP
     # route left is the one the proxy uses. (destinationSubnets / sourceSubnet are not evaluated.)
     if tcp.match and not any(_l4_fits(scope, m) for m in tcp.match):
@@ -169,7 +169,7 @@ def _tcp_route(scope: _Scope, rule: Rule, i: int, tcp: TCPRoute) -> Route | None
                  rule.source)
 
 
-def _tls_route(scope: _Scope, rule: Rule, i: int, tls: TLSRoute) -> Route | None:
+def tls_route(scope: RouteScope, rule: Rule, i: int, tls: TLSRoute) -> Route | None:
     # Only the SNI is left for the proxy to decide; port and source conditions are decided here.
     names = tuple(dict.fromkeys(h for m in tls.match if _l4_fits(scope, m) for h in m.sni_hosts))
     if not names:
@@ -178,7 +178,7 @@ def _tls_route(scope: _Scope, rule: Rule, i: int, tls: TLSRoute) -> Route | None
                  RouteAction(_weighted(scope, rule, tls.route), None, NO_RETRY), rule.source)
 
 
-def _l4_fits(scope: _Scope, m: L4MatchAttributes | TLSMatchAttributes) -> bool:
+def _l4_fits(scope: RouteScope, m: L4MatchAttributes | TLSMatchAttributes) -> bool:
     return (m.port is None or m.port == scope.port) and scope.source_fits(
         m.source_labels, m.source_namespace, m.gateways)
 
@@ -202,7 +202,7 @@ def _conditions(values: dict[str, StringMatch]) -> tuple[HeaderMatch, ...]:
                  for name in sorted(values, key=lambda n: (n.lower(), n)))
 
 
-def _route_match(scope: _Scope, m: HTTPMatchRequest) -> RouteMatch | None:
+def _route_match(scope: RouteScope, m: HTTPMatchRequest) -> RouteMatch | None:
     if not scope.source_fits(m.source_labels, m.source_namespace, m.gateways):
         return None
     if m.port is not None and m.port != scope.port:
@@ -214,7 +214,7 @@ def _route_match(scope: _Scope, m: HTTPMatchRequest) -> RouteMatch | None:
         query_params=_conditions(dict(m.query_params)), port=m.port, name=m.name)
 
 
-def _weighted(scope: _Scope, rule: Rule,
+def _weighted(scope: RouteScope, rule: Rule,
               destinations: Sequence[RouteDestination | HTTPRouteDestination]) -> tuple[WeightedCluster, ...]:
     entries = [(_cluster_of(scope, rule, d.destination), d.weight) for d in destinations]
     if not any(w for _, w in entries):
@@ -232,7 +232,7 @@ def _weighted(scope: _Scope, rule: Rule,
     return tuple(WeightedCluster(name, weight, headers.get(name)) for name, weight in merged.items())
 
 
-def _cluster_of(scope: _Scope, rule: Rule, dest: Destination) -> str:
+def _cluster_of(scope: RouteScope, rule: Rule, dest: Destination) -> str:
     """The outbound cluster a Destination names (port: given, else the service's only port, else this one)."""
     target = scope.index.resolve(dest.host, rule.namespace)
     service = scope.index.by_fqdn.get(target)
@@ -274,7 +274,7 @@ GRPC_CODES = {name: code for code, name in enumerate((
     "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"))}
 
 
-def _route_policy(scope: _Scope, rule: Rule, http: HTTPRoute,
+def _route_policy(scope: RouteScope, rule: Rule, http: HTTPRoute,
                   clusters: tuple[WeightedCluster, ...]) -> RoutePolicy | None:
     """The route's redirect / directResponse / rewrite / headers / fault / mirrors, or None without any."""
     redirect = direct = rewrite = fault = None

@@ -69,8 +69,8 @@ class VipAllocator:
                 kept = allocated_addresses(resource)
                 entries[(resource.namespace, resource.name)] = kept
                 if ("ServiceEntry", resource.namespace, resource.name) not in batch:
-                    for ip in kept.values():
-                        owners[ip] = f"ServiceEntry {resource.namespace}/{resource.name}"
+                    for kept_ip in kept.values():
+                        owners[kept_ip] = f"ServiceEntry {resource.namespace}/{resource.name}"
             elif isinstance(resource.spec, ServiceSpec):
                 ident = (resource.namespace, resource.name)
                 previous[ident] = resource.spec.cluster_ip
@@ -107,19 +107,19 @@ class VipAllocator:
         free = self._free(owners)
         for position, resource in enumerate(out):
             if isinstance(resource.spec, ServiceEntrySpec):
-                before = entries.get((resource.namespace, resource.name), {})
+                kept = entries.get((resource.namespace, resource.name), {})
                 hosts = wants_addresses(resource.spec)
-                given = {h: before[h] for h in hosts if h in before and before[h] not in owners}
+                given = {h: kept[h] for h in hosts if h in kept and kept[h] not in owners}
                 for host in hosts:
                     if host not in given:
-                        ip = next(free, None)
-                        if ip is None:
+                        allocated = next(free, None)
+                        if allocated is None:
                             errors.append(f"{resource.source}: ServiceEntry {resource.namespace}/{resource.name}:"
                                           f" hosts: no free address left in the service range {self.network}")
                             break
-                        given[host] = ip
-                for ip in given.values():
-                    owners[ip] = f"ServiceEntry {resource.namespace}/{resource.name}"
+                        given[host] = allocated
+                for taken in given.values():
+                    owners[taken] = f"ServiceEntry {resource.namespace}/{resource.name}"
                 out[position] = _with_addresses(resource, [h for h in hosts if h in given], given)
         for position in pending:
             resource = out[position]

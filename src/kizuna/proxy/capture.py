@@ -58,7 +58,7 @@ class OwnPorts:
         return port in self.ports and (address in self.addresses or str(address).startswith("127."))
 
 
-class _Closing(asyncio.Protocol):
+class Closing(asyncio.Protocol):
     """A connection nothing may serve: closed at once (opaque TCP has no way to say why)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -124,7 +124,7 @@ class OutboundCapture:
         vh = self.outbound.virtual_host_at(state, dst)
         if vh is None and state.snapshot.outbound_policy == "REGISTRY_ONLY":
             self.stats.error(NOT_IN_REGISTRY.reason)
-            return _Closing()
+            return Closing()
         if vh is None:
             return TcpForward(dst[0], dst[1], PASSTHROUGH_CONNECT_TIMEOUT, self.stats, self.registry, initial)
         if has_sni_routes(vh):
@@ -133,17 +133,17 @@ class OutboundCapture:
 
     def _forward(self, state: ProxyState, vh: VirtualHost, dst: tuple[str, int], initial: bytes,
                  sni: str | None = None) -> asyncio.Protocol:
-        endpoint = _tcp_endpoint(state, vh, sni)
+        endpoint = tcp_endpoint(state, vh, sni)
         if endpoint is None:
             self.stats.error("no healthy upstream")
-            return _Closing()
+            return Closing()
         if isinstance(endpoint, str):  # a ServiceEntry with resolution NONE: where the app was connecting
             return TcpForward(dst[0], dst[1], PASSTHROUGH_CONNECT_TIMEOUT, self.stats, self.registry, initial)
         pool, timeout = endpoint
         return TcpForward(pool.address, pool.port, timeout, self.stats, self.registry, initial, load=pool)
 
 
-def _tcp_endpoint(state: ProxyState, vh: VirtualHost, sni: str | None = None) -> tuple[Pool, float] | str | None:
+def tcp_endpoint(state: ProxyState, vh: VirtualHost, sni: str | None = None) -> tuple[Pool, float] | str | None:
     """Opaque TCP to a service: with an ``sni``, the route for it (see ``sni``); else its first route that
     takes any request (TCP has no path or headers to match), else its first route; then the weighted cluster
     and a balanced endpoint (``PASSTHROUGH`` for a cluster that sends to the original destination)."""
@@ -176,5 +176,5 @@ class InboundCapture:
     def __call__(self, info: ConnectionInfo) -> asyncio.BaseProtocol:
         dst = info.original_dst
         if dst is None or dst in self.own:
-            return _Closing()  # dialled directly, or a loop: there is no app port to forward to
+            return Closing()  # dialled directly, or a loop: there is no app port to forward to
         return self.handler(dataclasses.replace(info, port=dst[1]))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from kizuna.protocols.http1 import RequestHead
-from kizuna.proxy.capture import _Closing, _tcp_endpoint
+from kizuna.proxy.capture import Closing, tcp_endpoint
 from kizuna.proxy.downstream import HttpServerConnection
 from kizuna.proxy.errors import SyntheticResponse
 from kizuna.proxy.exchange import Exchange
@@ -123,10 +123,10 @@ class GatewayListeners:
         vh = state.router.virtual_host("*", port)
         if vh is None:
             self.stats.error("no route")
-            return _Closing()
-        picked = _tcp_endpoint(state, vh)
+            return Closing()
+        picked = tcp_endpoint(state, vh)
         if picked is None or isinstance(picked, str):  # a PASSTHROUGH cluster: a gateway has no original dst
             self.stats.error("no healthy upstream")
-            return _Closing()
+            return Closing()
         pool, timeout = picked
         return TcpForward(pool.address, pool.port, timeout, self.stats, self.connections, load=pool)

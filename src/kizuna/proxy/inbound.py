@@ -199,7 +199,7 @@ class InboundHandler:
                 host, port = info.original_dst
                 return TcpForward(host, port, INBOUND_CONNECT_TIMEOUT, self.stats, self.registry,
                                   source=self.bind)
-            return _Closing()
+            return Closing()
         if target.protocol == "http":
             return PrefaceSwitch(lambda: self._http(info.port), lambda: self._h2(info.port))
         address, port = target.port.target_address, target.port.target_port
@@ -264,7 +264,7 @@ class _Authorized(asyncio.Protocol):
         self.forward.connection_made(transport)
 
 
-class _Closing(asyncio.Protocol):
+class Closing(asyncio.Protocol):
     """For a connection that raced the removal of its port: closed at once."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -55,6 +55,7 @@ def resolve_mode(requested: str, pod_cidr: str | None) -> tuple[str, str | None]
 
 def _is_loopback_range(cidr: str) -> bool:
     try:
-        return ipaddress.ip_network(cidr, strict=False).subnet_of(ipaddress.ip_network("127.0.0.0/8"))
+        network = ipaddress.ip_network(cidr, strict=False)
+        return isinstance(network, ipaddress.IPv4Network) and network.subnet_of(ipaddress.IPv4Network("127.0.0.0/8"))
     except (ValueError, TypeError):
         return True  # not a range at all: proxy mode's parser says what is wrong with it

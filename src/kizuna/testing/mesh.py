@@ -14,7 +14,7 @@ import random
 import socket
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import uvloop
 
@@ -223,7 +223,8 @@ class LocalMesh:
             (address,) = loopback_addresses(1)
 
         async def serve() -> asyncio.Server:
-            return await loop.create_server(lambda: capture(ConnectionInfo("outbound", 15001, dst)), address, 0)
+            server = await loop.create_server(lambda: capture(ConnectionInfo("outbound", 15001, dst)), address, 0)
+            return cast(asyncio.Server, server)
 
         server = self.loop.run(serve())
         self.captures.append((server, pools))
