@@ -21,6 +21,7 @@ from kizuna.proxy.capture import Closing, tcp_endpoint
 from kizuna.proxy.downstream import HttpServerConnection
 from kizuna.proxy.errors import SyntheticResponse
 from kizuna.proxy.exchange import Exchange
+from kizuna.proxy.inbound_policy import InboundGuard
 from kizuna.proxy.listener import ConnectionInfo, Listener
 from kizuna.proxy.outbound import OutboundDispatcher, StateSource
 from kizuna.proxy.stats import Stats
@@ -30,15 +31,23 @@ from kizuna.proxyconfig.model import GatewayListener, Snapshot
 
 
 class GatewayDispatcher:
-    """The dispatcher of one HTTP gateway listener: routes by Host on the listener's port."""
+    """The dispatcher of one HTTP gateway listener: end-user authentication and authorization policies that
+    select the gateway (Istio applies them at the ingress too), then routing by Host on the listener's port."""
 
-    __slots__ = ("outbound", "port")
+    __slots__ = ("outbound", "port", "guard")
 
-    def __init__(self, outbound: OutboundDispatcher, port: int) -> None:
+    def __init__(self, outbound: OutboundDispatcher, port: int, guard: InboundGuard) -> None:
         self.outbound = outbound
         self.port = port
+        self.guard = guard
 
     def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse:
+        security = self.outbound.source.state.snapshot.security
+        if security is not None:
+            checked = self.guard.check_request(security, head, down.transport, self.port)
+            if isinstance(checked, SyntheticResponse):
+                return checked
+            head = checked
         return self.outbound.dispatch_gateway(down, head, self.port)
 
 
@@ -52,6 +61,8 @@ class GatewayListeners:
         self.host_ports = dict(bootstrap.gateway_ports)
         self.source = source
         self.stats = stats
+        self.guard = InboundGuard(stats)
+        """JWT and authorization for requests arriving at the gateway (one JWKS cache for all its ports)."""
         self.connections = connections
         self.log = log
         self.outbound: OutboundDispatcher | None = None
@@ -97,6 +108,7 @@ class GatewayListeners:
 
     def close(self) -> None:
         """Stop accepting on every gateway port."""
+        self.guard.close()
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()
@@ -115,7 +127,7 @@ class GatewayListeners:
         if listener.protocol == "tcp":
             return lambda info: self._tcp(port)
         assert self.outbound is not None, "set outbound before the first snapshot"
-        dispatcher = GatewayDispatcher(self.outbound, port)
+        dispatcher = GatewayDispatcher(self.outbound, port, self.guard)
         return lambda info: HttpServerConnection(dispatcher, self.stats, self.connections)
 
     def _tcp(self, port: int) -> asyncio.Protocol:

@@ -281,6 +281,7 @@ class Sidecar:
         self.h2_pools.close()
         if self._inbound_handler is not None:
             self._inbound_handler.h2_pools.close()
+            self._inbound_handler.guard.close()
         await asyncio.sleep(0)
 
     def _listen_captured(self, outbound: OutboundDispatcher, loop: asyncio.AbstractEventLoop) -> None:
