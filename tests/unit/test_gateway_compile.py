@@ -306,10 +306,11 @@ def test_https_redirect_and_tls_servers() -> None:
     assert route is not None and route.action.policy is not None
     redirect = route.action.policy.redirect
     assert redirect is not None and (redirect.scheme, redirect.code) == ("https", 301)
-    assert (https.port, https.server_ports) == (8443, ())
-    assert https.problem == "default/gw: HTTPS server on port 443: TLS termination is not supported yet"
-    assert (tls.port, tls.server_ports) == (15443, ())
-    assert "TLS passthrough (SNI routing) is not supported yet" in tls.problem
+    # HTTPS terminates at the gateway (credentials read by the proxy); TLS PASSTHROUGH routes by SNI.
+    assert (https.port, https.protocol, https.server_ports, https.problem) == (8443, "http", (443,), "")
+    assert [(t.mode, t.credential_name, t.hosts) for t in https.tls] == [("SIMPLE", "cert", ("*",))]
+    assert (tls.port, tls.protocol, tls.server_ports, tls.problem) == (15443, "tcp", (15443,), "")
+    assert [t.mode for t in tls.tls] == ["PASSTHROUGH"]
 
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason="Istio sample corpus not present")

@@ -10,8 +10,12 @@ several VirtualServices for one host are merged in (namespace, name) order, as I
 The routes themselves are built by ``compile_routes`` with this gateway as the match context (a match's own
 ``gateways`` must name it) and the clusters by ``compile_clusters``, exactly as for sidecars.
 
-TCP servers take the first ``tcp[]`` route of a bound VirtualService that fits the server port. Servers that
-would need TLS termination or SNI passthrough are listed with a ``problem`` and not served yet.
+TCP servers take the first ``tcp[]`` route of a bound VirtualService that fits the server port. HTTPS and TLS
+servers with ``tls.mode`` SIMPLE or MUTUAL terminate TLS at the gateway (then HTTPS is routed as HTTP, TLS as
+TCP); the listener carries each server's TLS settings (``ServerTls``: file paths or a ``credentialName``, which
+the gateway proxy reads itself). ``PASSTHROUGH`` servers route each connection by SNI over the ``tls[]`` routes
+of the bound VirtualServices. Other modes (ISTIO_MUTUAL, OPTIONAL_MUTUAL, AUTO_PASSTHROUGH), and servers whose
+kind conflicts with the port's first server, are listed with a ``problem`` and not served.
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from kizuna.api.gateway import HTTP_PROTOCOLS, GatewaySpec, Server, split_host
+from kizuna.api.gateway import HTTP_PROTOCOLS, GatewaySpec, Server, ServerTLSSettings, split_host
 from kizuna.api.virtualservice import VirtualServiceSpec
 from kizuna.controlplane.compile_clusters import build_cluster
 from kizuna.controlplane.compile_delegate import expand
 from kizuna.controlplane.compile_index import MeshIndex, Rule, exported_to, fqdn, labels_match
-from kizuna.controlplane.compile_routes import ClusterRef, RouteScope, http_route, tcp_route
+from kizuna.controlplane.compile_routes import ClusterRef, RouteScope, http_route, tcp_route, tls_route
 from kizuna.proxyconfig.actions import Redirect, RoutePolicy
 from kizuna.proxyconfig.bootstrap import Node
 from kizuna.proxyconfig.model import (
@@ -34,6 +38,7 @@ from kizuna.proxyconfig.model import (
     Protocol,
     Route,
     RouteAction,
+    ServerTls,
     Snapshot,
     VirtualHost,
 )
@@ -122,42 +127,75 @@ def compile_gateway(index: MeshIndex, node: Node, version: str) -> Snapshot:
     return Snapshot(version, (), tuple(virtual_hosts), tuple(clusters), "ALLOW_ANY", tuple(compiled))
 
 
-def _kind(server: Server) -> tuple[Protocol | None, str]:
-    """How a server is served: ``http``, ``tcp``, or not at all (None, with the reason)."""
+Kind = tuple[Protocol, str]
+"""How a listener serves its connections: (``http`` or ``tcp``, TLS: "" none, ``terminate``, ``passthrough``)."""
+
+
+def _kind(server: Server) -> tuple[Kind | None, str]:
+    """How a server is served, or None with the reason it is not."""
     protocol = server.protocol
     tls = server.tls
     if protocol in HTTP_PROTOCOLS:
-        return "http", ""
+        return ("http", ""), ""  # an HTTP server's tls can only ask for httpsRedirect
     if protocol in ("TCP", "MONGO"):
-        return "tcp", ""
-    if tls is not None and not tls.terminates:
-        return None, f"{protocol} server on port {server.port.number}: TLS passthrough (SNI routing) is " \
-                     "not supported yet"
-    return None, f"{protocol} server on port {server.port.number}: TLS termination is not supported yet"
+        return ("tcp", ""), ""
+    assert tls is not None  # HTTPS and TLS servers require it (api validation)
+    if tls.mode in ("SIMPLE", "MUTUAL"):
+        return ("http" if protocol == "HTTPS" else "tcp", "terminate"), ""
+    if tls.mode == "PASSTHROUGH":
+        return ("tcp", "passthrough"), ""
+    return None, f"{protocol} server on port {server.port.number}: TLS mode {tls.mode} is not supported"
+
+
+def server_tls(server: Server) -> ServerTls | None:
+    """A TLS server's settings as the gateway proxy needs them (hosts without their namespace part)."""
+    tls: ServerTLSSettings | None = server.tls
+    if tls is None or server.protocol not in ("HTTPS", "TLS"):
+        return None
+    hosts = tuple(dict.fromkeys(split_host(h)[1] for h in server.hosts))
+    cert, key, ca = tls.server_certificate, tls.private_key, tls.ca_certificates
+    credential = tls.credential_name or (tls.credential_names[0] if tls.credential_names else "")
+    if tls.tls_certificates:  # the first of several certificates (kizuna presents one per server)
+        first = tls.tls_certificates[0]
+        cert, key, ca = first.server_certificate, first.private_key, first.ca_certificates or ca
+    return ServerTls(hosts, tls.mode, cert, key, ca, credential,
+                     "" if tls.min_protocol_version == "TLS_AUTO" else tls.min_protocol_version,
+                     "" if tls.max_protocol_version == "TLS_AUTO" else tls.max_protocol_version,
+                     tuple(tls.subject_alt_names))
 
 
 def _compile_listener(index: MeshIndex, node: Node, listener: _Listener,
                       refs: dict[str, ClusterRef]) -> tuple[GatewayListener, list[VirtualHost]]:
     served: list[tuple[Rule, Server]] = []
     problems: list[str] = []
-    protocol: Protocol | None = None
+    kind: Kind | None = None
     for rule, server in listener.servers:
-        kind, problem = _kind(server)
-        if kind is None:
+        this, problem = _kind(server)
+        if this is None:
             problems.append(f"{rule.namespace}/{rule.name}: {problem}")
-        elif protocol is not None and kind != protocol:
+        elif kind is not None and this != kind:
             problems.append(f"{rule.namespace}/{rule.name}: {server.protocol} server on port "
-                            f"{server.port.number} conflicts with the {protocol} servers on this port")
+                            f"{server.port.number} conflicts with the {_describe(kind)} servers on this port")
         else:
-            protocol = kind
+            kind = this
             served.append((rule, server))
     gateways = tuple(dict.fromkeys(f"{r.namespace}/{r.name}" for r, _ in listener.servers))
     server_ports = tuple(sorted({s.port.number for _, s in served}))
     problem = "; ".join(problems)
-    if protocol is None:
+    if kind is None:
         return GatewayListener(listener.port, "tcp", (), gateways, problem), []
-    hosts = (_http_hosts if protocol == "http" else _tcp_hosts)(index, node, listener.port, served, refs)
-    return GatewayListener(listener.port, protocol, server_ports, gateways, problem), hosts
+    protocol, tls_kind = kind
+    tls = tuple(t for t in (server_tls(s) for _, s in served) if t is not None) if tls_kind else ()
+    if tls_kind == "passthrough":
+        hosts = _tls_hosts(index, node, listener.port, served, refs)
+    else:
+        hosts = (_http_hosts if protocol == "http" else _tcp_hosts)(index, node, listener.port, served, refs)
+    return GatewayListener(listener.port, protocol, server_ports, gateways, problem, tls), hosts
+
+
+def _describe(kind: Kind) -> str:
+    protocol, tls = kind
+    return {"terminate": f"TLS-terminating {protocol}", "passthrough": "TLS passthrough"}.get(tls, protocol)
 
 
 def _bound(index: MeshIndex, node: Node, gateway: Rule, server: Server) -> Iterator[tuple[Rule, str]]:
@@ -236,3 +274,23 @@ def _tcp_hosts(index: MeshIndex, node: Node, port: int, served: list[tuple[Rule,
                 if route is not None:
                     return [VirtualHost(f"*:{port}", ("*",), port, "tcp", (route,))]
     return []
+
+
+def _tls_hosts(index: MeshIndex, node: Node, port: int, served: list[tuple[Rule, Server]],
+               refs: dict[str, ClusterRef]) -> list[VirtualHost]:
+    """PASSTHROUGH servers: the ``tls[]`` routes (by SNI) of every bound VirtualService, in order."""
+    routes: list[Route] = []
+    seen: set[tuple[str, str]] = set()
+    for gateway, server in served:
+        for vs, _host in _bound(index, node, gateway, server):
+            spec = vs.spec
+            assert isinstance(spec, VirtualServiceSpec)
+            if (vs.namespace, vs.name) in seen:
+                continue
+            seen.add((vs.namespace, vs.name))
+            scope = _scope(index, node, gateway, server, vs, refs)
+            for i, tls in enumerate(spec.tls):
+                route = tls_route(scope, vs, i, tls)
+                if route is not None:
+                    routes.append(route)
+    return [VirtualHost(f"*:{port}", ("*",), port, "tcp", tuple(routes))] if routes else []

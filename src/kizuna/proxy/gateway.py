@@ -7,6 +7,10 @@ a host port by ``gateway_ports`` (``kizuna up`` maps 8080, where Istio's ingress
 port (``*`` and ``*.suffix`` included) exactly as a sidecar routes outbound requests (``OutboundDispatcher``:
 route, weighted cluster, exchange; no virtual host or route → 404). A TCP listener relays each connection to
 a balanced endpoint of its route. Endpoints are the instances' addresses that sidecars dial too.
+
+A listener with TLS servers (``GatewayListener.tls``) first waits for each connection's ClientHello: a
+terminating listener picks the server by SNI and ends TLS there (``gateway_tls``), then serves HTTP or TCP as
+above; a ``PASSTHROUGH`` listener forwards the TLS bytes untouched along the ``tls[]`` route for the SNI.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from kizuna.proxy.capture import Closing, tcp_endpoint
 from kizuna.proxy.downstream import HttpServerConnection
 from kizuna.proxy.errors import SyntheticResponse
 from kizuna.proxy.exchange import Exchange
+from kizuna.proxy.gateway_tls import TlsContexts, client_san_problem
 from kizuna.proxy.inbound_policy import InboundGuard
 from kizuna.proxy.listener import ConnectionInfo, Listener
 from kizuna.proxy.outbound import OutboundDispatcher, StateSource
+from kizuna.proxy.sni import SniWait
 from kizuna.proxy.stats import Stats
 from kizuna.proxy.tcp import TcpForward
+from kizuna.proxy.tls_server import TlsServer
 from kizuna.proxyconfig.bootstrap import Bootstrap
 from kizuna.proxyconfig.model import GatewayListener, Snapshot
 
@@ -68,7 +75,10 @@ class GatewayListeners:
         self.outbound: OutboundDispatcher | None = None
         self.listeners: dict[tuple[int, str], Listener] = {}
         """By (listener port, protocol): a port whose protocol changes is closed and bound again."""
+        self.tls: dict[int, TlsContexts] = {}
+        """By listener port, the terminating servers' contexts, read at accept (a snapshot swaps them)."""
         self._problems: tuple[str, ...] = ()
+        self._pending_tls: dict[int, TlsContexts] = {}
 
     def host_port(self, port: int) -> int:
         """Where listener ``port`` binds on the host."""
@@ -77,8 +87,12 @@ class GatewayListeners:
     def prepare(self, snapshot: Snapshot) -> dict[tuple[int, str], Listener]:
         """Bind the listeners ``snapshot`` adds (not yet accepting); ValueError, with nothing bound, when a
         port cannot be had. Hand the result to ``commit`` once the snapshot is taken."""
+        wanted = self._wanted(snapshot)
+        # Certificates first: a file that cannot be read refuses the snapshot before any port is bound.
+        self._pending_tls = {g.port: TlsContexts(g.tls) for g in wanted.values()
+                             if any(t.mode != "PASSTHROUGH" for t in g.tls)}
         opened: dict[tuple[int, str], Listener] = {}
-        for key, listener in sorted(self._wanted(snapshot).items()):
+        for key, listener in sorted(wanted.items()):
             if key in self.listeners:
                 continue
             port = self.host_port(listener.port)
@@ -99,6 +113,7 @@ class GatewayListeners:
         for key in self.listeners.keys() - wanted.keys():
             self.listeners.pop(key).close()
         self.listeners.update(opened)
+        self.tls = self._pending_tls
         problems = tuple(g.problem for g in snapshot.gateway_listeners if g.problem)
         if problems != self._problems:
             self._problems = problems
@@ -124,21 +139,54 @@ class GatewayListeners:
 
     def _handler(self, listener: GatewayListener) -> Callable[[ConnectionInfo], asyncio.BaseProtocol]:
         port = listener.port
+        make: Callable[[], asyncio.Protocol]
         if listener.protocol == "tcp":
-            return lambda info: self._tcp(port)
-        assert self.outbound is not None, "set outbound before the first snapshot"
-        dispatcher = GatewayDispatcher(self.outbound, port, self.guard)
-        return lambda info: HttpServerConnection(dispatcher, self.stats, self.connections)
+            if listener.tls and all(t.mode == "PASSTHROUGH" for t in listener.tls):
+                return lambda info: SniWait(lambda sni, data: self._tcp(port, data, sni))
+            make = lambda: self._tcp(port)  # noqa: E731
+        else:
+            assert self.outbound is not None, "set outbound before the first snapshot"
+            dispatcher = GatewayDispatcher(self.outbound, port, self.guard)
+            make = lambda: HttpServerConnection(dispatcher, self.stats, self.connections)  # noqa: E731
+        if not listener.tls:
+            return lambda info: make()
+        return lambda info: SniWait(lambda sni, data: self._terminate(port, sni, data, make))
 
-    def _tcp(self, port: int) -> asyncio.Protocol:
+    def _terminate(self, port: int, sni: str, initial: bytes,
+                   make: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
+        contexts = self.tls.get(port)
+        picked = contexts.pick(sni) if contexts is not None else None
+        if picked is None:
+            self.stats.error("no TLS server")
+            return Closing()
+        tls, context = picked
+        if not tls.subject_alt_names:
+            return TlsServer(context, make, initial, on_failure=self._tls_failed)
+
+        def checked() -> asyncio.Protocol:
+            # MUTUAL with subjectAltNames: the CA vouched for the client; now it must be one of the names.
+            problem = client_san_problem(tls, server.peercert)
+            if problem:
+                self._tls_failed(problem)
+                return Closing()
+            return make()
+
+        server = TlsServer(context, checked, initial, on_failure=self._tls_failed)
+        return server
+
+    def _tls_failed(self, reason: str) -> None:
+        self.stats.error("TLS handshake failed")
+        print(f"kizuna gateway: {reason}", file=self.log, flush=True)
+
+    def _tcp(self, port: int, initial: bytes = b"", sni: str | None = None) -> asyncio.Protocol:
         state = self.source.state  # as of accept: the connection keeps this choice to its end
         vh = state.router.virtual_host("*", port)
         if vh is None:
             self.stats.error("no route")
             return Closing()
-        picked = tcp_endpoint(state, vh)
+        picked = tcp_endpoint(state, vh, sni)
         if picked is None or isinstance(picked, str):  # a PASSTHROUGH cluster: a gateway has no original dst
             self.stats.error("no healthy upstream")
             return Closing()
         pool, timeout = picked
-        return TcpForward(pool.address, pool.port, timeout, self.stats, self.connections, load=pool)
+        return TcpForward(pool.address, pool.port, timeout, self.stats, self.connections, initial, load=pool)

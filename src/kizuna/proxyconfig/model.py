@@ -290,6 +290,86 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """TLS a proxy originates to a cluster's endpoints (DestinationRule ``tls.mode`` SIMPLE or MUTUAL).
+
+    Paths are files on the proxy's host, read by the proxy itself. With no ``ca_certificates`` the system
+    trust store verifies the server; ``insecure_skip_verify`` verifies nothing. ``sni`` defaults to the
+    cluster's service host; ``subject_alt_names``, when set, replace host-name checking: the server
+    certificate must carry one of them."""
+
+    mode: str
+    """``SIMPLE`` (server authentication) or ``MUTUAL`` (plus ``client_certificate`` / ``private_key``)."""
+    ca_certificates: str = ""
+    client_certificate: str = ""
+    private_key: str = ""
+    sni: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+    insecure_skip_verify: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.mode}
+        for key, value in (("caCertificates", self.ca_certificates), ("clientCertificate", self.client_certificate),
+                           ("privateKey", self.private_key), ("sni", self.sni)):
+            if value:
+                out[key] = value
+        if self.subject_alt_names:
+            out["subjectAltNames"] = list(self.subject_alt_names)
+        if self.insecure_skip_verify:
+            out["insecureSkipVerify"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UpstreamTls:
+        return cls(str(data["mode"]), str(data.get("caCertificates", "")), str(data.get("clientCertificate", "")),
+                   str(data.get("privateKey", "")), str(data.get("sni", "")),
+                   tuple(str(n) for n in data.get("subjectAltNames", ())), bool(data.get("insecureSkipVerify")))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """How a gateway server terminates (``SIMPLE``, ``MUTUAL``) or passes on (``PASSTHROUGH``) TLS.
+
+    Certificates are files on the gateway's host that the gateway proxy reads itself (private keys never pass
+    through the control plane): ``server_certificate`` / ``private_key`` / ``ca_certificates`` as written in
+    the Gateway, or ``credential_name``, which the proxy resolves to ``<credentials dir>/<name>/`` holding
+    Istio's secret keys ``tls.crt``, ``tls.key`` and ``ca.crt``. ``hosts`` (no namespace part) select this
+    server by the ClientHello's SNI."""
+
+    hosts: tuple[str, ...]
+    mode: str
+    server_certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    credential_name: str = ""
+    min_protocol_version: str = ""
+    """``TLSV1_2`` etc.; empty: TLS 1.2 (Istio's gateway default)."""
+    max_protocol_version: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+    """MUTUAL: a client certificate must carry one of these (empty: any the CA signed)."""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"hosts": list(self.hosts), "mode": self.mode}
+        for key, value in (("serverCertificate", self.server_certificate), ("privateKey", self.private_key),
+                           ("caCertificates", self.ca_certificates), ("credentialName", self.credential_name),
+                           ("minProtocolVersion", self.min_protocol_version),
+                           ("maxProtocolVersion", self.max_protocol_version)):
+            if value:
+                out[key] = value
+        if self.subject_alt_names:
+            out["subjectAltNames"] = list(self.subject_alt_names)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServerTls:
+        return cls(tuple(str(h) for h in data.get("hosts", ())), str(data["mode"]),
+                   str(data.get("serverCertificate", "")), str(data.get("privateKey", "")),
+                   str(data.get("caCertificates", "")), str(data.get("credentialName", "")),
+                   str(data.get("minProtocolVersion", "")), str(data.get("maxProtocolVersion", "")),
+                   tuple(str(n) for n in data.get("subjectAltNames", ())))
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     """One (service, port, subset) and its ready endpoints, with the DestinationRule policy that applies."""
 
@@ -307,6 +387,8 @@ class Cluster:
     """Set for ``consistentHash``: the balancer hashes a request key instead of using ``lb_policy``."""
     http_version: HttpVersion = ""
     """The HTTP version the endpoints speak; empty: as the request came."""
+    tls: UpstreamTls | None = None
+    """TLS originated to the endpoints (DestinationRule SIMPLE / MUTUAL); None: plaintext or mesh mTLS."""
 
     def to_json(self) -> dict[str, Any]:
         out = {"name": self.name, "service": self.service, "port": self.port, "subset": self.subset,
@@ -320,6 +402,8 @@ class Cluster:
             out["hashPolicy"] = self.hash_policy.to_json()
         if self.http_version:
             out["httpVersion"] = self.http_version
+        if self.tls is not None:
+            out["tls"] = self.tls.to_json()
         return out
 
     @classmethod
@@ -331,7 +415,8 @@ class Cluster:
                    ConnectionPool.from_json(data["connectionPool"]) if "connectionPool" in data else DEFAULT_POOL,
                    OutlierDetection.from_json(data["outlierDetection"]) if "outlierDetection" in data else None,
                    HashPolicy.from_json(data["hashPolicy"]) if "hashPolicy" in data else None,
-                   data.get("httpVersion", ""))
+                   data.get("httpVersion", ""),
+                   UpstreamTls.from_json(data["tls"]) if "tls" in data else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,8 +452,8 @@ class GatewayListener:
     443 → 8443, any other port as itself); the proxy binds it where its bootstrap says. HTTP listeners route
     by Host over the snapshot's virtual hosts of this ``port`` (hosts may be ``*`` or ``*.suffix``); TCP
     listeners send every connection along the first route of the virtual host ``*`` of this ``port``.
-    ``problem`` names the servers on this port that are not served and why (TLS termination, for one, is
-    not supported yet); a listener with no ``server_ports`` served is not bound at all."""
+    ``problem`` names the servers on this port that are not served and why (ISTIO_MUTUAL, for one, is
+    not supported); a listener with no ``server_ports`` served is not bound at all."""
 
     port: int
     protocol: Protocol
@@ -377,19 +462,25 @@ class GatewayListener:
     gateways: tuple[str, ...] = ()
     """``namespace/name`` of the Gateways with servers on this port (for status and explain)."""
     problem: str = ""
+    tls: tuple[ServerTls, ...] = ()
+    """The TLS servers of this port, in Gateway order: all terminate (then HTTP or TCP as ``protocol``
+    says) or all are ``PASSTHROUGH`` (a ``tcp`` listener routing each connection by SNI over the ``tls[]``
+    routes of virtual host ``*``). Empty: plaintext."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"port": self.port, "protocol": self.protocol,
                                "serverPorts": list(self.server_ports), "gateways": list(self.gateways)}
         if self.problem:
             out["problem"] = self.problem
+        if self.tls:
+            out["tls"] = [t.to_json() for t in self.tls]
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GatewayListener:
         return cls(int(data["port"]), data.get("protocol", "http"),
                    tuple(int(p) for p in data.get("serverPorts", ())), tuple(data.get("gateways", ())),
-                   str(data.get("problem", "")))
+                   str(data.get("problem", "")), tuple(ServerTls.from_json(t) for t in data.get("tls", ())))
 
 
 @dataclass(frozen=True, slots=True)

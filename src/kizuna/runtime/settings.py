@@ -79,7 +79,10 @@ class UpSettings:
     """host port of the gateway's HTTP listener: Gateway servers on port 80 and 8080 (Istio's ingress
     Service sends 80 to 8080); servers on other ports listen on that port number"""
     gateway_https_port: int = setting(8443, metavar="PORT")
-    """host port for Gateway servers on port 443 and 8443 (TLS termination is not supported yet)"""
+    """host port for Gateway servers on port 443 and 8443 (HTTPS/TLS, terminated or passed through)"""
+    workload_cert_ttl: float | None = setting(None, metavar="SECONDS")
+    """lifetime of the workload certificates the mesh's CA signs for mTLS (default 86400, Istio's 24 h;
+    sidecars renew at half of it)"""
 
 
 @dataclass(frozen=True, slots=True)

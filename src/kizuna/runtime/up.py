@@ -79,7 +79,7 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
             if network is not None:
                 transparent.create_host(supervisor, network)
             client = _start_controlplane(supervisor, state, listen, err,
-                                         str(network.services) if network else None)
+                                         str(network.services) if network else None, settings.workload_cert_ttl)
             client.apply(documents)
             if with_gateway:
                 gateway.start(supervisor, state, settings, pod_range.control_plane_address, listen,
@@ -152,11 +152,13 @@ def _kizuna(*args: str) -> list[str]:
 
 
 def _start_controlplane(supervisor: Supervisor, state: StateDir, listen: str, err: TextIO,
-                        service_cidr: str | None = None) -> Any:
+                        service_cidr: str | None = None, workload_cert_ttl: float | None = None) -> Any:
     from kizuna.controlplane.client import ControlPlaneClient
 
     err.write(f"starting the control plane on {listen}\n")
     extra = ["--service-cidr", service_cidr] if service_cidr else []
+    if workload_cert_ttl:
+        extra += ["--workload-cert-ttl", f"{workload_cert_ttl:g}"]
     record = supervisor.spawn("controlplane", "controlplane",
                               _kizuna("controlplane", "--state-dir", str(state.root), "--listen", listen,
                                       *extra),
