@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 from bench import h2, profile, wrk
+from bench.mtls import start_kizuna_mtls
 from bench.paths import HOST_HEADER, STARTERS, TARGET, Layout, PathUnderTest, kizuna_unavailable, start_origin
 from bench.procs import Processes, Started, cpu_seconds, memory_kb, repin, system_cpu
 from bench.report import DISTURBED_VCPU, comparisons, format_table, machine_info
@@ -33,7 +34,8 @@ from bench.stats import summarize_ns
 from bench.transparent import cleanup as transparent_cleanup
 from bench.transparent import start_transparent, transparent_unavailable
 
-STARTERS = {**STARTERS, "transparent": start_transparent, "h2-direct": h2.start_h2_direct, "h2": h2.start_h2}
+STARTERS = {**STARTERS, "transparent": start_transparent, "h2-direct": h2.start_h2_direct, "h2": h2.start_h2,
+            "kizuna-mtls": start_kizuna_mtls}
 
 
 def _say(text: str) -> None:
@@ -318,7 +320,7 @@ def run(s: BenchSettings) -> dict[str, Any]:
     with Processes(logs) as shared:
         origin = start_origin(shared, layout, logs, load_cpus)
         for name in s.path_list:
-            reason = (kizuna_unavailable() if name in ("kizuna", "transparent", "h2") else None) or (
+            reason = (kizuna_unavailable() if name in ("kizuna", "kizuna-mtls", "transparent", "h2") else None) or (
                 transparent_unavailable() if name == "transparent" else None) or (
                 h2.h2load_unavailable() if name in ("h2", "h2-direct") else None)
             if reason:

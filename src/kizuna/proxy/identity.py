@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 log = logging.getLogger("kizuna.proxy.identity")
@@ -129,6 +130,21 @@ class WorkloadIdentity:
         cert = self.certificate
         return {"identity": cert.identity if cert else None, "notAfter": cert.not_after if cert else None,
                 "renewals": self.renewals, "failures": self.failures, "lastError": self.last_error}
+
+    @classmethod
+    def from_files(cls, directory: str, namespace: str, service_account: str) -> WorkloadIdentity:
+        """A file-mounted certificate (Istio's ``cert-chain.pem``, ``key.pem``, ``root-cert.pem``), not renewed."""
+        identity = cls(lambda: "", lambda: "", namespace, service_account, "")
+        folder = Path(directory)
+        identity.key = (folder / "key.pem").read_text()
+        try:  # the leaf's expiry, for status; ssl has no public parser for it
+            decoded = ssl._ssl._test_decode_cert(str(folder / "cert-chain.pem"))  # type: ignore[attr-defined]
+            not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+        except (AttributeError, KeyError, ValueError, ssl.SSLError):
+            not_after = float("inf")
+        identity.install(Certificate(identity.spiffe_id, (folder / "cert-chain.pem").read_text(),
+                                     (folder / "root-cert.pem").read_text(), not_after))
+        return identity
 
     # -- what pools and listeners ask ---------------------------------------------------------------------
 

@@ -221,8 +221,22 @@ class Sidecar:
 
             self.discovery = DiscoveryClient(self.bootstrap, self)
             self._spawn(self.discovery.run())
-            if self.bootstrap.credential and not self.registration_only:
+            if self.bootstrap.credential and not self.registration_only and not self.bootstrap.cert_dir:
                 self._spawn(self._obtain_identity(self.discovery))
+        if self.bootstrap.cert_dir and not self.registration_only:
+            from kizuna.proxy.identity import WorkloadIdentity
+
+            self._use_identity(WorkloadIdentity.from_files(self.bootstrap.cert_dir, node.namespace,
+                                                           node.service_account))
+
+    def _use_identity(self, identity: WorkloadIdentity) -> None:
+        """mTLS from now on: inbound by PeerAuthentication, outbound to endpoints that have an identity."""
+        self.identity = identity
+        self.pools.tls = identity
+        for pool in self.pools.pools.values():
+            pool.tls = identity
+        if self._inbound_handler is not None:
+            self._inbound_handler.identity = identity
 
     async def _obtain_identity(self, discovery: DiscoveryClient) -> None:
         """Get a workload certificate, then mTLS: inbound by PeerAuthentication, outbound to endpoints that
@@ -235,11 +249,7 @@ class Sidecar:
         self.identity = identity
         try:
             await identity.start()
-            self.pools.tls = identity
-            for pool in self.pools.pools.values():
-                pool.tls = identity
-            if self._inbound_handler is not None:
-                self._inbound_handler.identity = identity
+            self._use_identity(identity)
             await asyncio.Event().wait()  # keep the renewals running until stop cancels this task
         finally:
             identity.close()

@@ -15,6 +15,7 @@ from typing import Any, Literal
 ADMIN_PORT = 15000
 OUTBOUND_PORT = 15001
 INBOUND_CAPTURE_PORT = 15006
+PROMETHEUS_PORT = 15090
 
 Capture = Literal["proxy", "iptables", "none"]
 """How traffic reaches the sidecar: ``proxy`` — apps use HTTP_PROXY and other sidecars dial the inbound ports
@@ -118,6 +119,16 @@ class Bootstrap:
     """The workload's bootstrap credential: what lets it obtain a certificate for its own service account's
     SPIFFE identity from the control plane's CA (and no other). Empty: no workload certificate, no mTLS."""
     trust_domain: str = "cluster.local"
+    cert_dir: str | None = None
+    """File-mounted workload certificate instead of one from the CA (Istio's ``/etc/certs`` layout:
+    ``cert-chain.pem``, ``key.pem``, ``root-cert.pem``), read at start and not renewed: benchmarks, tests and
+    certificates managed outside the mesh."""
+    telemetry: bool = True
+    """Record Istio's standard metrics (``/stats/prometheus``); False turns recording off (benchmarks)."""
+    prometheus_port: int = PROMETHEUS_PORT
+    """Where ``/stats/prometheus`` is served besides the admin port, on the admin address (0: not at all)."""
+    access_log: str | None = None
+    """The JSON-lines access log file (``<state>/logs/<instance>.access.log``); None: no access log."""
 
     def to_json(self) -> dict[str, Any]:
         out = {"node": self.node.to_json(), "controlPlane": self.control_plane, "tokenFile": self.token_file,
@@ -131,6 +142,14 @@ class Bootstrap:
                        gatewayPorts={str(k): v for k, v in self.gateway_ports})
         if self.credential:
             out.update(credential=self.credential, trustDomain=self.trust_domain)
+        if self.cert_dir:
+            out["certDir"] = self.cert_dir
+        if not self.telemetry:
+            out["telemetry"] = False
+        if self.prometheus_port != PROMETHEUS_PORT:
+            out["prometheusPort"] = self.prometheus_port
+        if self.access_log:
+            out["accessLog"] = self.access_log
         return out
 
     @classmethod
@@ -146,7 +165,9 @@ class Bootstrap:
                    capture, int(data.get("inboundCapturePort", INBOUND_CAPTURE_PORT)),
                    str(data.get("gatewayAddress", "127.0.0.1")),
                    tuple(sorted((int(k), int(v)) for k, v in dict(data.get("gatewayPorts", {})).items())),
-                   str(data.get("credential", "")), str(data.get("trustDomain", "cluster.local")))
+                   str(data.get("credential", "")), str(data.get("trustDomain", "cluster.local")),
+                   data.get("certDir"), bool(data.get("telemetry", True)),
+                   int(data.get("prometheusPort", PROMETHEUS_PORT)), data.get("accessLog"))
 
     @classmethod
     def load(cls, path: str | Path) -> Bootstrap:
