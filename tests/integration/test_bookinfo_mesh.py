@@ -290,3 +290,43 @@ def test_our_request_timeout_files_behave_the_same(browser: Browser) -> None:
     browser.until("reviews-unavailable")
     html, took = browser.load()
     assert classify(html) == "reviews-unavailable" and took < 1.5, f"{took:.2f}s"
+
+
+AUTHZ = SAMPLES / "tasks" / "authz-http"
+DETAILS_SORRY = "Sorry, product details are currently unavailable for this book."
+
+
+@needs_samples
+def test_authz_http_task_step_by_step(browser: Browser, mesh: Mesh) -> None:
+    """Istio's HTTP authorization task, its files unchanged: deny everything, then let in the product page (from
+    anyone), details and reviews (from productpage's identity) and ratings (from reviews' identity) — the
+    principals come from the mesh's mTLS certificates."""
+    browser.apply(ISTIO / "virtual-service-reviews-v3.yaml")
+    browser.until("red")
+    steps = [AUTHZ / f for f in ("01-authorizationpolicy-allow-nothing.yaml",
+                                 "02-authorizationpolicy-productpage-viewer.yaml",
+                                 "03-authorizationpolicy-details-viewer.yaml",
+                                 "04-authorizationpolicy-reviews-viewer.yaml",
+                                 "05-authorizationpolicy-ratings-viewer.yaml")]
+    try:
+        browser.apply(steps[0])
+
+        def page() -> tuple[int, str]:
+            status, _, html = request(mesh.gateway, GATEWAY_PORT, "GET", "/productpage")
+            return status, html
+
+        browser.wait_until(lambda: page() == (403, "RBAC: access denied"), 10, "allow-nothing")
+        browser.apply(steps[1])
+        browser.wait_until(lambda: page()[0] == 200, 10, "productpage-viewer")
+        html = page()[1]
+        assert DETAILS_SORRY in html and REVIEWS_SORRY in html
+        browser.apply(steps[2])
+        browser.wait_until(lambda: DETAILS_SORRY not in page()[1], 10, "details-viewer")
+        assert "PublisherA" in page()[1] and REVIEWS_SORRY in page()[1]
+        browser.apply(steps[3])
+        browser.until("ratings-unavailable")
+        browser.apply(steps[4])
+        browser.until("red", times=3)
+    finally:
+        result = mesh.kizuna("delete", *(arg for path in steps for arg in ("-f", path)))
+        assert result.returncode == 0, result.stderr

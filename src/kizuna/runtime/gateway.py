@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from kizuna.controlplane.credentials import DEFAULT_TRUST_DOMAIN, credential_for, load_or_create_secret, spiffe_id
 from kizuna.proxyconfig.bootstrap import Bootstrap, Node
 from kizuna.runtime.errors import UserError
 from kizuna.runtime.processes import ProcessRecord, Supervisor
@@ -56,7 +57,9 @@ def node(admin_address: str) -> Node:
 
 def bootstrap(settings: UpSettings, state: StateDir, admin_address: str, listen: str) -> Bootstrap:
     """The gateway proxy's bootstrap: its node, control plane, and where its listeners bind."""
+    identity = spiffe_id(DEFAULT_TRUST_DOMAIN, NAMESPACE, NAME)
     return Bootstrap(node=node(admin_address), control_plane=listen, token_file=str(state.token),
+                     credential=credential_for(load_or_create_secret(state.root), identity),
                      gateway_address=settings.gateway_address,
                      gateway_ports=((HTTP_TARGET_PORT, settings.gateway_port),
                                     (HTTPS_TARGET_PORT, settings.gateway_https_port)))
@@ -110,5 +113,7 @@ def wait_ready(client: Any, supervisor: Supervisor, state: StateDir, timeout: fl
 
 
 def urls(settings: UpSettings) -> str:
-    """Where users reach the gateway: ``http://127.0.0.1:8080/`` (HTTP servers on 80 and 8080)."""
-    return f"http://{settings.gateway_address}:{settings.gateway_port}/ (Gateway servers on ports 80 and 8080)"
+    """Where users reach the gateway: ``http://127.0.0.1:8080/`` (HTTP servers on 80 and 8080) and
+    ``https://127.0.0.1:8443/`` (HTTPS and TLS servers on 443 and 8443)."""
+    return (f"http://{settings.gateway_address}:{settings.gateway_port}/ (Gateway servers on ports 80 and 8080), "
+            f"https://{settings.gateway_address}:{settings.gateway_https_port}/ (443 and 8443)")
