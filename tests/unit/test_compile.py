@@ -77,7 +77,8 @@ def addresses(c: Cluster) -> list[str]:
 def test_bookinfo_without_rules_gets_default_routes() -> None:
     snap = compile_snapshot(load(), INSTANCES, PRODUCTPAGE.node, "7")
     assert snap.version == "7"
-    assert snap.inbound == (InboundPort(9080, "127.0.10.1", 9080, "http"),)
+    # Port name "http": HTTP/1.1 to the app (an h2c client is translated), as Istio declares it.
+    assert snap.inbound == (InboundPort(9080, "127.0.10.1", 9080, "http", "1.1"),)
     assert [v.name for v in snap.virtual_hosts] == [
         "details.default.svc.cluster.local:9080", "productpage.default.svc.cluster.local:9080",
         "ratings.default.svc.cluster.local:9080", f"{REVIEWS}:9080"]
@@ -227,7 +228,7 @@ def test_named_target_port_resolves_from_each_instance_deployment() -> None:
     assert addresses(cluster(snap, "outbound|80||web.default.svc.cluster.local")) == [
         "127.0.11.1:8080", "127.0.11.2:9090"]
     # node.ports is empty, so the inbound ports come from the Deployment; the Service port names the protocol.
-    assert snap.inbound == (InboundPort(8080, "127.0.10.1", 8080, "http"),)
+    assert snap.inbound == (InboundPort(8080, "127.0.10.1", 8080, "http", "1.1"),)
 
 
 def test_source_labels_and_namespace_narrow_routes_per_proxy() -> None:
@@ -364,3 +365,17 @@ def test_snapshot_is_deterministic_and_digest_ignores_version() -> None:
     flipped = [Instance(i.node, True) if i.node.id == "reviews-v3-6.default" else i for i in INSTANCES]
     changed = compile_snapshot(resources, flipped, PRODUCTPAGE.node, "1")
     assert snapshot_digest(changed) != snapshot_digest(first)
+
+
+@pytest.mark.parametrize(("name", "app_protocol", "version"), [
+    ("http", None, "1.1"), ("http-web", None, "1.1"), ("grpc", None, "2"), ("grpc-echo", None, "2"),
+    ("http2", None, "2"), ("web", "kubernetes.io/h2c", "2"), ("tcp", None, ""), ("web", None, ""),
+    ("http", "grpc", "2")])
+def test_port_names_declare_the_http_version_the_app_speaks(name: str, app_protocol: str | None,
+                                                             version: str) -> None:
+    from kizuna.api.workloads import ServicePort
+    from kizuna.controlplane.compile_index import port_http_version
+
+    port = ServicePort.model_validate({"name": name, "port": 80, **({"appProtocol": app_protocol}
+                                                                    if app_protocol else {})})
+    assert port_http_version(port) == version

@@ -29,13 +29,14 @@ from kizuna.controlplane.compile_index import (
     MeshIndex,
     entry_protocol,
     exported_to,
+    port_http_version,
     port_protocol,
 )
 from kizuna.controlplane.compile_routes import ClusterRef, build_routes
 from kizuna.controlplane.compile_security import compile_security
 from kizuna.controlplane.instances import Instance
 from kizuna.proxyconfig.bootstrap import Node
-from kizuna.proxyconfig.model import InboundPort, Protocol, Snapshot, VirtualHost, cluster_name
+from kizuna.proxyconfig.model import HttpVersion, InboundPort, Protocol, Snapshot, VirtualHost, cluster_name
 
 __all__ = ["MeshIndex", "compile_snapshot", "compile_for", "snapshot_digest"]
 
@@ -112,15 +113,16 @@ def _inbound(index: MeshIndex, node: Node) -> tuple[InboundPort, ...]:
     if not ports and deployment is not None:
         ports = {p.container_port for c in deployment.template.spec.containers for p in c.ports
                  if p.protocol == "TCP"}
-    return tuple(InboundPort(port, node.pod_address, port, _inbound_protocol(index, node, port))
+    return tuple(InboundPort(port, node.pod_address, port, *_inbound_protocol(index, node, port))
                  for port in sorted(ports))
 
 
-def _inbound_protocol(index: MeshIndex, node: Node, port: int) -> Protocol:
+def _inbound_protocol(index: MeshIndex, node: Node, port: int) -> tuple[Protocol, HttpVersion]:
+    """The protocol and HTTP version of the Service port that targets this container port."""
     for service in index.services:
         if not service.selects(node):
             continue
         for service_port in service.spec.ports:
             if service_port.protocol == "TCP" and index.target_port(service_port, node) == port:
-                return port_protocol(service_port)
-    return "auto"
+                return port_protocol(service_port), port_http_version(service_port)
+    return "auto", ""

@@ -8,6 +8,7 @@ subset no rule defines gets a cluster without endpoints, so the proxy answers 50
 from __future__ import annotations
 
 from kizuna.api.destinationrule import (
+    ClientTLSSettings,
     ConnectionPoolSettings,
     DestinationRuleSpec,
     LoadBalancerSettings,
@@ -20,12 +21,14 @@ from kizuna.controlplane.compile_index import (
     MeshIndex,
     entry_protocol,
     exported_to,
+    http_version,
     labels_match,
+    port_http_version,
     port_protocol,
 )
 from kizuna.controlplane.compile_routes import ClusterRef
 from kizuna.proxyconfig.bootstrap import Node
-from kizuna.proxyconfig.model import Cluster, Endpoint, LbPolicy
+from kizuna.proxyconfig.model import Cluster, Endpoint, LbPolicy, UpstreamTls
 from kizuna.proxyconfig.policy import DEFAULT_POOL, UNLIMITED, ConnectionPool, HashPolicy, OutlierDetection
 
 DEFAULT_LB: LbPolicy = "LEAST_REQUEST"
@@ -94,18 +97,36 @@ TLS_MODE_LABEL = "security.istio.io/tlsMode"
 """The label Istio's injector puts on pods with a sidecar (value ``istio``): auto mTLS dials them with mTLS."""
 
 
-def tls_mode(top: TrafficPolicy | None, subset: TrafficPolicy | None, port: int) -> str:
-    """The DestinationRule ``tls.mode`` for ``port`` (port level, then subset, then host), or "" if none."""
-    mode = ""
+def tls_settings(top: TrafficPolicy | None, subset: TrafficPolicy | None, port: int) -> ClientTLSSettings | None:
+    """The DestinationRule ``tls`` for ``port`` (port level, then subset, then host), or None if none."""
+    found: ClientTLSSettings | None = None
     for policy in (top, subset):
         if policy is None:
             continue
         if policy.tls is not None:
-            mode = policy.tls.mode
+            found = policy.tls
         level = policy.for_port(port)
         if level is not None and level.tls is not None:
-            mode = level.tls.mode
-    return mode
+            found = level.tls
+    return found
+
+
+def tls_mode(top: TrafficPolicy | None, subset: TrafficPolicy | None, port: int) -> str:
+    """The DestinationRule ``tls.mode`` for ``port`` (port level, then subset, then host), or "" if none."""
+    settings = tls_settings(top, subset, port)
+    return settings.mode if settings is not None else ""
+
+
+def upstream_tls(settings: ClientTLSSettings | None) -> UpstreamTls | None:
+    """The TLS a proxy originates for DestinationRule ``tls.mode`` SIMPLE or MUTUAL (None for the others:
+    ISTIO_MUTUAL and auto mTLS are the endpoints' identities, DISABLE is plaintext). File paths pass as
+    written; the proxy reads them."""
+    if settings is None or settings.mode not in ("SIMPLE", "MUTUAL"):
+        return None
+    return UpstreamTls(settings.mode, settings.ca_certificates,
+                       settings.client_certificate if settings.mode == "MUTUAL" else "",
+                       settings.private_key if settings.mode == "MUTUAL" else "",
+                       settings.sni, tuple(settings.subject_alt_names), bool(settings.insecure_skip_verify))
 
 
 def endpoint_identity(node: Node, mode: str, trust_domain: str = "cluster.local") -> str:
@@ -140,7 +161,8 @@ def build_cluster(index: MeshIndex, node: Node, name: str, ref: ClusterRef) -> C
     subset = subsets.get(subset_name) if subset_name else None
     subset_policy = subset.traffic_policy if subset is not None else None
     lb, pool, outlier = effective_policy(top, subset_policy, port)
-    tls = tls_mode(top, subset_policy, port)
+    tls_policy = tls_settings(top, subset_policy, port)
+    tls = tls_policy.mode if tls_policy is not None else ""
     endpoints: list[Endpoint] = []
     if service is not None and service_port is not None and (not subset_name or subset is not None):
         wanted = subset.labels if subset is not None else {}
@@ -153,17 +175,20 @@ def build_cluster(index: MeshIndex, node: Node, name: str, ref: ClusterRef) -> C
                 endpoints.append(Endpoint(inst.mesh_address, target, inst.workload, inst.labels,
                                           endpoint_identity(inst, tls)))
     protocol = port_protocol(service_port) if service_port is not None else "auto"
+    version = port_http_version(service_port) if service_port is not None else ""
     entry = index.external.get(service_fqdn) if service is None else None
     if entry is not None and (not subset_name or subset is not None):
         endpoints = entry_endpoints(index, entry, port, subset.labels if subset is not None else {})
         entry_port = entry.spec.port(port)
         protocol = entry_protocol(entry_port.protocol) if entry_port is not None else "auto"
+        version = http_version(entry_port.protocol) if entry_port is not None else ""
     endpoints.sort(key=lambda e: (e.address, e.port, e.workload))
     balancer = lb_policy(lb)
     if entry is not None and entry.spec.resolution == "NONE" and entry.spec.workload_selector is None and lb is None:
         balancer = "PASSTHROUGH"  # Istio's ORIGINAL_DST cluster: where the app was connecting (with capture)
     return Cluster(name, service_fqdn, port, subset_name, protocol, balancer, tuple(endpoints),
-                   connect_timeout(pool), connection_pool(pool), outlier_detection(outlier), hash_policy(lb))
+                   connect_timeout(pool), connection_pool(pool), outlier_detection(outlier), hash_policy(lb),
+                   tls=upstream_tls(tls_policy), http_version=version)
 
 
 def entry_endpoints(index: MeshIndex, entry: ExternalHost, port: int, wanted: dict[str, str]) -> list[Endpoint]:

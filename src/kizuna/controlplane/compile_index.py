@@ -18,7 +18,7 @@ from kizuna.api.virtualservice import VirtualServiceSpec
 from kizuna.api.workloads import DeploymentSpec, ServicePort, ServiceSpec
 from kizuna.controlplane.instances import Instance
 from kizuna.proxyconfig.bootstrap import Node
-from kizuna.proxyconfig.model import OutboundPolicy, Protocol
+from kizuna.proxyconfig.model import HttpVersion, OutboundPolicy, Protocol
 
 DOMAIN = "svc.cluster.local"
 SECURITY_KINDS = frozenset({"PeerAuthentication", "AuthorizationPolicy", "RequestAuthentication"})
@@ -58,6 +58,32 @@ def allocated_addresses(resource: Resource) -> dict[str, str]:
         if isinstance(item, dict) and item.get("host") and item.get("value"):
             found[str(item["host"])] = str(item["value"])
     return found
+
+
+_HTTP2 = frozenset({"http2", "grpc", "grpc-web", "h2c", "kubernetes.io/h2c"})
+
+
+def http_version(declared: str) -> HttpVersion:
+    """The HTTP version a port speaks, from its ``appProtocol`` / name / ServiceEntry protocol: ``2`` for
+    http2, grpc, grpc-web, h2c; ``1.1`` for http; "" when not declared (each request goes upstream in the
+    version it came in)."""
+    value = declared.lower()
+    for candidate in (value, value.split("-", 1)[0] if not value.startswith("grpc-web") else value):
+        if candidate in _HTTP2:
+            return "2"
+        if candidate == "http":
+            return "1.1"
+    return ""
+
+
+def port_http_version(port: ServicePort) -> HttpVersion:
+    """:func:`http_version` of a Service port: ``appProtocol`` first, else the name."""
+    for declared in (port.app_protocol, port.name):
+        if declared:
+            found = http_version(declared)
+            if found:
+                return found
+    return ""
 
 
 def labels_match(selector: Mapping[str, str], labels: Iterable[tuple[str, str]] | Mapping[str, str]) -> bool:

@@ -139,7 +139,7 @@ class WorkloadIdentity:
         identity.key = (folder / "key.pem").read_text()
         try:  # the leaf's expiry, for status; ssl has no public parser for it
             decoded = ssl._ssl._test_decode_cert(str(folder / "cert-chain.pem"))  # type: ignore[attr-defined]
-            not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+            not_after: float = ssl.cert_time_to_seconds(decoded["notAfter"])
         except (AttributeError, KeyError, ValueError, ssl.SSLError):
             not_after = float("inf")
         identity.install(Certificate(identity.spiffe_id, (folder / "cert-chain.pem").read_text(),
