@@ -63,6 +63,11 @@ def mesh() -> Iterator[Mesh]:
         direct = replace(base, http_version="1.1")
         clusters += (direct,)
         hosts += (simple_virtual_host("external", 80, direct.name, retry=RetryPolicy(attempts=0)),)
+        # ... and an h2c-only one (a gRPC ServiceEntry): the client sidecar itself speaks h2c to it.
+        grpc_direct = replace(service_cluster("external-grpc", 80, [(app_addr, grpc_port)], protocol="http"),
+                              http_version="2")
+        clusters += (grpc_direct,)
+        hosts += (simple_virtual_host("external-grpc", 80, grpc_direct.name, retry=RetryPolicy(attempts=0)),)
         server_sidecar = local.sidecar(server_addr, Snapshot("bridge-server", inbound=inbound))
         client = local.sidecar(client_addr, Snapshot("bridge-client", virtual_hosts=hosts, clusters=clusters))
         yield Mesh(client, server_sidecar, client_addr, web)
@@ -133,6 +138,12 @@ def test_http11_client_to_h2c_only_grpc_app(mesh: Mesh) -> None:
     reply = _grpc_over_http11(mesh, "echo", b"hello")
     assert reply.status == 200
     assert reply.headers["content-type"] == "application/grpc"
+    assert reply.body == b"\x00" + struct.pack(">I", 10) + b"grpc:hello"
+
+
+def test_http11_client_to_h2c_only_destination_without_sidecar(mesh: Mesh) -> None:
+    reply = _grpc_over_http11(mesh, "external-grpc", b"hello")
+    assert reply.status == 200
     assert reply.body == b"\x00" + struct.pack(">I", 10) + b"grpc:hello"
 
 

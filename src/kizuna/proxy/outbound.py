@@ -22,18 +22,23 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Iterator, Mapping
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from kizuna.protocols.http1 import RequestHead, split_absolute_target, split_authority
 from kizuna.proxy.downstream import HttpServerConnection
 from kizuna.proxy.errors import CLUSTER_NOT_FOUND, MALFORMED_REQUEST, NO_ROUTE, SyntheticResponse
 from kizuna.proxy.exchange import CONNECT, HTTP, UPGRADE, Exchange
+from kizuna.proxy.h2_front import H2Front
+from kizuna.proxy.h2_routing import Routed
 from kizuna.proxy.passthrough import Passthrough
 from kizuna.proxy.route_actions import act
 from kizuna.proxy.sni import has_sni_routes, route_for_sni
 from kizuna.proxy.state import ProxyState
 from kizuna.proxy.stats import Stats
 from kizuna.proxyconfig.model import VirtualHost
+
+if TYPE_CHECKING:
+    from kizuna.proxy.h2 import H2Pools
 
 AUTHORITY_CACHE_SIZE: Final = 1024
 BLACK_HOLE_CLUSTER: Final = "BlackHoleCluster"
@@ -80,12 +85,14 @@ class HeaderView(Mapping[str, str]):
 class OutboundDispatcher:
     """Routes each request of the outbound listener."""
 
-    __slots__ = ("source", "stats", "loop", "_authorities", "_vip_state", "_vips", "_blocks")
+    __slots__ = ("source", "stats", "loop", "h2_pools", "_authorities", "_vip_state", "_vips", "_blocks")
 
     def __init__(self, source: StateSource, stats: Stats, loop: asyncio.AbstractEventLoop) -> None:
         self.source = source
         self.stats = stats
         self.loop = loop
+        self.h2_pools: H2Pools | None = None
+        """h2c connections to HTTP/2-only destinations without a sidecar (set by the sidecar)."""
         # Apps call the same few services over and over: remember how their authorities split.
         self._authorities: dict[tuple[bytes, bytes], tuple[str, int]] = {}
         self._vip_state: ProxyState | None = None
@@ -199,6 +206,12 @@ class OutboundDispatcher:
         if original is not None and dest.cluster.cluster.lb_policy == "PASSTHROUGH":
             (address, dst_port), passthrough = original
             dest = passthrough.destination(state, address, dst_port)
+        cluster = dest.cluster.cluster
+        if (cluster.http_version == "2" and self.h2_pools is not None and mode == HTTP
+                and not any(e.identity for e in cluster.endpoints)):
+            # An HTTP/2-only destination with no sidecar to translate (an h2c ServiceEntry, say): speak h2 to it.
+            return H2Front(down, head, Routed(dest, route.action.retry.retry_on), path, self.stats, self.loop,
+                           self.h2_pools)
         return Exchange(down, head, dest, path, authority, self.stats, self.loop, mode)
 
     def dispatch_captured(self, down: HttpServerConnection, head: RequestHead, dst: tuple[str, int],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from kizuna.proxy.passthrough import INBOUND_PASSTHROUGH_SOURCE, CapturePoolRegi
 from kizuna.proxy.pool import PoolRegistry
 from kizuna.proxy.state import ProxyState
 from kizuna.proxy.stats import Stats
+from kizuna.proxy.telemetry import Telemetry, TelemetryStats, stats_exposition
 from kizuna.proxy.upstream import UpstreamConnection
 from kizuna.proxyconfig.bootstrap import Bootstrap
 from kizuna.proxyconfig.model import EMPTY_SNAPSHOT, Snapshot
@@ -56,7 +58,14 @@ class Sidecar:
 
     def __init__(self, bootstrap: Bootstrap) -> None:
         self.bootstrap = bootstrap
-        self.stats = Stats()
+        self.telemetry: Telemetry | None = None
+        """Istio's standard metrics and the access log (None: ``bootstrap.telemetry`` is off)."""
+        if bootstrap.telemetry:
+            from kizuna.proxy.access_log import AccessLog
+
+            log = AccessLog(bootstrap.access_log) if bootstrap.access_log else None
+            self.telemetry = Telemetry.from_bootstrap(bootstrap, log)
+        self.stats: Stats = TelemetryStats(self.telemetry)
         self.capture = bootstrap.capture == "iptables"
         self.registration_only = bootstrap.capture == "none"
         # With capture, connections to the pod's own address must not be captured again (see passthrough).
@@ -78,6 +87,7 @@ class Sidecar:
         self._outbound: Listener | None = None
         self._inbound_capture: Listener | None = None
         self._admin: Listener | None = None
+        self._prometheus: Listener | None = None
         self._inbound_handler: InboundHandler | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._probing: asyncio.Task[Any] | None = None
@@ -131,6 +141,11 @@ class Sidecar:
                     control_plane_connected=self.control_plane_connected)
         return data
 
+    def prometheus_text(self) -> str:
+        """Istio's metrics and kizuna's counters in Prometheus text format (``/stats/prometheus``)."""
+        own = stats_exposition(self.stats)
+        return own if self.telemetry is None else self.telemetry.exposition() + own
+
     def config_json(self) -> dict[str, Any]:
         out = {"version": self.version, "snapshot": self.state.snapshot.to_json()}
         if self.identity is not None:
@@ -166,6 +181,8 @@ class Sidecar:
                 raise ValueError(f"cannot listen on inbound port {port}: {exc.strerror or exc}") from exc
         self.state = state
         self._config_applied = True
+        if self.telemetry is not None:
+            self.telemetry.index(snapshot)
         for port in self._listeners.keys() - ports:
             self._listeners.pop(port).close()
         self._listeners.update(opened)
@@ -184,6 +201,7 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         node = self.bootstrap.node
         outbound = OutboundDispatcher(self, self.stats, loop)
+        outbound.h2_pools = self.h2_pools
         if self.gateway is not None:
             self.gateway.outbound = outbound  # gateway listeners come with snapshots
         elif self.capture:
@@ -206,12 +224,16 @@ class Sidecar:
         admin_address = node.pod_address if self.capture else node.mesh_address
         self._admin = Listener("admin", admin_address, self.bootstrap.admin_port,
                                lambda info: admin_protocol(self))
+        self._listen_prometheus(admin_address)
+        if self.telemetry is not None and self.telemetry.access_log is not None:
+            self.telemetry.access_log.start(loop)
         if self.bootstrap.static_snapshot:
             text = Path(self.bootstrap.static_snapshot).read_text()
             self.apply(Snapshot.from_json(json.loads(text)))
         self._started = True
         gateway = list(self.gateway.listeners.values()) if self.gateway is not None else []
-        for listener in (self._outbound, self._inbound_capture, self._admin, *self._listeners.values(), *gateway):
+        for listener in (self._outbound, self._inbound_capture, self._admin, self._prometheus,
+                         *self._listeners.values(), *gateway):
             if listener is not None:
                 await listener.start()
         self._probing = self._spawn(self._prober.run())
@@ -268,7 +290,8 @@ class Sidecar:
 
     async def stop(self, drain: float = DRAIN_SECONDS) -> None:
         """Stop listening, let requests in flight finish for up to ``drain`` seconds, close everything."""
-        for listener in (self._outbound, self._inbound_capture, self._admin, *self._listeners.values()):
+        for listener in (self._outbound, self._inbound_capture, self._admin, self._prometheus,
+                         *self._listeners.values()):
             if listener is not None:
                 listener.close()
         self._listeners.clear()
@@ -289,6 +312,8 @@ class Sidecar:
                 transport.abort()
         self.pools.close()
         self.h2_pools.close()
+        if self.telemetry is not None and self.telemetry.access_log is not None:
+            self.telemetry.access_log.close()
         if self._inbound_handler is not None:
             self._inbound_handler.h2_pools.close()
             self._inbound_handler.guard.close()
@@ -298,7 +323,8 @@ class Sidecar:
         """The two capture listeners on every address of the pod (REDIRECT keeps the original address)."""
         bootstrap = self.bootstrap
         own = OwnPorts({bootstrap.node.pod_address, bootstrap.node.mesh_address},
-                       {bootstrap.outbound_port, bootstrap.inbound_capture_port, bootstrap.admin_port})
+                       {bootstrap.outbound_port, bootstrap.inbound_capture_port, bootstrap.admin_port,
+                        bootstrap.prometheus_port})
         self._inbound_handler = InboundHandler(self, self.stats, self.connections, loop,
                                                bind=INBOUND_PASSTHROUGH_SOURCE)
         capture_out = OutboundCapture(self, outbound, Passthrough(self.pools, self.stats), self.stats,
@@ -310,6 +336,23 @@ class Sidecar:
         except OSError:
             self._outbound.close()
             raise
+
+    def _listen_prometheus(self, address: str) -> None:
+        """Istio's Prometheus port (15090) on the admin address: ``/stats/prometheus`` only. With an ephemeral
+        admin port (tests) it is ephemeral too; a port already taken is reported, not fatal."""
+        port = self.bootstrap.prometheus_port if self.bootstrap.admin_port else 0
+        if not self.bootstrap.prometheus_port:
+            return
+        try:
+            self._prometheus = Listener("admin", address, port, lambda info: admin_protocol(self, metrics_only=True))
+        except OSError as exc:
+            print(f"kizuna proxy {self.bootstrap.node.id}: no Prometheus port {address}:{port}: "
+                  f"{exc.strerror or exc}", file=sys.stderr, flush=True)
+
+    @property
+    def prometheus_address(self) -> tuple[str, int] | None:
+        """Where ``/stats/prometheus`` is served besides the admin port (None: nowhere else)."""
+        return (self._prometheus.address, self._prometheus.port) if self._prometheus is not None else None
 
     def _busy(self) -> bool:
         return any((isinstance(c, HttpServerConnection) and c.exchange is not None)
