@@ -40,6 +40,7 @@ from kizuna.protocols.http2 import (
 from kizuna.proxy.h2_bridge import H1Call
 from kizuna.proxy.h2_call import H2Call
 from kizuna.proxy.h2_routing import Routed, StreamRouter
+from kizuna.proxy.pool import ClientTls
 from kizuna.proxy.stats import Stats
 
 
@@ -220,8 +221,10 @@ class H2Pools:
         self.conns: dict[tuple[str, int], list[H2ClientConnection]] = {}
         self.connecting: dict[tuple[str, int], asyncio.Future[H2ClientConnection]] = {}
 
-    async def get(self, address: str, port: int, timeout: float) -> H2ClientConnection:
-        """An open connection to ``address:port`` with room for a stream (connecting if none has)."""
+    async def get(self, address: str, port: int, timeout: float, identity: str = "",
+                  tls: ClientTls | None = None) -> H2ClientConnection:
+        """An open connection to ``address:port`` with room for a stream (connecting if none has; with mTLS
+        when the endpoint has an ``identity`` and ``tls`` a certificate, as HTTP/1.1 pools do)."""
         key = (address, port)
         conns = self.conns.setdefault(key, [])
         conns[:] = [c for c in conns if c.usable]
@@ -238,8 +241,15 @@ class H2Pools:
         self.connecting[key] = future
         try:
             local = (self.bind, 0) if self.bind else None
-            _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: H2ClientConnection(self.stats), address, port, local_addr=local), timeout)
+            context = tls.context() if identity and tls is not None else None
+            transport, conn = await asyncio.wait_for(loop.create_connection(
+                lambda: H2ClientConnection(self.stats), address, port, local_addr=local, ssl=context), timeout)
+            if context is not None:
+                assert tls is not None
+                problem = tls.check_peer(transport.get_extra_info("peercert"), identity)
+                if problem:
+                    transport.abort()
+                    raise ConnectionRefusedError(problem)
         except BaseException as exc:
             future.set_exception(OSError(str(exc)))
             future.exception()  # retrieved: waiters re-raise it, an unawaited future must not warn

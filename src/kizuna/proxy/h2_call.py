@@ -234,7 +234,8 @@ class H2Call:
         if per_try is not None:
             self.try_timer = self.loop.call_later(per_try, self.try_timed_out)
         try:
-            conn = await self.down.pools.get(pool.address, pool.port, cluster.connect_timeout)
+            conn = await self.down.pools.get(pool.address, pool.port, cluster.connect_timeout, pool.identity,
+                                             pool.tls)
         except (TimeoutError, OSError):
             if self.done or generation != self.generation:
                 return  # this try was given up meanwhile (timeout, client gone): nothing more to do
