@@ -20,6 +20,8 @@ TARGET_THROUGHPUT_RATIO = 0.50
 TARGET_VCPU_AT_RATE = 0.10
 TARGET_RSS_MIB = 40.0
 TARGET_ADDED_P90_MS = 0.5
+TARGET_TELEMETRY_RATIO = 0.90
+"""Saturation throughput with Istio metrics recording on, over the same path with it off (issue 7: <= 10%)."""
 # More CPU than this used by others during a phase marks it as disturbed (tick-sampled: keep a margin).
 DISTURBED_VCPU = 0.25
 
@@ -140,6 +142,21 @@ def comparisons(result: dict[str, Any]) -> dict[str, Any]:
             targets.insert(1, {"name": f"requests per CPU-second, kizuna / HAProxy, {hop}", "value": ratio,
                                "target": f">= {TARGET_THROUGHPUT_RATIO}",
                                "result": _check(ratio, TARGET_THROUGHPUT_RATIO, True)})
+    off = paths.get("kizuna-no-telemetry")
+    if off:
+        # Istio metrics recording's cost (issue 7): the same two sidecars with recording off. Saturation
+        # throughput, and requests per CPU-second of each hop (which other work on the machine disturbs less).
+        ratio = _ratio(kz["saturation"]["rps"], off["saturation"]["rps"])
+        targets.append({"name": "saturation throughput, telemetry on / off", "value": ratio,
+                        "target": f">= {TARGET_TELEMETRY_RATIO}",
+                        "result": _check(ratio, TARGET_TELEMETRY_RATIO, True)})
+        for index, hop in ((0, "client hop"), (1, "server hop")):
+            on_proc, off_proc = _hop_pair(kz, off, index)
+            ratio = _ratio(on_proc["saturation"]["requests_per_cpu_second"],
+                           off_proc["saturation"]["requests_per_cpu_second"])
+            targets.append({"name": f"requests per CPU-second, telemetry on / off, {hop}", "value": ratio,
+                            "target": f">= {TARGET_TELEMETRY_RATIO}",
+                            "result": _check(ratio, TARGET_TELEMETRY_RATIO, True)})
     out["targets"] = targets
     return out
 

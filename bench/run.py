@@ -31,11 +31,12 @@ from bench.procs import Processes, Started, cpu_seconds, memory_kb, repin, syste
 from bench.report import DISTURBED_VCPU, comparisons, format_table, machine_info
 from bench.settings import BenchSettings, parse_args
 from bench.stats import summarize_ns
+from bench.telemetry import start_kizuna_no_telemetry
 from bench.transparent import cleanup as transparent_cleanup
 from bench.transparent import start_transparent, transparent_unavailable
 
 STARTERS = {**STARTERS, "transparent": start_transparent, "h2-direct": h2.start_h2_direct, "h2": h2.start_h2,
-            "kizuna-mtls": start_kizuna_mtls}
+            "kizuna-mtls": start_kizuna_mtls, "kizuna-no-telemetry": start_kizuna_no_telemetry}
 
 
 def _say(text: str) -> None:
@@ -320,7 +321,8 @@ def run(s: BenchSettings) -> dict[str, Any]:
     with Processes(logs) as shared:
         origin = start_origin(shared, layout, logs, load_cpus)
         for name in s.path_list:
-            reason = (kizuna_unavailable() if name in ("kizuna", "kizuna-mtls", "transparent", "h2") else None) or (
+            needs_kizuna = name in ("kizuna", "kizuna-mtls", "kizuna-no-telemetry", "transparent", "h2")
+            reason = (kizuna_unavailable() if needs_kizuna else None) or (
                 transparent_unavailable() if name == "transparent" else None) or (
                 h2.h2load_unavailable() if name in ("h2", "h2-direct") else None)
             if reason:

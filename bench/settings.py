@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-ALL_PATHS = ("direct", "kizuna", "kizuna-mtls", "haproxy", "transparent", "h2-direct", "h2")
-DEFAULT_PATHS = ("direct", "kizuna", "kizuna-mtls", "haproxy", "transparent")
+ALL_PATHS = ("direct", "kizuna", "kizuna-mtls", "kizuna-no-telemetry", "haproxy", "transparent", "h2-direct", "h2")
+DEFAULT_PATHS = ("direct", "kizuna", "kizuna-mtls", "kizuna-no-telemetry", "haproxy", "transparent")
 """The h2 paths (h2load, ~1 more minute) are opt-in: ``--paths direct,h2-direct,h2``."""
 
 
@@ -27,8 +27,9 @@ def _f(default: Any, help: str) -> Any:
 class BenchSettings:
     """One benchmark run. Defaults give the full run (about two and a half minutes on 2 cores)."""
 
-    paths: str = _f(",".join(DEFAULT_PATHS), "comma-separated paths to measure: direct, kizuna, kizuna-mtls, haproxy, "
-                    "transparent, h2-direct, h2 (h2 alone also runs h2-direct, its baseline)")
+    paths: str = _f(",".join(DEFAULT_PATHS), "comma-separated paths to measure: direct, kizuna, kizuna-mtls, "
+                    "kizuna-no-telemetry, haproxy, transparent, h2-direct, h2 (h2 alone also runs h2-direct, "
+                    "its baseline)")
     rate: float = _f(1000.0, "fixed-rate phase: requests per second (open loop)")
     connections: int = _f(4, "fixed-rate phase: keep-alive connections")
     warmup_seconds: float = _f(2.0, "warm-up at the fixed rate before the fixed-rate run (not reported)")

@@ -125,9 +125,12 @@ def get(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    """``kizuna status``: the control plane's config version and every sidecar it knows."""
-    from kizuna.runtime.display import table
+    """``kizuna status``: the control plane's config version and every sidecar it knows; then each proxy's
+    workload identity, certificate expiry and the security policies that select it (read from the proxies'
+    own admin ``/config_dump``), and where the ingress gateway listens."""
+    from kizuna.runtime.display import gateway_urls, security_rows, table
 
+    state = _state(args)
     answer = _client(args).status()
     print(f"control plane: config version {answer.get('version', '?')}")
     proxies = answer.get("proxies", [])
@@ -140,7 +143,50 @@ def status(args: argparse.Namespace) -> int:
         rows.append([str(p.get("id")), str(p.get("workload")), _yes(p.get("connected")), _yes(p.get("ready")),
                      _yes(p.get("synced")), str(p.get("ackedVersion") or "-"), problem or "-"])
     sys.stdout.write(table(rows))
+    runtime = state.read_runtime() or {}
+    admins = _admin_addresses(runtime)
+    dumps = [(str(p.get("id")), _config_dump(admins[p["id"]]) if p.get("id") in admins else None)
+             for p in proxies if p.get("connected")]
+    if dumps:
+        # Indented under its own heading, so the first table's rows stay the only lines that start with an id.
+        print("\nworkload security:")
+        sys.stdout.write("".join(f"  {line}\n" for line in table(security_rows(dumps)).splitlines()))
+    urls = gateway_urls(runtime.get("gateway"))
+    if urls and any(str(p.get("id", "")).startswith("istio-ingressgateway") for p in proxies):
+        print(f"\ningress gateway  {urls}")
+    if runtime.get("prometheus"):
+        print(f"prometheus       http://{runtime['prometheus']}")
     return 0
+
+
+def _admin_addresses(runtime: dict[str, Any]) -> dict[str, str]:
+    """Proxy id → its admin ``host:port``: sidecars on their mesh address, the gateway on the control
+    plane's address (``runtime.json``)."""
+    from kizuna.proxyconfig.bootstrap import ADMIN_PORT
+    from kizuna.runtime import gateway
+    from kizuna.runtime.workloads import Instance
+
+    found = {}
+    for data in runtime.get("instances", []):
+        instance = Instance.from_json(data)
+        found[instance.id] = f"{instance.mesh_address}:{ADMIN_PORT}"
+    control_plane = str(runtime.get("controlPlane") or "")
+    if runtime.get("gateway") and control_plane:
+        found[gateway.node("").id] = f"{control_plane.rpartition(':')[0]}:{ADMIN_PORT}"
+    return found
+
+
+def _config_dump(admin: str) -> dict[str, Any] | None:
+    """A proxy's admin ``/config_dump``, or None when it does not answer."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{admin}/config_dump", timeout=3) as response:
+            return dict(json.load(response))
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
 
 
 def _yes(value: Any) -> str:
@@ -176,7 +222,8 @@ def controlplane(args: argparse.Namespace) -> int:
     service_cidr = settings.service_cidr or (state.read_runtime() or {}).get("serviceCidr")
     return run(str(state.root), listen, service_cidr=service_cidr or None,
                workload_cert_ttl=settings.workload_cert_ttl,
-               cacerts=str(settings.cacerts) if settings.cacerts else None)
+               cacerts=str(settings.cacerts) if settings.cacerts else None,
+               tls=settings.tls or bool((state.read_runtime() or {}).get("controlPlaneTls")))
 
 
 def proxy(args: argparse.Namespace) -> int:

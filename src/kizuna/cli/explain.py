@@ -1,7 +1,9 @@
 """``kizuna explain --from WORKLOAD URL``: how that workload's sidecar routes a request, and why.
 
 The snapshot comes from the sidecar itself (admin ``/config_dump``: the config it runs, not a recompilation),
-and the routing is the proxy's own code (``kizuna.proxy.explain`` over ``Router``).
+and the routing is the proxy's own code (``kizuna.proxy.explain`` over ``Router``). Then, for each destination,
+the destination instance's sidecar config (its ``security``) decides authorization as its inbound side would
+(``Authorizer``), with the source workload's SPIFFE identity as the principal when the hop is mTLS.
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ import argparse
 import json
 import urllib.error
 import urllib.request
+from typing import Any
 from urllib.parse import urlsplit
 
-from kizuna.proxy.explain import Explanation, explain
+from kizuna.proxy.explain import AuthzExplanation, Explanation, explain, explain_authorization
 from kizuna.proxyconfig.bootstrap import ADMIN_PORT
 from kizuna.proxyconfig.model import Snapshot
 from kizuna.runtime.errors import UserError
 from kizuna.runtime.exec import find_instance
 from kizuna.runtime.state import StateDir
+from kizuna.runtime.workloads import Instance
 
 
 def run(state: StateDir, args: argparse.Namespace) -> int:
@@ -43,12 +47,73 @@ def run(state: StateDir, args: argparse.Namespace) -> int:
         headers[name.strip().lower()] = value.strip()
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
     result = explain(snapshot, url.hostname, port, args.request.upper(), path, headers, ejected)
+    principal = str((dump.get("identity") or {}).get("identity") or "").removeprefix("spiffe://")
+    authz = authorization(state, result, instance, principal, headers)
     if args.output == "json":
-        print(json.dumps({"from": instance.id, "configVersion": dump.get("version"), **result.to_json()},
+        print(json.dumps({"from": instance.id, "configVersion": dump.get("version"), **result.to_json(),
+                          "authorization": [a.to_json() if isinstance(a, AuthzExplanation) else {"error": a}
+                                            for a in authz]},
                          indent=2))
     else:
         print(render(result, instance.id, str(dump.get("version", ""))))
+        for line in render_authorization(authz):
+            print(line)
     return 0 if result.route is not None else 1
+
+
+def _read_dump(address: str) -> dict[str, Any]:
+    admin = f"http://{address}:{ADMIN_PORT}/config_dump"
+    with urllib.request.urlopen(admin, timeout=5) as response:
+        return dict(json.load(response))
+
+
+def authorization(state: StateDir, result: Explanation, source: Instance, principal: str,
+                  headers: dict[str, str]) -> list[AuthzExplanation | str]:
+    """For each destination cluster of the chosen route, the first endpoint that is a mesh instance: its
+    sidecar's decision (or why it could not be asked)."""
+    from kizuna.proxyconfig.security import SecurityPolicy
+
+    record = state.read_runtime() or {}
+    instances = {i.mesh_address: i for i in (Instance.from_json(d) for d in record.get("instances", []))}
+    out: list[AuthzExplanation | str] = []
+    for _, cluster, _name in result.clusters:
+        if cluster is None:
+            continue
+        endpoint = next((e for e in cluster.endpoints if e.address in instances), None)
+        if endpoint is None:
+            continue  # outside the mesh (a ServiceEntry host): no sidecar decides
+        target = instances[endpoint.address]
+        try:
+            dump = _read_dump(target.mesh_address)
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            out.append(f"{target.id}: cannot read its sidecar's config: {exc}")
+            continue
+        security = (dump.get("snapshot") or {}).get("security")
+        policy = SecurityPolicy.from_json(security) if security else None
+        # Auto mTLS: the hop is mutual TLS when the source sidecar has a certificate and the cluster names the
+        # endpoint's identity; then the destination sees the source's SPIFFE ID as the principal.
+        peer = principal if endpoint.identity else ""
+        out.append(explain_authorization(policy, target.id, endpoint.port, result.method, result.path,
+                                         headers, source.mesh_address, peer))
+    return out
+
+
+def render_authorization(found: list[AuthzExplanation | str]) -> list[str]:
+    """The authorization part of the text explanation."""
+    lines = []
+    for a in found:
+        if isinstance(a, str):
+            lines.append(f"authz        {a}")
+            continue
+        lines.append(f"authz        at {a.destination}:{a.port} (mTLS {a.mode_text()}, principal "
+                     f"{'spiffe://' + a.principal if a.principal else 'none: plaintext'})")
+        for v in a.verdicts:
+            matched = f"rule {v.rule} matches" if v.rule is not None else "no rule matches"
+            lines.append(f"  {v.action:<10} {v.name}{' (dry-run)' if v.dry_run else ''}: {matched}")
+        if a.jwt_rules:
+            lines.append(f"  JWT        {', '.join(a.jwt_rules)} (tokens are not verified by explain)")
+        lines.append(f"  decision   {a.reason()}")
+    return lines
 
 
 def _ejections(address: str) -> dict[str, frozenset[str]]:

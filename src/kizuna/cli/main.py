@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workload", metavar="WORKLOAD", help="a Deployment (its first instance) or an instance")
     p.add_argument("argv", metavar="-- CMD", nargs=argparse.REMAINDER, help="the command and its arguments")
 
+    p = command("logs", "print a workload's app log, its sidecar's log (--proxy) or access log (--access)")
+    from kizuna.cli.logs import add_arguments as logs_arguments
+
+    logs_arguments(p)
+
     p = command("explain", "show how a workload's sidecar routes a request, and why (from the config it runs)")
     p.add_argument("--from", dest="source", required=True, metavar="WORKLOAD",
                    help="the client: a Deployment (its first instance) or an instance")
@@ -94,7 +99,14 @@ def _handlers() -> dict[str, Command]:
     return {"up": commands.up, "down": commands.down, "apply": commands.apply, "delete": commands.delete,
             "get": commands.get, "validate": commands.validate, "status": commands.status,
             "exec": commands.exec_, "explain": commands.explain, "controlplane": commands.controlplane,
-            "proxy": commands.proxy}
+            "proxy": commands.proxy, "logs": _logs}
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from kizuna.cli.commands import _state
+    from kizuna.cli.logs import run
+
+    return run(_state(args), args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

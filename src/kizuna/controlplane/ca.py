@@ -119,7 +119,7 @@ class CertificateAuthority:
         return credential_for(self.secret, spiffe_id(self.trust_domain, namespace, service_account))
 
     def sign(self, csr_pem: str, namespace: str, service_account: str, credential: str,
-             ttl: float | None = None) -> Issued:
+             ttl: float | None = None, max_ttl: float | None = None) -> Issued:
         """A certificate for the CSR, if ``credential`` is the one for ``namespace``/``service_account`` and
         the CSR asks for exactly that SPIFFE identity; raises CaError otherwise."""
         identity = spiffe_id(self.trust_domain, namespace, service_account)
@@ -138,7 +138,8 @@ class CertificateAuthority:
             uris = []
         if uris != [identity]:
             raise CaError(f"the CSR asks for {uris or 'no URI SAN'}; this credential grants only {identity}")
-        lifetime = min(ttl or self.workload_ttl, self.workload_ttl)
+        limit = max_ttl or self.workload_ttl
+        lifetime = min(ttl or limit, limit)
         now = datetime.datetime.now(datetime.UTC)
         not_after = now + datetime.timedelta(seconds=lifetime)
         cert = (x509.CertificateBuilder()
@@ -163,6 +164,23 @@ class CertificateAuthority:
         chain = [cert, *([self.cert] if self.chain or self.cert not in self.roots else []), *self.chain]
         pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain)
         return Issued(identity, pem, self.roots_pem(), not_after.timestamp())
+
+
+def issue_own(ca: CertificateAuthority, identity: str, ttl: float = 365 * 24 * 3600.0) -> tuple[str, str]:
+    """A key and certificate the CA makes for a server of its own (the control plane's API): ``(chain PEM,
+    key PEM)``. The key is made here and written only to the control plane's private directory."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    request = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+               .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
+                              critical=True)
+               .sign(key, hashes.SHA256()))
+    parts = identity.split("/")  # spiffe://<domain>/ns/<ns>/sa/<sa>
+    namespace, account = parts[4], parts[6]
+    issued = ca.sign(request.public_bytes(serialization.Encoding.PEM).decode(), namespace, account,
+                     ca.credential(namespace, account), ttl=ttl, max_ttl=ttl)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return issued.cert_chain, key_pem.decode()
 
 
 def self_signed_root(trust_domain: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:

@@ -1,7 +1,8 @@
 """A small synchronous client of the control plane API, for the CLI and the local runtime.
 
-It finds the mesh through the state dir (``controlplane.json`` and ``token``), speaks plain HTTP/1.1 with
-``http.client`` and turns every non-2xx answer into ``ApiError`` carrying the server's error lines.
+It finds the mesh through the state dir (``controlplane.json``, ``token`` and the trust bundle), speaks HTTP/1.1
+over TLS (plain HTTP to an in-process control plane) with ``http.client``, checks the server is the control
+plane, and turns every non-2xx answer into ``ApiError`` carrying the server's error lines.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from urllib.parse import urlencode
 
 from kizuna.controlplane.files import read_address_file
 from kizuna.controlplane.token import read_token, token_path
+from kizuna.proxyconfig.controlplane_tls import TRUST_BUNDLE, check_control_plane, client_context
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -49,13 +52,15 @@ class ControlPlaneClient:
     """Talks to one control plane. Each call opens a connection: calls are rare and the server is local."""
 
     def __init__(self, address: str, token: str, state_dir: str | Path = "",
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, tls: ssl.SSLContext | None = None) -> None:
         host, _, port = address.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
         self.token = token
         self.state_dir = str(state_dir)
         self.timeout = timeout
+        self.tls = tls
+        """Verifies the control plane's certificate (None: plain HTTP, an in-process control plane)."""
 
     @classmethod
     def from_state_dir(cls, state_dir: str | Path, timeout: float = DEFAULT_TIMEOUT) -> ControlPlaneClient:
@@ -67,7 +72,13 @@ class ControlPlaneClient:
             token = read_token(token_path(state_dir))
         except OSError as exc:
             raise NoMeshError(state_dir, f"cannot read the token: {exc}") from exc
-        return cls(str(data["address"]), token, state_dir, timeout)
+        tls = None
+        if data.get("tls"):
+            try:
+                tls = client_context(str(Path(state_dir) / TRUST_BUNDLE))
+            except (OSError, ssl.SSLError) as exc:
+                raise NoMeshError(state_dir, f"cannot read the mesh's trust bundle: {exc}") from exc
+        return cls(str(data["address"]), token, state_dir, timeout, tls)
 
     def apply(self, documents: Iterable[Any], dry_run: bool = False) -> list[dict[str, Any]]:
         """Create or update resources atomically; returns ``[{"kind","namespace","name","action"}]``."""
@@ -98,8 +109,17 @@ class ControlPlaneClient:
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         if payload is not None:
             headers["Content-Type"] = "application/json"
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        connection = (http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.tls)
+                      if self.tls is not None else http.client.HTTPConnection(self.host, self.port,
+                                                                              timeout=self.timeout))
         try:
+            if self.tls is not None:
+                connection.connect()
+                sock = connection.sock
+                assert isinstance(sock, ssl.SSLSocket)
+                problem = check_control_plane(sock.getpeercert())
+                if problem:
+                    raise ApiError(0, [f"control plane at {self.host}:{self.port}: {problem}"])
             connection.request(method, path, body=payload, headers=headers)
             response = connection.getresponse()
             data = response.read()

@@ -17,6 +17,7 @@ from typing import Any
 
 import uvloop
 
+from kizuna.controlplane.api_tls import server_context
 from kizuna.controlplane.ca import DEFAULT_WORKLOAD_TTL, CaError, CertificateAuthority
 from kizuna.controlplane.credentials import CredentialError
 from kizuna.controlplane.files import ADDRESS_FILE, atomic_write_json, read_address_file
@@ -59,12 +60,13 @@ def _remove_address_file(state_dir: Path) -> None:
 
 async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asyncio.Event | None = None,
                 service_cidr: str | None = None, workload_cert_ttl: float | None = None,
-                cacerts: str | Path | None = None) -> int:
+                cacerts: str | Path | None = None, tls: bool = False) -> int:
     """Run the control plane until ``stop`` is set (or SIGTERM/SIGINT); returns the exit status.
 
     With ``service_cidr``, Services get a clusterIP (VIP) from that range (transparent mode). The certificate
     authority signs workload certificates for ``workload_cert_ttl`` seconds (default 24 h), with the root
-    plugged in from ``cacerts`` (Istio's layout) or the state dir's own self-signed one."""
+    plugged in from ``cacerts`` (Istio's layout) or the state dir's own self-signed one. With ``tls`` the API and
+    discovery are served over TLS (``kizuna controlplane`` does; in-process tests may not)."""
     state = Path(state_dir)
     host, port = parse_listen(listen)
     vips = VipAllocator(service_cidr) if service_cidr else None
@@ -91,7 +93,8 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
         return 1
     server = ControlPlaneServer(token, store, registry, pusher, vips=vips, ca=ca)
     try:
-        bound_host, bound_port = await server.start(host, port)
+        context = server_context(ca, state) if tls else None
+        bound_host, bound_port = await server.start(host, port, context)
     except OSError as exc:
         log.error("cannot listen on %s: %s", listen, exc)
         return 1
@@ -103,7 +106,8 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
     push_task = asyncio.create_task(pusher.run(), name="push-queue")
     try:
         # Readers poll for this file: they must never see it half written.
-        atomic_write_json(state / ADDRESS_FILE, {"address": address, "pid": os.getpid()}, durable=False)
+        atomic_write_json(state / ADDRESS_FILE, {"address": address, "pid": os.getpid(), "tls": tls},
+                          durable=False)
         log.info("control plane listening on %s (state %s, %d resources, generation %d, %d instances to "
                  "reconnect)", address, state, len(store.list()), store.generation, restored)
         stopped = asyncio.create_task(stop.wait())
@@ -124,7 +128,7 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
 
 
 def run(state_dir: str, listen: str = "127.0.0.1:0", service_cidr: str | None = None,
-        workload_cert_ttl: float | None = None, cacerts: str | None = None) -> int:
+        workload_cert_ttl: float | None = None, cacerts: str | None = None, tls: bool = False) -> int:
     """Entry point for ``kizuna controlplane``: blocks until SIGTERM/SIGINT, returns the exit status.
 
     ``service_cidr`` (``--service-cidr``) turns on clusterIP allocation for Services."""
@@ -140,4 +144,4 @@ def run(state_dir: str, listen: str = "127.0.0.1:0", service_cidr: str | None = 
         return 2
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve(state_dir, listen, service_cidr=service_cidr,
-                                workload_cert_ttl=workload_cert_ttl, cacerts=cacerts))
+                                workload_cert_ttl=workload_cert_ttl, cacerts=cacerts, tls=tls))

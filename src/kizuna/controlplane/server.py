@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -99,9 +100,9 @@ class ControlPlaneServer:
             ("GET", DISCOVERY_PATH): self._discovery,
         }
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        """Listen on ``host:port``; returns the bound address."""
-        return await self._http.start(host, port)
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> tuple[str, int]:
+        """Listen on ``host:port`` (over TLS with ``tls``); returns the bound address."""
+        return await self._http.start(host, port, tls)
 
     async def close(self) -> None:
         self.pusher.close()

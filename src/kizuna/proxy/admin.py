@@ -1,4 +1,5 @@
-"""The sidecar's admin port: ``GET /ready``, ``GET /stats``, ``GET /config_dump`` (Envoy's admin, tiny).
+"""The sidecar's admin port: ``GET /ready``, ``GET /stats``, ``GET /stats/prometheus``, ``GET /config_dump``
+(Envoy's admin, tiny); the Prometheus port (15090) serves ``/stats/prometheus`` alone.
 
 Not on the request path, so it is plain asyncio streams, one request per connection.
 """
@@ -24,9 +25,15 @@ class AdminView(Protocol):
 
     def config_json(self) -> dict[str, Any]: ...
 
+    def prometheus_text(self) -> str: ...
 
-def admin_protocol(view: AdminView) -> asyncio.BaseProtocol:
-    """A protocol serving one admin connection."""
+
+PROMETHEUS_PATH = "/stats/prometheus"
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def admin_protocol(view: AdminView, metrics_only: bool = False) -> asyncio.BaseProtocol:
+    """A protocol serving one admin connection (``metrics_only``: the Prometheus port)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_REQUEST_HEAD, loop=loop)
 
@@ -34,7 +41,11 @@ def admin_protocol(view: AdminView) -> asyncio.BaseProtocol:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
             method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-            status, ctype, body = respond(view, method, path.split("?", 1)[0])
+            path = path.split("?", 1)[0]
+            if metrics_only and path != PROMETHEUS_PATH:
+                status, ctype, body = 404, "text/plain", b"not found\n"
+            else:
+                status, ctype, body = respond(view, method, path)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
             status, ctype, body = 400, "text/plain", b"bad request\n"
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -52,7 +63,7 @@ def admin_protocol(view: AdminView) -> asyncio.BaseProtocol:
 
 def respond(view: AdminView, method: str, path: str) -> tuple[int, str, bytes]:
     """Status, content type and body for one admin request."""
-    if path not in ("/ready", "/stats", "/config_dump"):
+    if path not in ("/ready", "/stats", "/config_dump", PROMETHEUS_PATH):
         return 404, "text/plain", b"not found\n"
     if method != "GET":
         return 405, "text/plain", b"method not allowed\n"
@@ -60,5 +71,7 @@ def respond(view: AdminView, method: str, path: str) -> tuple[int, str, bytes]:
         if view.ready:
             return 200, "text/plain", b"ready\n"
         return 503, "text/plain", f"not ready: {view.not_ready_reason()}\n".encode()
+    if path == PROMETHEUS_PATH:
+        return 200, PROMETHEUS_TYPE, view.prometheus_text().encode()
     data = view.stats_json() if path == "/stats" else view.config_json()
     return 200, "application/json", json.dumps(data, indent=1).encode() + b"\n"

@@ -19,11 +19,13 @@ import inspect
 import json
 import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
 from kizuna.proxyconfig.bootstrap import Bootstrap
+from kizuna.proxyconfig.controlplane_tls import check_control_plane, client_context
 from kizuna.proxyconfig.model import Snapshot
 from kizuna.proxyconfig.xds import (
     DISCOVERY_PATH,
@@ -127,6 +129,22 @@ class DiscoveryClient:
             return ""
         return Path(self.bootstrap.token_file).read_text().strip()
 
+    def control_plane_tls(self) -> ssl.SSLContext | None:
+        """How to reach the control plane: TLS verified against the mesh's roots, presenting this workload's
+        certificate once it has one (so the control plane knows who is on the stream); None: plain HTTP."""
+        bundle = self.bootstrap.control_plane_ca
+        if not bundle:
+            return None
+        identity = getattr(self.sidecar, "identity", None)
+        own = identity.client_context if identity is not None else None
+        return own if own is not None else client_context(bundle)
+
+    def check_peer(self, transport: asyncio.BaseTransport) -> None:
+        """Raise HandshakeError unless the TLS peer is the control plane."""
+        problem = check_control_plane(transport.get_extra_info("peercert"), self.bootstrap.trust_domain)
+        if problem:
+            raise HandshakeError(problem)
+
     def address(self) -> str:
         """The control plane's current ``host:port`` (for the CA's API on the same listener)."""
         target = self._target()
@@ -142,8 +160,11 @@ class DiscoveryClient:
         if target is None:
             raise HandshakeError("no control plane address")
         host, port = target
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), HANDSHAKE_TIMEOUT)
+        tls = self.control_plane_tls()
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=tls), HANDSHAKE_TIMEOUT)
         try:
+            if tls is not None:
+                self.check_peer(writer.transport)
             request = (f"GET {DISCOVERY_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: Upgrade\r\n"
                        f"Upgrade: {UPGRADE_TOKEN}\r\nAuthorization: Bearer {self._token()}\r\n\r\n")
             writer.write(request.encode("latin-1"))

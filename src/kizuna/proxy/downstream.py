@@ -27,6 +27,7 @@ from kizuna.proxy.errors import MALFORMED_REQUEST, SyntheticResponse
 from kizuna.proxy.exchange import Exchange
 from kizuna.proxy.stats import Stats
 from kizuna.proxy.tcp import WRITE_HIGH_WATER, Relay, adopt, link
+from kizuna.proxy.telemetry_tap import HttpTap
 
 # Reasons to stop reading from the client (bits; reading resumes when none is left). The exchange's own
 # reason, a full upstream buffer, is exchange.PAUSE_UPSTREAM_FULL (2).
@@ -44,7 +45,7 @@ class HttpServerConnection(asyncio.Protocol):
     """One client connection speaking HTTP/1.1 (or 1.0) to the sidecar."""
 
     __slots__ = ("dispatcher", "stats", "registry", "transport", "parser", "exchange", "in_request",
-                 "queue", "paused", "write_paused", "closing", "peer_eof", "raw")
+                 "queue", "paused", "write_paused", "closing", "peer_eof", "raw", "tap")
 
     def __init__(self, dispatcher: Dispatcher, stats: Stats, registry: set[asyncio.BaseProtocol]) -> None:
         self.dispatcher = dispatcher
@@ -62,6 +63,8 @@ class HttpServerConnection(asyncio.Protocol):
         self.peer_eof = False
         self.raw: list[bytes] | None = None
         """After a CONNECT or Upgrade head: client bytes held for the tunnel."""
+        self.tap: HttpTap | None = None
+        """Istio metrics and access log of this connection's requests (None: telemetry is off)."""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------
 
@@ -72,6 +75,9 @@ class HttpServerConnection(asyncio.Protocol):
         self.registry.add(self)
         self.stats.downstream_cx_total += 1
         self.stats.downstream_cx_active += 1
+        telemetry = getattr(self.stats, "telemetry", None)
+        if telemetry is not None:
+            self.tap = HttpTap(telemetry, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.raw is not None:
@@ -98,6 +104,8 @@ class HttpServerConnection(asyncio.Protocol):
         self.registry.discard(self)
         self.queue.clear()
         if self.exchange is not None:
+            if self.tap is not None and type(self.exchange) is Exchange:
+                self.tap.done(self.exchange, 0, "DC")
             self.exchange.abort()
             self.exchange = None
 
@@ -144,7 +152,16 @@ class HttpServerConnection(asyncio.Protocol):
     def _on_request(self, head: RequestHead) -> None:
         self.in_request = True
         self.stats.downstream_rq_total += 1
+        tap = self.tap
+        if tap is not None and tap.reporter:  # destination side: who calls, from the client sidecar's header
+            head = tap.inbound(head)
         result = self.dispatcher.dispatch(self, head)
+        if tap is not None:
+            if type(result) is Exchange:
+                if not tap.reporter:
+                    tap.outbound(result)
+            elif isinstance(result, SyntheticResponse):
+                tap.refused(head, result)
         if isinstance(result, SyntheticResponse):
             # A body we will not read, or a protocol switch we refuse, leaves the connection unusable.
             keep_alive = (head.keep_alive and not head.has_body and head.upgrade is None
@@ -185,12 +202,21 @@ class HttpServerConnection(asyncio.Protocol):
     def respond(self, response: SyntheticResponse, keep_alive: bool) -> None:
         """Send a response the proxy made up, then carry on (or close) as after any response."""
         self.stats.error(response.reason)
+        exchange = self.exchange
+        if self.tap is not None and type(exchange) is Exchange:
+            self.tap.done(exchange, response.status, response.flag)
         if not self.transport.is_closing():
             self.transport.write(response.encode(close=not keep_alive))
-        self.exchange_done(keep_alive)
+        self._next(keep_alive)
 
     def exchange_done(self, keep_alive: bool) -> None:
         """The current response went out in full; serve the next queued request, or close."""
+        exchange = self.exchange
+        if self.tap is not None and type(exchange) is Exchange:
+            self.tap.done(exchange)
+        self._next(keep_alive)
+
+    def _next(self, keep_alive: bool) -> None:
         self.exchange = None
         if not keep_alive or self.closing:
             self._close()

@@ -106,7 +106,8 @@ class Exchange:
     __slots__ = ("down", "head", "dest", "target", "host", "extra", "mode", "loop", "stats", "body",
                  "body_size", "streaming", "request_done", "request_sent", "head_bytes", "conn", "pool",
                  "connecting", "tried", "retries_left", "reused", "fresh_only", "stale_retried", "started",
-                 "framing", "keep_alive", "timer", "try_timer", "done", "upgrade_head", "out", "hash_cookie")
+                 "framing", "keep_alive", "timer", "try_timer", "done", "upgrade_head", "out", "hash_cookie",
+                 "t0", "status", "sent", "last")
 
     def __init__(self, down: Downstream, head: RequestHead, dest: Destination, target: bytes, host: bytes,
                  stats: Stats, loop: asyncio.AbstractEventLoop, mode: int = HTTP) -> None:
@@ -145,6 +146,11 @@ class Exchange:
         self.hash_cookie: tuple[bytes, bytes] | None = None
         """A ``set-cookie`` header for the response when consistent hashing made up its cookie."""
         """Response bytes not yet written downstream (see ``flush``)."""
+        # For telemetry (``telemetry_tap``): start, status and body bytes passed on, the last endpoint tried.
+        self.t0 = loop.time()
+        self.status = 0
+        self.sent = 0
+        self.last: Pool | None = None
 
     # -- the request, from the downstream connection -------------------------------------------------------
 
@@ -242,7 +248,7 @@ class Exchange:
             if pool is None:
                 self._fail(NO_HEALTHY_UPSTREAM)
                 return
-        self.pool = pool
+        self.pool = self.last = pool
         pool.active += 1
         per_try = self.dest.retry.per_try_timeout
         if per_try is not None and self.mode == HTTP:
@@ -446,6 +452,7 @@ class Exchange:
                 self.stats.flag("URX")
                 head = head._replace(headers=(*head.headers, (b"x-kizuna-flags", b"URX")))
         self.started = True
+        self.status = status
         if self.try_timer is not None:
             self.try_timer.cancel()
             self.try_timer = None
@@ -484,6 +491,7 @@ class Exchange:
 
     def response_body(self, data: bytes) -> None:
         """A piece of the response body."""
+        self.sent += len(data)
         self.out.append(encode_chunk(data) if self.framing == BODY_CHUNKED else data)
 
     def flush(self) -> None:

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+from kizuna.proxy.authz import Attributes, Authorizer, Decision, Peer, PolicyVerdict, normalize_path
 from kizuna.proxy.router import Router, holds
 from kizuna.proxyconfig.model import Cluster, Route, RouteMatch, Snapshot, StringMatch
+from kizuna.proxyconfig.security import SecurityPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,3 +133,71 @@ def _describe(match: StringMatch | None) -> str:
         return "present"
     case = ", any case" if match.ignore_case else ""
     return f"{match.kind} {match.value!r}{case}"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzExplanation:
+    """The destination sidecar's authorization decision for a request, as its inbound side would make it."""
+
+    destination: str
+    """The destination instance (``httpbin-v1-0.default``)."""
+    port: int
+    principal: str
+    """The source identity presented over mTLS ("" when the hop is plaintext: no principal)."""
+    mtls_mode: str
+    decision: Decision
+    verdicts: tuple[PolicyVerdict, ...] = ()
+    jwt_rules: tuple[str, ...] = ()
+    """RequestAuthentications that select the destination (tokens are not verified here)."""
+    refused: str = ""
+    """Why the connection is refused before any policy is evaluated (plaintext under STRICT)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"destination": self.destination, "port": self.port, "principal": self.principal or None,
+                "mtls": self.mtls_mode, "allowed": self.decision.allowed,
+                "policy": self.decision.policy or None, "audited": list(self.decision.audited),
+                "dryRun": list(self.decision.dry_run), "policies": [v.to_json() for v in self.verdicts],
+                "requestAuthentication": list(self.jwt_rules),
+                **({"refused": self.refused} if self.refused else {})}
+
+    def mode_text(self) -> str:
+        """The PeerAuthentication mode on this port."""
+        return self.mtls_mode
+
+    def reason(self) -> str:
+        """The decision in words, Istio's rules spelled out."""
+        d = self.decision
+        if self.refused:
+            return self.refused
+        if not d.allowed:
+            return (f"denied by DENY policy {d.policy} -> 403 RBAC: access denied" if d.policy
+                    else "denied: ALLOW policies select the workload and none matches -> 403 RBAC: access denied")
+        if d.policy:
+            return f"allowed by ALLOW policy {d.policy}"
+        return "allowed: no ALLOW policy selects the workload and no DENY policy matches"
+
+
+def explain_authorization(security: SecurityPolicy | None, destination: str, port: int, method: str, path: str,
+                          headers: Mapping[str, str], source_ip: str, principal: str) -> AuthzExplanation:
+    """Replay the destination's inbound authorization (``Authorizer``, the code its sidecar runs) for one
+    request from a source with SPIFFE ``principal`` (without ``spiffe://``; "" for plaintext). End-user
+    (JWT) attributes are not evaluated: explain has no token to verify."""
+    security = security or SecurityPolicy()
+    peer_auth = security.peer_authentication
+    mode = peer_auth.mode_for(port) if peer_auth is not None else "PERMISSIVE"
+    namespace = ""
+    if "/ns/" in principal:
+        namespace = principal.split("/ns/", 1)[1].split("/", 1)[0]
+    attrs = Attributes(source_ip=source_ip, destination_port=port,
+                       peer=Peer(principal, namespace) if principal else None, method=method,
+                       path=normalize_path(path), host=headers.get("host", ""),
+                       headers={**headers, ":authority": headers.get("host", "")})
+    jwt = tuple(dict.fromkeys(r.source or r.issuer for r in security.jwt_rules))
+    if mode == "STRICT" and not principal:
+        source = peer_auth.source if peer_auth is not None and peer_auth.source else "mesh default"
+        return AuthzExplanation(destination, port, principal, mode, Decision(False), (), jwt,
+                                f"refused: plaintext under PeerAuthentication STRICT ({source}) -> 403 mTLS required")
+    if not security.authorization:
+        return AuthzExplanation(destination, port, principal, mode, Decision(True), (), jwt)
+    decision, verdicts = Authorizer(security.authorization).explain(attrs)
+    return AuthzExplanation(destination, port, principal, mode, decision, verdicts, jwt)

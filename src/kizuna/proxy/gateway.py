@@ -77,6 +77,8 @@ class GatewayListeners:
         """By (listener port, protocol): a port whose protocol changes is closed and bound again."""
         self.tls: dict[int, TlsContexts] = {}
         """By listener port, the terminating servers' contexts, read at accept (a snapshot swaps them)."""
+        self.passthrough: frozenset[int] = frozenset()
+        """Listener ports whose servers pass TLS through (routed by SNI)."""
         self._problems: tuple[str, ...] = ()
         self._pending_tls: dict[int, TlsContexts] = {}
 
@@ -114,6 +116,8 @@ class GatewayListeners:
             self.listeners.pop(key).close()
         self.listeners.update(opened)
         self.tls = self._pending_tls
+        self.passthrough = frozenset(g.port for g in snapshot.gateway_listeners
+                                     if g.tls and all(t.mode == "PASSTHROUGH" for t in g.tls))
         problems = tuple(g.problem for g in snapshot.gateway_listeners if g.problem)
         if problems != self._problems:
             self._problems = problems
@@ -141,16 +145,22 @@ class GatewayListeners:
         port = listener.port
         make: Callable[[], asyncio.Protocol]
         if listener.protocol == "tcp":
-            if listener.tls and all(t.mode == "PASSTHROUGH" for t in listener.tls):
-                return lambda info: SniWait(lambda sni, data: self._tcp(port, data, sni))
             make = lambda: self._tcp(port)  # noqa: E731
         else:
             assert self.outbound is not None, "set outbound before the first snapshot"
             dispatcher = GatewayDispatcher(self.outbound, port, self.guard)
             make = lambda: HttpServerConnection(dispatcher, self.stats, self.connections)  # noqa: E731
-        if not listener.tls:
-            return lambda info: make()
-        return lambda info: SniWait(lambda sni, data: self._terminate(port, sni, data, make))
+
+        def accept(info: ConnectionInfo) -> asyncio.BaseProtocol:
+            # TLS is decided per connection from the current snapshot: a port can gain or lose TLS without
+            # being bound again.
+            if port in self.passthrough:
+                return SniWait(lambda sni, data: self._tcp(port, data, sni))
+            if port in self.tls:
+                return SniWait(lambda sni, data: self._terminate(port, sni, data, make))
+            return make()
+
+        return accept
 
     def _terminate(self, port: int, sni: str, initial: bytes,
                    make: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:

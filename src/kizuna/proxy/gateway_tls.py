@@ -7,7 +7,9 @@ context before the handshake (rather than in ``sni_callback``) lets ``MUTUAL`` a
 port: OpenSSL keeps the first context's client-verification mode across a callback's context switch.
 
 Certificates are read from files on this host when a snapshot is applied (a missing or unreadable file
-refuses the snapshot, with its path): the Gateway's ``serverCertificate`` / ``privateKey`` /
+refuses the snapshot, with its path), and read again when the files change (checked at most once a second,
+on the next connection: a rotated certificate is served without a config push; files caught half-written
+keep the previous certificate until they read whole): the Gateway's ``serverCertificate`` / ``privateKey`` /
 ``caCertificates``, or ``credentialName``, resolved to ``<credentials dir>/<name>/{tls.crt,tls.key,ca.crt}``
 (Istio's secret keys; ``ca.crt`` only for MUTUAL). The credentials directory is ``credentials`` under the
 proxy's working directory, which ``kizuna up`` sets to the state directory, so ``<state>/credentials/<name>``.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -26,6 +29,8 @@ from kizuna.proxyconfig.model import ServerTls
 CREDENTIALS_DIR: Final = "credentials"
 """Where ``credentialName`` secrets live, relative to the gateway proxy's working directory."""
 TERMINATING: Final = ("SIMPLE", "MUTUAL")
+RELOAD_CHECK: Final = 1.0
+"""Seconds between checks of a listener's certificate files for changes."""
 _VERSIONS: Final = {"TLSV1_0": ssl.TLSVersion.TLSv1, "TLSV1_1": ssl.TLSVersion.TLSv1_1,
                     "TLSV1_2": ssl.TLSVersion.TLSv1_2, "TLSV1_3": ssl.TLSVersion.TLSv1_3}
 
@@ -83,19 +88,53 @@ def _name(tls: ServerTls) -> str:
     return ",".join(tls.hosts) or "*"
 
 
+def _stamp(tls: ServerTls, credentials_dir: str | os.PathLike[str]) -> tuple[tuple[int, int] | None, ...]:
+    """(mtime, size) of each file of a server (None for a missing one): a change means read them again."""
+    stamps: list[tuple[int, int] | None] = []
+    for path in credential_files(tls, credentials_dir):
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None
+        stamps.append((st.st_mtime_ns, st.st_size) if st is not None else None)
+    return tuple(stamps)
+
+
 class TlsContexts:
     """The terminating servers of one gateway listener, each with its context, picked by SNI."""
 
-    __slots__ = ("servers",)
+    __slots__ = ("servers", "credentials_dir", "alpn", "_stamps", "_checked")
 
     def __init__(self, servers: tuple[ServerTls, ...], credentials_dir: str | os.PathLike[str] = CREDENTIALS_DIR,
                  alpn: tuple[str, ...] = ()) -> None:
-        self.servers = [(tls, server_context(tls, credentials_dir, alpn))
-                        for tls in servers if tls.mode in TERMINATING]
+        self.credentials_dir = credentials_dir
+        self.alpn = alpn
+        terminating = [tls for tls in servers if tls.mode in TERMINATING]
+        self._stamps = [_stamp(tls, credentials_dir) for tls in terminating]
+        self.servers = [(tls, server_context(tls, credentials_dir, alpn)) for tls in terminating]
+        self._checked = time.monotonic()
+
+    def reload(self) -> None:
+        """Read again the files of servers whose files changed; a server whose new files do not load keeps
+        its previous context (the next check tries again)."""
+        for i, (tls, _) in enumerate(self.servers):
+            stamp = _stamp(tls, self.credentials_dir)
+            if stamp == self._stamps[i]:
+                continue
+            try:
+                context = server_context(tls, self.credentials_dir, self.alpn)
+            except ValueError:
+                continue
+            self.servers[i] = (tls, context)
+            self._stamps[i] = stamp
 
     def pick(self, sni: str) -> tuple[ServerTls, ssl.SSLContext] | None:
         """The server for ``sni``: an exact host, else the longest ``*.suffix``, else ``*``; with no SNI (or
         none matching) the server with host ``*``, else the first server (Envoy's default filter chain)."""
+        now = time.monotonic()
+        if now - self._checked >= RELOAD_CHECK:
+            self._checked = now
+            self.reload()
         sni = sni.lower().rstrip(".")
         best: tuple[int, int] | None = None
         for i, (tls, _) in enumerate(self.servers):

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from kizuna.proxyconfig.controlplane_tls import check_control_plane
+
 log = logging.getLogger("kizuna.proxy.identity")
 
 RENEW_AT: Final = 0.5
@@ -88,8 +90,11 @@ class WorkloadIdentity:
 
     def __init__(self, control_plane: Callable[[], str], token: Callable[[], str], namespace: str,
                  service_account: str, credential: str, ttl: float | None = None,
-                 trust_domain: str = "cluster.local") -> None:
+                 trust_domain: str = "cluster.local",
+                 control_plane_tls: Callable[[], ssl.SSLContext | None] = lambda: None) -> None:
         self._control_plane = control_plane
+        self._control_plane_tls = control_plane_tls
+        """TLS to the control plane's API (the trust bundle, then this certificate); None: plain HTTP."""
         self.trust_domain = trust_domain
         self._token = token
         self.namespace = namespace
@@ -184,7 +189,8 @@ class WorkloadIdentity:
                                 "serviceAccount": self.service_account, "credential": self.credential}
         if self.ttl is not None:
             body["ttl"] = self.ttl
-        status, answer = await post_json(self._control_plane(), "/v1/certificates", body, self._token())
+        status, answer = await post_json(self._control_plane(), "/v1/certificates", body, self._token(),
+                                         tls=self._control_plane_tls(), trust_domain=self.trust_domain)
         if status == 403:
             raise PermissionError(answer.get("errors", [answer])[0])
         if status != 200:
@@ -251,14 +257,20 @@ def mesh_context(purpose: ssl._SSLMethod, chain: str, key: str, roots: str) -> s
     return context
 
 
-async def post_json(address: str, path: str, body: dict[str, Any], token: str,
-                    timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
-    """A small HTTP/1.1 POST to the control plane (the sidecar has no HTTP client library)."""
+async def post_json(address: str, path: str, body: dict[str, Any], token: str, timeout: float = 10.0,
+                    tls: ssl.SSLContext | None = None,
+                    trust_domain: str = "cluster.local") -> tuple[int, dict[str, Any]]:
+    """A small HTTP/1.1 POST to the control plane (the sidecar has no HTTP client library); over TLS with
+    ``tls``, refusing a server that is not the control plane."""
     host, _, port = address.rpartition(":")
     payload = json.dumps(body).encode()
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port), ssl=tls)
         try:
+            if tls is not None:
+                problem = check_control_plane(writer.get_extra_info("peercert"), trust_domain)
+                if problem:
+                    raise PermissionError(problem)
             writer.write(f"POST {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\n"
                          f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + payload)

@@ -12,6 +12,9 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Final, Generic, Protocol, TypeVar
 
+from kizuna.proxy.origination import origination_context, san_problem, server_name
+from kizuna.proxyconfig.model import UpstreamTls
+
 IDLE_TIMEOUT: Final = 3600.0
 """Seconds an idle connection stays reusable: Istio's default ``connectionPool.http.idleTimeout`` (1 h).
 Apps often close sooner; that race is retried once on a fresh connection (see exchange)."""
@@ -46,7 +49,7 @@ class EndpointPool(Generic[C]):
     """Connections to one endpoint, and the count of requests in flight to it (for LEAST_REQUEST)."""
 
     __slots__ = ("address", "port", "active", "idle", "draining", "idle_timeout", "max_requests",
-                 "max_duration", "identity", "tls")
+                 "max_duration", "identity", "tls", "origination", "service")
 
     def __init__(self, address: str, port: int, tls: ClientTls | None = None) -> None:
         self.address = address
@@ -54,6 +57,10 @@ class EndpointPool(Generic[C]):
         self.identity = ""
         """The peer identity to insist on with mTLS (the endpoint's sidecar); empty: plaintext."""
         self.tls = tls
+        self.origination: UpstreamTls | None = None
+        """TLS this proxy originates to the endpoint (DestinationRule SIMPLE / MUTUAL); wins over ``identity``."""
+        self.service = ""
+        """The cluster's service host: the default SNI and verified name when originating TLS."""
         self.active = 0
         self.idle: list[C] = []
         self.draining = False
@@ -100,6 +107,8 @@ class EndpointPool(Generic[C]):
         """Open a new connection to this endpoint (mTLS when it has an identity and this sidecar a
         certificate); raises OSError or TimeoutError."""
         loop = asyncio.get_running_loop()
+        if self.origination is not None:
+            return await self._originate(factory, timeout, self.origination)
         context = self.tls.context() if self.identity and self.tls is not None else None
         async with asyncio.timeout(timeout):
             if context is None:
@@ -108,6 +117,21 @@ class EndpointPool(Generic[C]):
             transport, protocol = await loop.create_connection(factory, self.address, self.port, ssl=context)
         assert self.tls is not None
         problem = self.tls.check_peer(transport.get_extra_info("peercert"), self.identity)
+        if problem:
+            transport.abort()
+            raise ConnectionRefusedError(problem)
+        return protocol
+
+    async def _originate(self, factory: Callable[[], P], timeout: float, tls: UpstreamTls) -> P:
+        try:
+            context = origination_context(tls)
+        except ValueError as exc:
+            raise ConnectionRefusedError(f"TLS origination: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            transport, protocol = await loop.create_connection(
+                factory, self.address, self.port, ssl=context, server_hostname=server_name(tls, self.service))
+        problem = san_problem(tls, transport.get_extra_info("peercert"))
         if problem:
             transport.abort()
             raise ConnectionRefusedError(problem)
@@ -135,12 +159,15 @@ class ClientTls(Protocol):
 class PoolRegistry(Generic[C]):
     """Every endpoint pool of a sidecar, by (address, port), shared by successive snapshots."""
 
-    __slots__ = ("pools", "tls")
+    __slots__ = ("pools", "tls", "tls_pools")
 
     def __init__(self, tls: ClientTls | None = None) -> None:
         self.pools: dict[tuple[str, int], EndpointPool[C]] = {}
         self.tls = tls
         """mTLS for endpoints with an identity (None: plaintext everywhere)."""
+        self.tls_pools: dict[tuple[str, int, UpstreamTls, str], EndpointPool[C]] = {}
+        """Pools that originate TLS, by endpoint and setting: hosts sharing an address (a CDN's) each get
+        their own SNI and verification, so their connections are never mixed."""
 
     def get(self, address: str, port: int, identity: str = "") -> EndpointPool[C]:
         """The pool for an endpoint, created on first use; ``identity`` (from the snapshot) turns on mTLS."""
@@ -151,10 +178,22 @@ class PoolRegistry(Generic[C]):
         pool.identity = identity
         return pool
 
+    def originating(self, address: str, port: int, tls: UpstreamTls, service: str) -> EndpointPool[C]:
+        """The pool that originates ``tls`` to an endpoint of ``service`` (DestinationRule SIMPLE / MUTUAL)."""
+        key = (address, port, tls, service)
+        pool = self.tls_pools.get(key)
+        if pool is None or pool.draining:
+            pool = self.tls_pools[key] = EndpointPool(address, port)
+            pool.origination = tls
+            pool.service = service
+        return pool
+
     def retain(self, keep: set[tuple[str, int]]) -> None:
-        """Drain and forget the pools of endpoints not in ``keep``."""
+        """Drain and forget the pools of endpoints not in ``keep`` (originating pools included)."""
         for key in [k for k in self.pools if k not in keep]:
             self.pools.pop(key).drain()
+        for tls_key in [k for k in self.tls_pools if k[:2] not in keep]:
+            self.tls_pools.pop(tls_key).drain()
 
     def close(self) -> None:
         """Drain every pool (sidecar stop)."""

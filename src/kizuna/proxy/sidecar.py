@@ -267,7 +267,8 @@ class Sidecar:
 
         node = self.bootstrap.node
         identity = WorkloadIdentity(discovery.address, discovery.token, node.namespace, node.service_account,
-                                    self.bootstrap.credential, trust_domain=self.bootstrap.trust_domain)
+                                    self.bootstrap.credential, trust_domain=self.bootstrap.trust_domain,
+                                    control_plane_tls=discovery.control_plane_tls)
         self.identity = identity
         try:
             await identity.start()

@@ -135,8 +135,9 @@ class ProxyState:
         self.snapshot = snapshot
         self.router = Router(snapshot)
         stats.policies.clear()  # the clusters below re-register: a cluster whose policy went is dropped
-        self.clusters = {c.name: ClusterState(c, [pools.get(e.address, e.port, e.identity) for e in c.endpoints],
-                                              stats)
+        self.clusters = {c.name: ClusterState(c, [pools.get(e.address, e.port, e.identity) if c.tls is None
+                                                  else pools.originating(e.address, e.port, c.tls, c.service)
+                                                  for e in c.endpoints], stats)
                          for c in snapshot.clusters}
         # Per route: cluster name -> Destination, so a request only draws the weighted choice; a route with
         # one cluster has its Destination ready (None when that cluster is missing).

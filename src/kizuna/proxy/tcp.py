@@ -13,6 +13,7 @@ from typing import Final, cast
 
 from kizuna.proxy.balancer import Loaded
 from kizuna.proxy.stats import Stats
+from kizuna.proxy.telemetry_tap import TcpRecord
 
 WRITE_HIGH_WATER: Final = 64 * 1024
 """Every proxy transport's write buffer high-water mark: above it, the other side stops reading."""
@@ -21,7 +22,7 @@ WRITE_HIGH_WATER: Final = 64 * 1024
 class Relay(asyncio.Protocol):
     """One side of a relay: what it reads, its peer writes."""
 
-    __slots__ = ("stats", "registry", "transport", "peer", "eof", "on_lost")
+    __slots__ = ("stats", "registry", "transport", "peer", "eof", "on_lost", "nbytes", "record", "downstream")
 
     def __init__(self, stats: Stats, registry: set[asyncio.BaseProtocol]) -> None:
         self.stats = stats
@@ -31,6 +32,10 @@ class Relay(asyncio.Protocol):
         self.eof = False
         self.on_lost: Callable[[], None] | None = None
         """Called once when this side's connection is gone (e.g. to release a balancer's load count)."""
+        self.nbytes = 0
+        """Bytes read from this side (for telemetry)."""
+        self.record: TcpRecord | None = None
+        self.downstream = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop transports implement asyncio.Transport without subclassing it.
@@ -41,6 +46,7 @@ class Relay(asyncio.Protocol):
         self.stats.tcp_cx_active += 1
 
     def data_received(self, data: bytes) -> None:
+        self.nbytes += len(data)
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
             peer.transport.write(data)
@@ -60,6 +66,9 @@ class Relay(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.stats.tcp_cx_active -= 1
         self.registry.discard(self)
+        if self.record is not None:
+            self.record.closed(self.downstream, self.nbytes)
+            self.record = None
         if self.on_lost is not None:
             self.on_lost()
             self.on_lost = None
@@ -169,6 +178,11 @@ class TcpForward(asyncio.Protocol):
             return
         down = adopt(self.transport, self.stats, self.registry)
         down.on_lost = self._release  # the relay outlives this protocol: it ends the load count
+        telemetry = getattr(self.stats, "telemetry", None)
+        if telemetry is not None:
+            down.record = relay.record = TcpRecord(telemetry, self.transport, self.host, self.port)
+            down.downstream = True
+            down.nbytes = len(self.initial)
         link(down, relay, to_a=b"", to_b=self.initial)
         if self.eof:
             down.eof_received()

@@ -23,8 +23,9 @@ from kizuna.proxy.stats import Stats
 
 if TYPE_CHECKING:
     from kizuna.proxy.access_log import AccessLog
-    from kizuna.proxy.state import Pool, ProxyState
+    from kizuna.proxy.state import Pool
     from kizuna.proxyconfig.bootstrap import Bootstrap
+    from kizuna.proxyconfig.model import Snapshot
 
 SOURCE: Final = 0
 DESTINATION: Final = 1
@@ -102,7 +103,7 @@ class Telemetry:
     """One sidecar's Istio metrics: HTTP series and TCP series, keyed by pre-built label tuples."""
 
     __slots__ = ("local", "gateway", "outbound_port", "http", "tcp", "access_log", "_endpoints",
-                 "_endpoint_state", "_peers", "_services")
+                 "_values", "_peers", "_services")
 
     def __init__(self, local: Workload, outbound_port: int, gateway: bool = False,
                  access_log: AccessLog | None = None) -> None:
@@ -115,7 +116,7 @@ class Telemetry:
         """TCP series: [opened, closed, sent bytes, received bytes]."""
         self.access_log = access_log
         self._endpoints: dict[tuple[str, int], Workload] = {}
-        self._endpoint_state: object = None
+        self._values: dict[str, bytes] = {}
         self._peers: dict[tuple[bytes, str], tuple[Workload, Service]] = {}
         self._services: dict[str, Service] = {}
 
@@ -145,22 +146,34 @@ class Telemetry:
             found = self._services[fqdn] = service_labels(fqdn)
         return found
 
-    def endpoint(self, state: ProxyState, pool: Pool | None) -> Workload:
-        """The destination workload labels of the endpoint ``pool`` dials (index rebuilt per snapshot)."""
+    def index(self, snapshot: Snapshot) -> None:
+        """Learn the workload behind every endpoint of a new snapshot (the client side's destination)."""
+        index: dict[tuple[str, int], Workload] = {}
+        for cluster in snapshot.clusters:
+            for e in cluster.endpoints:
+                if e.workload:
+                    app, version = app_version(e.labels)
+                    ns = principal_namespace(e.identity) or service_labels(cluster.service)[2]
+                    index[(e.address, e.port)] = (e.workload, ns, e.identity or UNKNOWN, app, version)
+        self._endpoints = index
+
+    def endpoint_of(self, pool: Pool | None) -> Workload:
+        """The destination workload labels of the endpoint ``pool`` dials."""
         if pool is None:
             return UNKNOWN_WORKLOAD
-        if state is not self._endpoint_state:
-            index: dict[tuple[str, int], Workload] = {}
-            for cluster in state.snapshot.clusters:
-                for e in cluster.endpoints:
-                    if e.workload:
-                        app, version = app_version(e.labels)
-                        ns = principal_namespace(e.identity) or cluster.service.split(".")[1:2][0] \
-                            if "." in cluster.service else UNKNOWN
-                        index[(e.address, e.port)] = (e.workload, ns or UNKNOWN, e.identity or UNKNOWN, app,
-                                                      version)
-            self._endpoints, self._endpoint_state = index, state
         return self._endpoints.get((pool.address, pool.port), UNKNOWN_WORKLOAD)
+
+    def endpoint_at(self, host: str, port: int) -> Workload:
+        return self._endpoints.get((host, port), UNKNOWN_WORKLOAD)
+
+    def peer_value(self, service: str) -> bytes:
+        """The ``x-kizuna-peer`` value for requests to ``service`` (cached per service)."""
+        found = self._values.get(service)
+        if found is None:
+            if len(self._values) >= MAX_PEER_CACHE:
+                self._values.clear()
+            found = self._values[service] = encode_peer(self.local, service)
+        return found
 
     def peer_from_header(self, value: bytes, principal: str | None) -> tuple[Workload, Service]:
         """The source workload and destination service a client sidecar announced, checked against the
@@ -170,11 +183,11 @@ class Telemetry:
         if found is None:
             decoded = decode_peer(value)
             if decoded is None:
-                found = (self._source_only(principal), UNKNOWN_SERVICE)
+                found = (self.source_only(principal), UNKNOWN_SERVICE)
             else:
                 name, namespace, app, version, service = decoded
                 if principal is not None and principal_namespace(principal) not in ("", namespace):
-                    found = (self._source_only(principal), self.service(service))
+                    found = (self.source_only(principal), self.service(service))
                 else:
                     found = ((name, namespace, principal or UNKNOWN, app or UNKNOWN, version or UNKNOWN),
                              self.service(service))
@@ -184,7 +197,7 @@ class Telemetry:
         return found
 
     @staticmethod
-    def _source_only(principal: str | None) -> Workload:
+    def source_only(principal: str | None) -> Workload:
         if principal is None:
             return UNKNOWN_WORKLOAD
         return (UNKNOWN, principal_namespace(principal) or UNKNOWN, principal, UNKNOWN, UNKNOWN)

@@ -129,6 +129,9 @@ class Bootstrap:
     """Where ``/stats/prometheus`` is served besides the admin port, on the admin address (0: not at all)."""
     access_log: str | None = None
     """The JSON-lines access log file (``<state>/logs/<instance>.access.log``); None: no access log."""
+    control_plane_ca: str | None = None
+    """The mesh's trust bundle: the control plane serves TLS and the sidecar verifies it with this (None:
+    plain HTTP, a control plane run in-process by tests)."""
 
     def to_json(self) -> dict[str, Any]:
         out = {"node": self.node.to_json(), "controlPlane": self.control_plane, "tokenFile": self.token_file,
@@ -150,6 +153,8 @@ class Bootstrap:
             out["prometheusPort"] = self.prometheus_port
         if self.access_log:
             out["accessLog"] = self.access_log
+        if self.control_plane_ca:
+            out["controlPlaneCa"] = self.control_plane_ca
         return out
 
     @classmethod
@@ -167,7 +172,8 @@ class Bootstrap:
                    tuple(sorted((int(k), int(v)) for k, v in dict(data.get("gatewayPorts", {})).items())),
                    str(data.get("credential", "")), str(data.get("trustDomain", "cluster.local")),
                    data.get("certDir"), bool(data.get("telemetry", True)),
-                   int(data.get("prometheusPort", PROMETHEUS_PORT)), data.get("accessLog"))
+                   int(data.get("prometheusPort", PROMETHEUS_PORT)), data.get("accessLog"),
+                   data.get("controlPlaneCa"))
 
     @classmethod
     def load(cls, path: str | Path) -> Bootstrap:

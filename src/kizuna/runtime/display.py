@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -107,3 +108,66 @@ def _exec_hint(instances: Sequence[Instance], resources: Sequence[Any]) -> str |
             if all(s is not service for s in services_of(instance, resources)):
                 return f"{instance.deployment} -- curl -s http://{host}:{port}/"
     return None
+
+
+def _expiry(identity: dict[str, Any], now: float) -> str:
+    """``2026-11-28 22:43Z (in 23h59m)``, and why renewals fail when they do."""
+    not_after = identity.get("notAfter")
+    if not not_after:
+        text = "no certificate yet"
+    else:
+        left = float(not_after) - now
+        when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(float(not_after)))
+        text = f"{when} ({'in ' + _span(left) if left > 0 else 'EXPIRED'})"
+    if identity.get("failures") and identity.get("lastError"):
+        text += f"; renewal failing: {identity['lastError']}"
+    return text
+
+
+def _span(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    if minutes >= 60:
+        return f"{minutes // 60}h{minutes % 60:02d}m"
+    return f"{minutes}m{int(seconds % 60):02d}s" if minutes else f"{int(seconds)}s"
+
+
+def security_rows(dumps: Sequence[tuple[str, dict[str, Any] | None]], now: float | None = None
+                  ) -> list[list[str]]:
+    """``kizuna status``'s security table: per proxy (id, its admin ``/config_dump`` or None when it could not
+    be read) the SPIFFE identity, certificate expiry, and the policies that select it (PeerAuthentication
+    mode and the policy that set it, AuthorizationPolicies with their action, RequestAuthentications)."""
+    now = time.time() if now is None else now
+    rows = [["PROXY", "IDENTITY", "CERTIFICATE EXPIRES", "MTLS", "AUTHORIZATION", "REQUEST AUTHENTICATION"]]
+    for proxy_id, dump in dumps:
+        if dump is None:
+            rows.append([proxy_id, "?", "admin port unreachable", "?", "?", "?"])
+            continue
+        identity = dump.get("identity") or {}
+        name = str(identity.get("identity") or "")
+        spiffe = (name if name.startswith("spiffe://") else f"spiffe://{name}") if name else "-"
+        expiry = _expiry(identity, now) if identity else "- (no certificate: mTLS off for this proxy)"
+        security = (dump.get("snapshot") or {}).get("security") or {}
+        peer = security.get("peerAuthentication")
+        if peer is None:
+            mtls = "PERMISSIVE (default)"
+        else:
+            mtls = f"{peer.get('mode', 'PERMISSIVE')} ({peer.get('source') or 'default'})"
+            ports = peer.get("portModes") or {}
+            if ports:
+                mtls += " " + ",".join(f"{p}:{m}" for p, m in sorted(ports.items(), key=lambda i: int(i[0])))
+        authz = ", ".join(f"{p['name']} ({p.get('action', 'ALLOW')}{', dry-run' if p.get('dryRun') else ''})"
+                          for p in security.get("authorization", ())) or "-"
+        jwt = ", ".join(dict.fromkeys(str(r.get("source") or r.get("issuer")) for r in security.get("jwtRules", ())))
+        rows.append([proxy_id, spiffe, expiry, mtls, authz, jwt or "-"])
+    return rows
+
+
+def gateway_urls(gateway: dict[str, Any] | None) -> str | None:
+    """Where the ingress gateway listens on the host (``runtime.json``'s ``gateway`` entry), or None."""
+    if not gateway:
+        return None
+    address = gateway.get("address", "127.0.0.1")
+    out = f"http://{address}:{gateway.get('port')}/ (servers on 80, 8080)"
+    if gateway.get("httpsPort"):
+        out += f", https://{address}:{gateway['httpsPort']}/ (servers on 443, 8443)"
+    return out

@@ -83,6 +83,9 @@ class UpSettings:
     workload_cert_ttl: float | None = setting(None, metavar="SECONDS")
     """lifetime of the workload certificates the mesh's CA signs for mTLS (default 86400, Istio's 24 h;
     sidecars renew at half of it)"""
+    prometheus: str = setting("127.0.0.1:9090", metavar="HOST:PORT")
+    """where the mesh's Prometheus listens (started when the `prometheus` binary is installed; scrapes every
+    sidecar's and the gateway's :15090 every 5 s, data in the state dir); off = do not start it"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,9 @@ class ControlPlaneSettings:
     range recorded by `kizuna up`, else none)"""
     workload_cert_ttl: float | None = setting(None, metavar="SECONDS")
     """lifetime of the workload certificates the CA signs (default 86400, Istio's 24 h; at most 90 days)"""
+    tls: bool = setting(False)
+    """serve the API and discovery over TLS with a certificate from the mesh's CA (what `kizuna up` runs;
+    default: as the mesh in the state directory was started)"""
     cacerts: Path | None = setting(None, metavar="DIR")
     """plug in the CA from a directory in Istio's cacerts layout (the CA certificate and key, the root
     certificate, the chain) instead of the mesh's own self-signed root"""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kizuna.proxyconfig.controlplane_tls import TRUST_BUNDLE
 from kizuna.runtime.errors import UserError
 
 
@@ -24,6 +25,12 @@ class StateDir:
     @property
     def token(self) -> Path:
         return self.root / "token"
+
+    def control_plane_ca(self) -> Path | None:
+        """The trust bundle sidecars verify the control plane with, when it serves TLS (else None)."""
+        data = self.read_controlplane() or {}
+        bundle = self.root / TRUST_BUNDLE
+        return bundle if data.get("tls") and bundle.is_file() else None
 
     @property
     def controlplane_json(self) -> Path:

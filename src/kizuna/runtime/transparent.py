@@ -125,9 +125,26 @@ def write_bootstrap(state: StateDir, network: Network, instance: Instance, liste
     # Without a sidecar the same process still registers the instance and reports its readiness (capture
     # "none"), so sidecars elsewhere can reach the app directly, as Kubernetes endpoints would let them.
     sidecar = has_sidecar(instance)
+    access_log = None
+    if sidecar:
+        # The sidecar (UID 1337) cannot enter the private state dir: its access log lives in the run dir,
+        # linked from the usual place for `kizuna logs --access`.
+        access_log = run_dir / f"{instance.id}.access.log"
+        netns.write_private(access_log, b"", capture.PROXY_UID, capture.PROXY_GID)
+        link = state.logs / f"{instance.id}.access.log"
+        link.unlink(missing_ok=True)
+        link.symlink_to(access_log)
+    bundle = state.control_plane_ca()
+    ca_copy = None
+    if bundle is not None:  # public: the mesh's roots, where UID 1337 can read them
+        ca_copy = run_dir / "trust-bundle.pem"
+        ca_copy.write_bytes(bundle.read_bytes())
+        ca_copy.chmod(0o644)
     bootstrap = Bootstrap(node=instance.node(), control_plane=listen, token_file=str(token),
                           readiness=instance.readiness, capture="iptables" if sidecar else "none",
-                          credential=instance.credential(state.root) if sidecar else "")
+                          credential=instance.credential(state.root) if sidecar else "",
+                          access_log=str(access_log) if access_log else None,
+                          control_plane_ca=str(ca_copy) if ca_copy is not None else None)
     path = run_dir / f"{instance.id}.json"
     # Private to the sidecar's UID: the credential in it is this workload's alone.
     netns.write_private(path, (json.dumps(bootstrap.to_json(), indent=2) + "\n").encode(), capture.PROXY_UID,

@@ -22,11 +22,12 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
 from kizuna.proxyconfig.bootstrap import Bootstrap
-from kizuna.runtime import display, gateway, transparent
+from kizuna.runtime import display, gateway, prometheus, transparent
 from kizuna.runtime.addresses import PodRange, choose_pod_range, listeners_in, parse_pod_cidr
 from kizuna.runtime.down import running_processes
 from kizuna.runtime.errors import UserError
@@ -68,9 +69,11 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
     supervisor = Supervisor(state, {
         "version": 1, "up": {"pid": os.getpid(), "startTime": _own_start_time()}, "mode": mode,
         "podCidr": str(pod_range), "serviceCidr": str(network.services) if network else None,
-        "controlPlane": listen, "instances": [i.to_json() for i in instances], "processes": [],
+        "controlPlane": listen, "controlPlaneTls": True, "instances": [i.to_json() for i in instances],
+        "processes": [],
         "gateway": {"address": settings.gateway_address, "port": settings.gateway_port,
-                    "httpsPort": settings.gateway_https_port} if with_gateway else None})
+                    "httpsPort": settings.gateway_https_port} if with_gateway else None,
+        "prometheus": None})
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGTERM, _raise_stopped)
     signal.signal(signal.SIGHUP, _raise_stopped)
@@ -84,6 +87,12 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
             if with_gateway:
                 gateway.start(supervisor, state, settings, pod_range.control_plane_address, listen,
                               _mesh_env())
+            scraper, scraper_note = prometheus.start(
+                supervisor, state, settings.prometheus,
+                {"instances": [i.to_json() for i in instances], "controlPlane": listen, "gateway": with_gateway},
+                _mesh_env())
+            if scraper is not None:
+                supervisor.update(prometheus=settings.prometheus)
             if network is None:
                 for instance in instances:
                     _start_instance(supervisor, state, instance, listen)
@@ -103,7 +112,8 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
                         mode=mode_line)
         if with_gateway:
             out.write(f"ingress gateway  {gateway.urls(settings)}\n")
-            out.flush()
+        out.write(f"prometheus       {scraper_note}\n")
+        out.flush()
         if settings.detach:
             supervisor.release()
             return 0
@@ -156,7 +166,7 @@ def _start_controlplane(supervisor: Supervisor, state: StateDir, listen: str, er
     from kizuna.controlplane.client import ControlPlaneClient
 
     err.write(f"starting the control plane on {listen}\n")
-    extra = ["--service-cidr", service_cidr] if service_cidr else []
+    extra = ["--tls", *(["--service-cidr", service_cidr] if service_cidr else [])]
     if workload_cert_ttl:
         extra += ["--workload-cert-ttl", f"{workload_cert_ttl:g}"]
     record = supervisor.spawn("controlplane", "controlplane",
@@ -174,9 +184,15 @@ def _start_controlplane(supervisor: Supervisor, state: StateDir, listen: str, er
                     f"see {record.log}")
 
 
+def _optional(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
 def _start_instance(supervisor: Supervisor, state: StateDir, instance: Instance, listen: str) -> None:
     bootstrap = Bootstrap(node=instance.node(), control_plane=listen, token_file=str(state.token),
-                          readiness=instance.readiness, credential=instance.credential(state.root))
+                          readiness=instance.readiness, credential=instance.credential(state.root),
+                          access_log=str(state.logs / f"{instance.id}.access.log"),
+                          control_plane_ca=_optional(state.control_plane_ca()))
     path = state.bootstrap(instance.id)
     bootstrap.dump(path)
     supervisor.spawn(f"{instance.id}.proxy", "sidecar", _kizuna("proxy", "--bootstrap", str(path)),

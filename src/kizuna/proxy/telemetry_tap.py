@@ -1,0 +1,196 @@
+"""Where a connection meets telemetry: one ``HttpTap`` per HTTP/1.x client connection, ``tcp_opened`` per
+relayed TCP connection. Everything that can be worked out once per connection is (reporter, peer principal,
+security policy); per request there is a header scan on inbound, a header added on outbound, and a record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from kizuna.protocols.http1 import RequestHead, split_authority
+from kizuna.proxy.access_log import iso_time
+from kizuna.proxy.telemetry import (
+    DESTINATION,
+    PEER_HEADER,
+    REPORTERS,
+    SOURCE,
+    UNKNOWN,
+    UNKNOWN_SERVICE,
+    UNKNOWN_WORKLOAD,
+    Service,
+    Telemetry,
+    Workload,
+)
+
+if TYPE_CHECKING:
+    from kizuna.proxy.errors import SyntheticResponse
+    from kizuna.proxy.exchange import Exchange
+
+_PEER_LEN: Final = len(PEER_HEADER)
+_REQUEST_ID: Final = b"x-request-id"
+
+
+def _trusted_address(transport: asyncio.BaseTransport) -> bool:
+    """A plaintext peer whose ``x-kizuna-peer`` is believed: a loopback source (proxy mode on one host)."""
+    peer = transport.get_extra_info("peername")
+    try:
+        return peer is not None and ipaddress.ip_address(peer[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpTap:
+    """Telemetry of one HTTP/1.x client connection."""
+
+    __slots__ = ("telemetry", "reporter", "principal", "security", "trusted", "peer", "service", "_last",
+                 "_host", "_host_service", "remote")
+
+    def __init__(self, telemetry: Telemetry, transport: asyncio.BaseTransport) -> None:
+        self.telemetry = telemetry
+        self.reporter = telemetry.reporter_of(transport)
+        identity = transport.get_extra_info("peer_identity")
+        self.principal: str | None = identity.principal if identity is not None else None
+        if self.reporter == SOURCE:
+            self.security = UNKNOWN  # Istio's source reporter does not know the server's policy
+            self.trusted = False
+        else:
+            self.security = "mutual_tls" if self.principal is not None else "none"
+            self.trusted = self.principal is not None or _trusted_address(transport)
+        self.peer: Workload = telemetry.source_only(self.principal) if self.reporter == DESTINATION \
+            else UNKNOWN_WORKLOAD
+        self.service: Service = UNKNOWN_SERVICE
+        self._last: bytes | None = None
+        self._host: bytes | None = None
+        self._host_service = UNKNOWN_SERVICE
+        peer = transport.get_extra_info("peername")
+        self.remote = f"{peer[0]}:{peer[1]}" if peer else ""
+
+    # -- per request ----------------------------------------------------------------------------------------
+
+    def inbound(self, head: RequestHead) -> RequestHead:
+        """Destination side: take the client sidecar's ``x-kizuna-peer`` header out of the request."""
+        headers = head.headers
+        for i, (name, value) in enumerate(headers):
+            if len(name) == _PEER_LEN and name.lower() == PEER_HEADER:
+                if value != self._last and self.trusted:
+                    self.peer, self.service = self.telemetry.peer_from_header(value, self.principal)
+                    self._last = value
+                return head._replace(headers=headers[:i] + headers[i + 1:])
+        if self._last is None:
+            self.service = self._service_of_host(head.host)
+        return head
+
+    def outbound(self, exchange: Exchange) -> None:
+        """Source side: tell the server sidecar who calls (mesh destinations only)."""
+        cluster = exchange.dest.cluster.cluster
+        endpoints = cluster.endpoints
+        if endpoints and endpoints[0].workload:
+            exchange.extra += ((PEER_HEADER, self.telemetry.peer_value(cluster.service)),)
+
+    def done(self, exchange: Exchange, status: int = 0, flags: str = "") -> None:
+        """Record a finished exchange (``status`` given: a synthetic answer in its place)."""
+        telemetry = self.telemetry
+        cluster = exchange.dest.cluster
+        if self.reporter == SOURCE:
+            peer = telemetry.endpoint_of(exchange.last)
+            service = telemetry.service(cluster.cluster.service)
+        else:
+            peer, service = self.peer, self.service
+        code = status or exchange.status
+        head = exchange.head
+        received = head.content_length if head.content_length is not None else exchange.body_size
+        duration = (exchange.loop.time() - exchange.t0) * 1000.0
+        telemetry.record_http(self.reporter, peer, service, code, flags or "-", self.security, duration,
+                              received, exchange.sent)
+        log = telemetry.access_log
+        if log is not None:
+            pool = exchange.last
+            log.http(_start(duration), head.method.decode("latin-1"), head.target.decode("latin-1"),
+                     "HTTP/" + head.version.decode("latin-1"), code, flags or "-", received, exchange.sent,
+                     round(duration, 3), f"{pool.address}:{pool.port}" if pool is not None else None,
+                     cluster.name, _request_id(head, exchange.extra), head.host.decode("latin-1"),
+                     self.principal, None, REPORTERS[self.reporter])
+
+    def refused(self, head: RequestHead, response: SyntheticResponse) -> None:
+        """Record a request answered before any exchange (no route, fault abort, denied ...)."""
+        telemetry = self.telemetry
+        if self.reporter == SOURCE:
+            peer, service = UNKNOWN_WORKLOAD, self._service_of_host(head.host or head.target)
+        else:
+            peer, service = self.peer, self.service
+        flags = response.flag or "-"
+        telemetry.record_http(self.reporter, peer, service, response.status, flags, self.security, 0.0,
+                              head.content_length or 0, 0)
+        log = telemetry.access_log
+        if log is not None:
+            log.http(_start(0.0), head.method.decode("latin-1"), head.target.decode("latin-1"),
+                     "HTTP/" + head.version.decode("latin-1"), response.status, flags,
+                     head.content_length or 0, 0, 0.0, None, None, _request_id(head, ()),
+                     head.host.decode("latin-1"), self.principal, None, REPORTERS[self.reporter])
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+
+    def _service_of_host(self, host: bytes) -> Service:
+        if host == self._host:
+            return self._host_service
+        try:
+            name = split_authority(host, 80)[0] if host else ""
+        except ValueError:
+            name = ""
+        if name and "." not in name:
+            name = f"{name}.{self.telemetry.local[1]}.svc.cluster.local"  # a short name is a local service
+        self._host, self._host_service = host, self.telemetry.service(name)
+        return self._host_service
+
+
+def _start(duration_ms: float) -> str:
+    return iso_time(time.time() - duration_ms / 1000.0)
+
+
+def _request_id(head: RequestHead, extra: Any) -> str | None:
+    for name, value in (*extra, *head.headers) if head.has_request_id else extra:
+        if name.lower() == _REQUEST_ID:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class TcpRecord:
+    """One relayed TCP connection's telemetry: its series, and an access log entry once both sides closed."""
+
+    __slots__ = ("telemetry", "series", "reporter", "principal", "upstream", "t0", "received", "sent", "open")
+
+    def __init__(self, telemetry: Telemetry, transport: asyncio.BaseTransport, host: str, port: int) -> None:
+        self.telemetry = telemetry
+        self.reporter = telemetry.reporter_of(transport)
+        identity = transport.get_extra_info("peer_identity")
+        self.principal: str | None = identity.principal if identity is not None else None
+        if self.reporter == SOURCE:
+            peer, security = telemetry.endpoint_at(host, port), UNKNOWN
+        else:
+            peer, security = telemetry.source_only(self.principal), "mutual_tls" if self.principal else "none"
+        self.series = telemetry.tcp_series(self.reporter, peer, UNKNOWN_SERVICE, security)
+        self.series[0] += 1
+        self.upstream = f"{host}:{port}"
+        self.t0 = time.time()
+        self.received = self.sent = 0
+        self.open = 2
+
+    def closed(self, downstream: bool, nbytes: int) -> None:
+        """One side's connection is gone, having read ``nbytes`` (downstream: received; upstream: sent)."""
+        series = self.series
+        if downstream:
+            self.received = nbytes
+            series[1] += 1
+            series[3] += nbytes
+        else:
+            self.sent = nbytes
+            series[2] += nbytes
+        self.open -= 1
+        log = self.telemetry.access_log
+        if self.open == 0 and log is not None:
+            log.tcp(iso_time(self.t0), "TCP", "-", self.received, self.sent,
+                    round((time.time() - self.t0) * 1000.0, 3), self.upstream, None, self.principal,
+                    REPORTERS[self.reporter])
