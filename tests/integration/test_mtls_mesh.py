@@ -99,3 +99,30 @@ def test_strict_refuses_plaintext_readably_and_mesh_traffic_carries_on(mesh: Mes
             assert via_sleep(mesh, "/get")[0] == 200
     finally:
         assert mesh.kizuna("delete", "-f", strict).returncode == 0
+
+
+def test_the_control_plane_api_is_tls_with_its_own_identity(mesh: Mesh, tmp_path: Path) -> None:
+    import ssl
+
+    from kizuna.controlplane.ca import CertificateAuthority
+    from kizuna.controlplane.client import ApiError, ControlPlaneClient
+
+    record = json.loads((mesh.state / "controlplane.json").read_text())
+    assert record["tls"] is True
+    host, _, port = record["address"].rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)  # plain HTTP is not spoken there
+    try:
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            conn.request("GET", "/v1/status")
+            conn.getresponse()
+    finally:
+        conn.close()
+    client = ControlPlaneClient.from_state_dir(mesh.state)
+    assert {p["id"] for p in client.status()["proxies"]} >= {"sleep-0.default", "httpbin-v1-0.default"}
+    # A client trusting another CA refuses the control plane's certificate.
+    other = CertificateAuthority.load_or_create(tmp_path / "other")
+    (tmp_path / "bundle.pem").write_text(other.roots_pem())
+    strange = ssl.create_default_context(cafile=str(tmp_path / "bundle.pem"))
+    strange.check_hostname = False
+    with pytest.raises(ApiError):
+        ControlPlaneClient(record["address"], client.token, mesh.state, tls=strange).status()
