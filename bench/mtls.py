@@ -1,4 +1,5 @@
-"""The kizuna path with mutual TLS between the two sidecars, as Istio measures itself (mTLS on).
+"""The kizuna path with mutual TLS between the two sidecars, as Istio measures itself (mTLS on), and its
+reference: the HAProxy pair with mutual TLS between its two hops (same certificates).
 
 Same topology and static snapshots as the ``kizuna`` path; in addition a CA made for the run signs one
 certificate per sidecar, mounted as files (``Bootstrap.cert_dir``, Istio's ``cert-chain.pem`` / ``key.pem`` /
@@ -13,12 +14,14 @@ import json
 from pathlib import Path
 
 from bench.paths import (
+    HAPROXY,
     SERVICE,
     SERVICE_PORT,
     START_TIMEOUT,
     Layout,
     PathUnderTest,
     kizuna_proxy_argv,
+    render_haproxy,
     wait_until_serving,
 )
 from bench.procs import Processes, wait_for_port
@@ -90,3 +93,38 @@ def start_kizuna_mtls(procs: Processes, layout: Layout, workdir: Path,
     return PathUnderTest("kizuna-mtls", (client_mesh, outbound), [client, server],
                          notes=f"client -> kizuna outbound (:{outbound}) -mTLS-> kizuna inbound (:{inbound}) "
                                "-> origin")
+
+
+def _haproxy_addresses(layout: Layout) -> tuple[tuple[str, int], tuple[str, int]]:
+    """(client hop, server hop) of the HAProxy mTLS path, beside the plaintext pair's."""
+    return (f"{layout.net}.54", 15001), (f"{layout.net}.55", 80)
+
+
+def start_haproxy_mtls(procs: Processes, layout: Layout, workdir: Path,
+                       cpus: frozenset[int] | None) -> PathUnderTest:
+    """The HAProxy reference with mutual TLS between its hops: the client hop originates TLS with a client
+    certificate and verifies the server hop against the run's CA, which requires a client certificate."""
+    certs = _certificates(workdir, ("haproxy-server", "haproxy-client"))
+    pems = {}
+    for account, folder in certs.items():
+        pem = folder / "haproxy.pem"  # HAProxy wants certificate chain and key in one file
+        pem.write_text((folder / "cert-chain.pem").read_text() + (folder / "key.pem").read_text())
+        pem.chmod(0o600)
+        pems[account] = pem
+    roots = certs["haproxy-server"] / "root-cert.pem"
+    (c_addr, c_port), (s_addr, s_port) = _haproxy_addresses(layout)
+    o_addr, o_port = layout.origin
+    server_cfg = render_haproxy(
+        "haproxy-hop.cfg.tmpl", workdir / "haproxy-mtls-server-hop.cfg",
+        bind=f"{s_addr}:{s_port} ssl crt {pems['haproxy-server']} ca-file {roots} verify required",
+        server=f"{o_addr}:{o_port}")
+    client_cfg = render_haproxy(
+        "haproxy-hop.cfg.tmpl", workdir / "haproxy-mtls-client-hop.cfg", bind=f"{c_addr}:{c_port}",
+        server=f"{s_addr}:{s_port} ssl crt {pems['haproxy-client']} ca-file {roots} verify required")
+    server = procs.start("haproxy-mtls-server-hop", [HAPROXY, "-db", "-f", str(server_cfg)], cpus)
+    client = procs.start("haproxy-mtls-client-hop", [HAPROXY, "-db", "-f", str(client_cfg)], cpus)
+    wait_for_port(s_addr, s_port, START_TIMEOUT, server)
+    wait_for_port(c_addr, c_port, START_TIMEOUT, client)
+    wait_until_serving((c_addr, c_port), "the haproxy mTLS path", [client, server])
+    return PathUnderTest("haproxy-mtls", (c_addr, c_port), [client, server],
+                         notes=f"client -> haproxy (:{c_port}) -mTLS-> haproxy (:{s_port}) -> origin")

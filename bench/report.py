@@ -185,14 +185,14 @@ def format_table(result: dict[str, Any]) -> str:
         "",
         f"Fixed rate: {s['rate']:g} req/s open loop, {s['connections']} keep-alive connections, "
         f"{s['fixed_seconds']:g} s (bench.paced); latency in ms, request written -> response parsed",
-        f"{'path':<12}{'p50':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}{'max':>8}{'+p50':>8}{'+p90':>8}{'+p99':>8}"
+        f"{'path':<20}{'p50':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}{'max':>8}{'+p50':>8}{'+p90':>8}{'+p99':>8}"
         f"{'errors':>8}{'queued':>8}",
     ]
     cmp = result.get("comparisons", {})
     for name, data in result["paths"].items():
         f = data["fixed"]
         lat, add = f["latency"], cmp.get("added_latency_ms", {}).get(name, {})
-        lines.append(f"{name:<12}{_fmt(lat.get('p50_ms')):>8}{_fmt(lat.get('p90_ms')):>8}{_fmt(lat.get('p99_ms')):>8}"
+        lines.append(f"{name:<20}{_fmt(lat.get('p50_ms')):>8}{_fmt(lat.get('p90_ms')):>8}{_fmt(lat.get('p99_ms')):>8}"
                      f"{_fmt(lat.get('p99.9_ms')):>8}{_fmt(lat.get('max_ms')):>8}{_fmt(add.get('p50')):>8}"
                      f"{_fmt(add.get('p90')):>8}{_fmt(add.get('p99')):>8}{sum(f['errors'].values()):>8}"
                      f"{'-' if f['queued'] is None else f['queued']:>8}")
@@ -204,21 +204,21 @@ def format_table(result: dict[str, Any]) -> str:
               f"{s['saturation_seconds']:g} s"
               + (f"; h2 rows: h2load -c{s['saturation_connections']} -m{s.get('h2_streams', 10)}"
                  if any(d.get("load") == "h2" for d in result["paths"].values()) else ""),
-              f"{'path':<12}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}"]
+              f"{'path':<20}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}"]
     for name, data in result["paths"].items():
         w = data["saturation"]
         lat = w["latency_us"]
-        lines.append(f"{name:<12}{w['rps']:>10.0f}{lat['p50'] / 1000:>9.3f}{lat['p90'] / 1000:>9.3f}"
+        lines.append(f"{name:<20}{w['rps']:>10.0f}{lat['p50'] / 1000:>9.3f}{lat['p90'] / 1000:>9.3f}"
                      f"{lat['p99'] / 1000:>9.3f}{sum(w['errors'].values()):>8}")
     lines += ["", "Processes (CPU from /proc/<pid>/stat utime+stime; RSS peak = VmHWM over the whole run)",
-              f"{'path':<12}{'process':<28}{'CPU s/1k req':>13}{'vCPU':>7}{'CPU s/1k req':>13}{'vCPU':>7}"
+              f"{'path':<20}{'process':<28}{'CPU s/1k req':>13}{'vCPU':>7}{'CPU s/1k req':>13}{'vCPU':>7}"
               f"{'req/CPU-s':>11}{'peak RSS':>10}",
               f"{'':<40}{'@ fixed rate':>20}{'@ saturation':>20}{'@ sat':>11}{'MiB':>10}"]
     for name, data in result["paths"].items():
         for proc_name, p in {**data["processes"], **data.get("shared", {})}.items():
             fx, st = p["fixed"], p["saturation"]
             rss = p.get("peak_rss_kb")
-            lines.append(f"{name:<12}{proc_name:<28}{_fmt(fx['cpu_s_per_1k'], 4):>13}{_fmt(fx['vcpu'], 3):>7}"
+            lines.append(f"{name:<20}{proc_name:<28}{_fmt(fx['cpu_s_per_1k'], 4):>13}{_fmt(fx['vcpu'], 3):>7}"
                          f"{_fmt(st['cpu_s_per_1k'], 4):>13}{_fmt(st['vcpu'], 3):>7}"
                          f"{_fmt(st['requests_per_cpu_second'], 0):>11}"
                          f"{_fmt(rss / 1024 if rss else None, 1):>10}")
@@ -232,7 +232,7 @@ def format_table(result: dict[str, Any]) -> str:
             cells = [f"{cpu} {v['busy_vcpu']:.2f}/{v['steal_vcpu']:.2f}"
                      for cpu, v in sorted(machine.items()) if cpu != "cpu"]
             others = data[phase].get("others_vcpu")
-            lines.append(f"{name:<12}{phase:<12}" + "   ".join(cells) + f"   others {_fmt(others, 2)}")
+            lines.append(f"{name:<20}{phase:<12}" + "   ".join(cells) + f"   others {_fmt(others, 2)}")
     for name, data in result["paths"].items():
         for attempt in data.get("earlier_attempts", ()):
             lines.append(f"note: {name} was measured again: other work disturbed "

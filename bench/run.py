@@ -25,7 +25,7 @@ from types import FrameType
 from typing import Any
 
 from bench import h2, profile, wrk
-from bench.mtls import start_kizuna_mtls
+from bench.mtls import start_haproxy_mtls, start_kizuna_mtls
 from bench.paths import HOST_HEADER, STARTERS, TARGET, Layout, PathUnderTest, kizuna_unavailable, start_origin
 from bench.procs import Processes, Started, cpu_seconds, memory_kb, repin, system_cpu
 from bench.report import DISTURBED_VCPU, comparisons, format_table, machine_info
@@ -36,7 +36,8 @@ from bench.transparent import cleanup as transparent_cleanup
 from bench.transparent import start_transparent, transparent_unavailable
 
 STARTERS = {**STARTERS, "transparent": start_transparent, "h2-direct": h2.start_h2_direct, "h2": h2.start_h2,
-            "kizuna-mtls": start_kizuna_mtls, "kizuna-no-telemetry": start_kizuna_no_telemetry}
+            "kizuna-mtls": start_kizuna_mtls, "kizuna-no-telemetry": start_kizuna_no_telemetry,
+            "haproxy-mtls": start_haproxy_mtls}
 
 
 def _say(text: str) -> None:

@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-ALL_PATHS = ("direct", "kizuna", "kizuna-mtls", "kizuna-no-telemetry", "haproxy", "transparent", "h2-direct", "h2")
-DEFAULT_PATHS = ("direct", "kizuna", "kizuna-mtls", "kizuna-no-telemetry", "haproxy", "transparent")
+ALL_PATHS = ("direct", "kizuna", "kizuna-mtls", "kizuna-no-telemetry", "haproxy", "haproxy-mtls", "transparent",
+             "h2-direct", "h2")
+DEFAULT_PATHS = ("direct", "kizuna", "kizuna-mtls", "kizuna-no-telemetry", "haproxy", "haproxy-mtls", "transparent")
 """The h2 paths (h2load, ~1 more minute) are opt-in: ``--paths direct,h2-direct,h2``."""
 
 
