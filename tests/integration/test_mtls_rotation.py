@@ -116,3 +116,33 @@ def test_migration_to_strict_while_traffic_flows_fails_nothing(mesh: Any, kit: A
     finally:
         mesh.kizuna("delete", "-f", strict)
     assert set(outcomes) == {200} and outcomes[200] > 50, outcomes
+
+
+def test_root_rotation_under_load_fails_nothing(mesh: Any, kit: Any, tmp_path: Path) -> None:
+    rule = tmp_path / "one-per-connection.yaml"  # every request a fresh handshake, as above
+    rule.write_text(textwrap.dedent("""\
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: httpbin}
+    spec: {host: httpbin, trafficPolicy: {connectionPool: {http: {maxRequestsPerConnection: 1}}}}
+    """))
+    assert mesh.kizuna("apply", "-f", rule).returncode == 0
+    kit.wait_until(lambda: identity(mesh, "sleep").get("identity"), 15, "sleep's certificate")
+    old_root = (mesh.state / "ca" / "root-cert.pem").read_text()
+
+    def rotate() -> None:
+        time.sleep(1.0)
+        result = mesh.kizuna("rotate-root", "--grace", str(TTL + 1))
+        assert result.returncode == 0 and "it signs in" in result.stdout, result.stderr
+
+    try:
+        outcomes = load(mesh, 2 * TTL + 5, during=rotate)
+    finally:
+        mesh.kizuna("delete", "-f", rule)
+    assert set(outcomes) == {200} and outcomes[200] > 50, outcomes
+    # The new root signs now; the old one is still trusted (certificates it signed have not all expired).
+    assert (mesh.state / "ca" / "root-cert.pem").read_text() != old_root
+    assert old_root in (mesh.state / "ca" / "extra-roots.pem").read_text()
+    with urllib.request.urlopen(f"http://{mesh.instance('sleep')['meshAddress']}:15000/config_dump",
+                                timeout=5) as response:
+        assert json.load(response)["identity"]["renewals"] >= 3

@@ -23,7 +23,8 @@ from kizuna.runtime.settings import (
     UpSettings,
 )
 
-SUBCOMMANDS = ["up", "down", "apply", "delete", "get", "validate", "status", "exec", "controlplane", "proxy"]
+SUBCOMMANDS = ["up", "down", "apply", "delete", "get", "validate", "status", "exec", "controlplane", "proxy",
+               "rotate-root"]
 
 
 @pytest.mark.parametrize("argv", [

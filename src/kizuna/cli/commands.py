@@ -147,15 +147,18 @@ def status(args: argparse.Namespace) -> int:
     admins = _admin_addresses(runtime)
     dumps = [(str(p.get("id")), _config_dump(admins[p["id"]]) if p.get("id") in admins else None)
              for p in proxies if p.get("connected")]
+    # No blank lines, and no later row starting with a proxy id: scripts read the first table line by line.
     if dumps:
-        # Indented under its own heading, so the first table's rows stay the only lines that start with an id.
-        print("\nworkload security:")
-        sys.stdout.write("".join(f"  {line}\n" for line in table(security_rows(dumps)).splitlines()))
+        print("workload security:")
+        sys.stdout.write(table(security_rows(dumps)))
     urls = gateway_urls(runtime.get("gateway"))
     if urls and any(str(p.get("id", "")).startswith("istio-ingressgateway") for p in proxies):
-        print(f"\ningress gateway  {urls}")
+        print(f"ingress gateway  {urls}")
     if runtime.get("prometheus"):
         print(f"prometheus       http://{runtime['prometheus']}")
+    board = (state.read_controlplane() or {}).get("dashboard")
+    if board:
+        print(f"dashboard        {board}")
     return 0
 
 
@@ -207,6 +210,16 @@ def explain(args: argparse.Namespace) -> int:
     return run(_state(args), args)
 
 
+def rotate_root(args: argparse.Namespace) -> int:
+    """``kizuna rotate-root [--grace SECONDS]``: start a root rotation in the running mesh."""
+    import time
+
+    answer = _client(args).rotate_root(args.grace)
+    wait = max(float(answer["switchAt"]) - time.time(), 0.0)
+    print(f"new root trusted now ({answer['roots']} roots in the trust bundle); it signs in {wait:.0f}s")
+    return 0
+
+
 def controlplane(args: argparse.Namespace) -> int:
     """``kizuna controlplane``: run the control plane in the foreground."""
     from kizuna.controlplane.main import run
@@ -223,7 +236,24 @@ def controlplane(args: argparse.Namespace) -> int:
     return run(str(state.root), listen, service_cidr=service_cidr or None,
                workload_cert_ttl=settings.workload_cert_ttl,
                cacerts=str(settings.cacerts) if settings.cacerts else None,
-               tls=settings.tls or bool((state.read_runtime() or {}).get("controlPlaneTls")))
+               tls=settings.tls or bool((state.read_runtime() or {}).get("controlPlaneTls")),
+               dashboard=settings.dashboard or (state.read_runtime() or {}).get("dashboard") or None)
+
+
+def dashboard(args: argparse.Namespace) -> int:
+    """``kizuna dashboard``: print the URL of the running mesh's dashboard (opens nothing)."""
+    from kizuna.runtime.errors import UserError
+
+    state = _state(args)
+    running = state.read_controlplane()
+    if running is None:
+        raise UserError(f"no control plane is running for {state.root}; start the mesh with `kizuna up`")
+    url = running.get("dashboard")
+    if not url:
+        raise UserError("the control plane serves no dashboard (started with --dashboard off, or its port "
+                        "was taken: see the control plane's log)")
+    print(url)
+    return 0
 
 
 def proxy(args: argparse.Namespace) -> int:

@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                 state=False)
     _files_options(p, "validate")
     command("status", "show the control plane and every sidecar: connected, ready, config version")
+    command("dashboard", "print the URL of the mesh's dashboard: service graph, golden signals, config")
     p = command("exec", "run a command with a workload instance's environment (its sidecar as HTTP proxy)")
     p.add_argument("-n", "--namespace", metavar="NS", help="namespace of the workload (default: any)")
     p.add_argument("workload", metavar="WORKLOAD", help="a Deployment (its first instance) or an instance")
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", metavar="NS", help="namespace of the workload (default: any)")
     p.add_argument("-o", "--output", choices=("json",), help="print the explanation as JSON")
 
+    p = command("rotate-root", "replace the mesh CA's root without failing a connection: the new root is "
+                               "trusted at once and signs once every workload has renewed")
+    p.add_argument("--grace", type=float, metavar="SECONDS",
+                   help="when the new root starts signing (default: the workload certificate lifetime)")
     p = command("controlplane", "run the control plane process (kizuna up starts it; run it to restart one)")
     add_settings(p, ControlPlaneSettings)
     p = command("proxy", "run one sidecar process (kizuna up starts these)", state=False)
@@ -99,6 +104,7 @@ def _handlers() -> dict[str, Command]:
     return {"up": commands.up, "down": commands.down, "apply": commands.apply, "delete": commands.delete,
             "get": commands.get, "validate": commands.validate, "status": commands.status,
             "exec": commands.exec_, "explain": commands.explain, "controlplane": commands.controlplane,
+            "dashboard": commands.dashboard, "rotate-root": commands.rotate_root,
             "proxy": commands.proxy, "logs": _logs}
 
 

@@ -27,14 +27,19 @@ def server_context(ca: CertificateAuthority, state_dir: str | Path) -> ssl.SSLCo
     with os.fdopen(fd, "w") as out:
         out.write(key)
     chain_path.write_text(chain)
-    bundle = state / TRUST_BUNDLE
-    tmp = bundle.with_suffix(".tmp")
-    tmp.write_text(ca.roots_pem())
-    tmp.chmod(0o644)
-    os.replace(tmp, bundle)
+    write_trust_bundle(ca, state)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(chain_path, key_path)
     context.verify_mode = ssl.CERT_OPTIONAL
     context.load_verify_locations(cadata=ca.roots_pem())
     return context
+
+
+def write_trust_bundle(ca: CertificateAuthority, state_dir: str | Path) -> None:
+    """``<state>/ca/trust-bundle.pem``: the CA's roots (all of them during a root rotation), atomically."""
+    bundle = Path(state_dir) / TRUST_BUNDLE
+    tmp = bundle.with_suffix(".tmp")
+    tmp.write_text(ca.roots_pem())
+    tmp.chmod(0o644)
+    os.replace(tmp, bundle)

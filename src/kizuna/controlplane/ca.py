@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import datetime
 import hmac
+import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -65,7 +67,12 @@ class CertificateAuthority:
 
     def __init__(self, key: ec.EllipticCurvePrivateKey | object, cert: x509.Certificate,
                  chain: list[x509.Certificate], roots: list[x509.Certificate], secret: bytes,
-                 trust_domain: str = DEFAULT_TRUST_DOMAIN, workload_ttl: float = DEFAULT_WORKLOAD_TTL) -> None:
+                 trust_domain: str = DEFAULT_TRUST_DOMAIN, workload_ttl: float = DEFAULT_WORKLOAD_TTL,
+                 directory: Path | None = None) -> None:
+        self.directory = directory
+        """Where a self-signed root lives (None for a plugged-in CA: rotated outside the mesh)."""
+        self.pending: tuple[object, x509.Certificate, float] | None = None
+        """A root rotation under way: (new key, new root, when signing switches to it)."""
         self.key = key
         self.cert = cert
         self.chain = chain
@@ -108,7 +115,51 @@ class CertificateAuthority:
             cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         extra = directory / "extra-roots.pem"
         roots = [cert] + (x509.load_pem_x509_certificates(extra.read_bytes()) if extra.is_file() else [])
-        return cls(key, cert, [], roots, secret, trust_domain, workload_ttl)
+        ca = cls(key, cert, [], roots, secret, trust_domain, workload_ttl, directory)
+        rotation = directory / "rotation.json"
+        if rotation.is_file():
+            switch_at = float(json.loads(rotation.read_text())["switchAt"])
+            new_key = serialization.load_pem_private_key((directory / "next-root-key.pem").read_bytes(), None)
+            new_root = x509.load_pem_x509_certificate((directory / "next-root-cert.pem").read_bytes())
+            ca.pending = (new_key, new_root, switch_at)
+            ca.roots = [cert, new_root, *roots[1:]]
+        return ca
+
+    # -- root rotation ----------------------------------------------------------------------------------
+
+    def rotate_root(self, grace: float) -> float:
+        """Start replacing the root: a new one is trusted (published with the old in every trust bundle)
+        at once and signs from ``grace`` seconds on; returns that time. With ``grace`` at least the workload
+        certificate lifetime, every sidecar renews, and so learns the new root, before any certificate signed
+        by it exists, and no connection fails across the change."""
+        if self.directory is None:
+            raise CaError("a plugged-in CA (cacerts) is rotated outside the mesh: replace its files")
+        if self.pending is not None:
+            raise CaError("a root rotation is already under way")
+        new_key, new_root = self_signed_root(self.trust_domain)
+        switch_at = time.time() + grace
+        _write_private(self.directory / "next-root-key.pem", new_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (self.directory / "next-root-cert.pem").write_bytes(new_root.public_bytes(serialization.Encoding.PEM))
+        (self.directory / "rotation.json").write_text(json.dumps({"switchAt": switch_at}))
+        self.pending = (new_key, new_root, switch_at)
+        self.roots = [self.cert, new_root, *self.roots[1:]]
+        return switch_at
+
+    def _switch_if_due(self, now: float) -> None:
+        """Sign with the new root once the rotation's grace is over; the old root stays trusted."""
+        if self.pending is None or now < self.pending[2] or self.directory is None:
+            return
+        new_key, new_root, _ = self.pending
+        old = self.cert
+        directory = self.directory
+        with open(directory / "extra-roots.pem", "ab") as out:
+            out.write(old.public_bytes(serialization.Encoding.PEM))
+        os.replace(directory / "next-root-key.pem", directory / "root-key.pem")
+        os.replace(directory / "next-root-cert.pem", directory / "root-cert.pem")
+        (directory / "rotation.json").unlink()
+        self.key, self.cert, self.pending = new_key, new_root, None
+        self.roots = [new_root, *[r for r in self.roots if r != new_root]]
 
     def roots_pem(self) -> str:
         """The trust bundle: every root a peer's certificate may chain to."""
@@ -122,6 +173,7 @@ class CertificateAuthority:
              ttl: float | None = None, max_ttl: float | None = None) -> Issued:
         """A certificate for the CSR, if ``credential`` is the one for ``namespace``/``service_account`` and
         the CSR asks for exactly that SPIFFE identity; raises CaError otherwise."""
+        self._switch_if_due(time.time())
         identity = spiffe_id(self.trust_domain, namespace, service_account)
         if not hmac.compare_digest(credential_for(self.secret, identity), credential or ""):
             raise CaError(f"the credential does not grant {identity}")

@@ -100,6 +100,10 @@ class ControlPlaneClient:
         ...}]}``."""
         return dict(self._call("GET", "/v1/status"))
 
+    def rotate_root(self, grace: float | None = None) -> dict[str, Any]:
+        """Start a root rotation; ``{"switchAt", "roots"}``."""
+        return dict(self._call("POST", "/v1/ca/rotate", {} if grace is None else {"grace": grace}))
+
     def registry(self) -> dict[str, Any]:
         """``{"services": [...], "instances": [...]}``."""
         return dict(self._call("GET", "/v1/registry"))

@@ -60,13 +60,14 @@ def _remove_address_file(state_dir: Path) -> None:
 
 async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asyncio.Event | None = None,
                 service_cidr: str | None = None, workload_cert_ttl: float | None = None,
-                cacerts: str | Path | None = None, tls: bool = False) -> int:
+                cacerts: str | Path | None = None, tls: bool = False, dashboard: str | None = None) -> int:
     """Run the control plane until ``stop`` is set (or SIGTERM/SIGINT); returns the exit status.
 
     With ``service_cidr``, Services get a clusterIP (VIP) from that range (transparent mode). The certificate
     authority signs workload certificates for ``workload_cert_ttl`` seconds (default 24 h), with the root
     plugged in from ``cacerts`` (Istio's layout) or the state dir's own self-signed one. With ``tls`` the API and
-    discovery are served over TLS (``kizuna controlplane`` does; in-process tests may not)."""
+    discovery are served over TLS (``kizuna controlplane`` does; in-process tests may not). With ``dashboard``
+    (``host:port``) the dashboard is served there too, in plain HTTP; a busy port only logs a warning."""
     state = Path(state_dir)
     host, port = parse_listen(listen)
     vips = VipAllocator(service_cidr) if service_cidr else None
@@ -94,11 +95,13 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
     server = ControlPlaneServer(token, store, registry, pusher, vips=vips, ca=ca)
     try:
         context = server_context(ca, state) if tls else None
+        server.state_dir = str(state)
         bound_host, bound_port = await server.start(host, port, context)
     except OSError as exc:
         log.error("cannot listen on %s: %s", listen, exc)
         return 1
     address = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
+    board, board_url = await _start_dashboard(dashboard, server) if dashboard else (None, None)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -106,8 +109,8 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
     push_task = asyncio.create_task(pusher.run(), name="push-queue")
     try:
         # Readers poll for this file: they must never see it half written.
-        atomic_write_json(state / ADDRESS_FILE, {"address": address, "pid": os.getpid(), "tls": tls},
-                          durable=False)
+        atomic_write_json(state / ADDRESS_FILE, {"address": address, "pid": os.getpid(), "tls": tls,
+                                                 "dashboard": board_url}, durable=False)
         log.info("control plane listening on %s (state %s, %d resources, generation %d, %d instances to "
                  "reconnect)", address, state, len(store.list()), store.generation, restored)
         stopped = asyncio.create_task(stop.wait())
@@ -120,6 +123,8 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
             loop.remove_signal_handler(signum)
         push_task.cancel()
         await asyncio.gather(push_task, return_exceptions=True)
+        if board is not None:
+            await board.close()
         await server.close()
         registry.close()
         _remove_address_file(state)
@@ -127,8 +132,26 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
     return 0
 
 
+async def _start_dashboard(listen: str, server: ControlPlaneServer) -> tuple[Any, str | None]:
+    """The dashboard on ``listen``, over the server's store, registry and push queue; (it, its URL) or
+    (None, None) when it cannot listen (the mesh works without it)."""
+    from kizuna.controlplane.dashboard import ControlPlaneView, Dashboard
+
+    board = Dashboard(ControlPlaneView(server.store, server.registry, server.pusher))
+    try:
+        host, port = await board.start(*parse_listen(listen))
+    except (OSError, ValueError) as exc:
+        log.warning("dashboard not started on %s: %s", listen, exc)
+        await board.close()
+        return None, None
+    url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    log.info("dashboard on %s", url)
+    return board, url
+
+
 def run(state_dir: str, listen: str = "127.0.0.1:0", service_cidr: str | None = None,
-        workload_cert_ttl: float | None = None, cacerts: str | None = None, tls: bool = False) -> int:
+        workload_cert_ttl: float | None = None, cacerts: str | None = None, tls: bool = False,
+        dashboard: str | None = None) -> int:
     """Entry point for ``kizuna controlplane``: blocks until SIGTERM/SIGINT, returns the exit status.
 
     ``service_cidr`` (``--service-cidr``) turns on clusterIP allocation for Services."""
@@ -144,4 +167,5 @@ def run(state_dir: str, listen: str = "127.0.0.1:0", service_cidr: str | None = 
         return 2
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve(state_dir, listen, service_cidr=service_cidr,
-                                workload_cert_ttl=workload_cert_ttl, cacerts=cacerts, tls=tls))
+                                workload_cert_ttl=workload_cert_ttl, cacerts=cacerts, tls=tls,
+                                dashboard=dashboard))

@@ -17,6 +17,7 @@ from typing import Any
 from kizuna.api.codec import Document
 from kizuna.api.errors import ValidationError
 from kizuna.api.validate import parse_all
+from kizuna.controlplane.api_tls import write_trust_bundle
 from kizuna.controlplane.ca import CaError, CertificateAuthority
 from kizuna.controlplane.httpserver import (
     HttpServer,
@@ -82,6 +83,9 @@ class ControlPlaneServer:
         self.token = token
         self.ca = ca
         """Signs workload certificates (``POST /v1/certificates``); None: no CA, the endpoint answers 404."""
+        self.tls: ssl.SSLContext | None = None
+        self.state_dir: str | None = None
+        """With TLS: the listener's context and the state dir (a root rotation updates both trust stores)."""
         self.vips = vips
         """Allocates Service clusterIPs (transparent mode); None leaves Services without VIPs."""
         self.store = store
@@ -97,11 +101,13 @@ class ControlPlaneServer:
             ("GET", "/v1/registry"): self._registry,
             ("POST", "/v1/certificates"): self._certificates,
             ("GET", "/v1/roots"): self._roots,
+            ("POST", "/v1/ca/rotate"): self._rotate,
             ("GET", DISCOVERY_PATH): self._discovery,
         }
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> tuple[str, int]:
         """Listen on ``host:port`` (over TLS with ``tls``); returns the bound address."""
+        self.tls = tls
         return await self._http.start(host, port, tls)
 
     async def close(self) -> None:
@@ -163,6 +169,29 @@ class ControlPlaneServer:
             log.warning("refused a certificate for %s/%s: %s", namespace, account, exc)
             return error_response(403, str(exc))
         return json_response(200, issued.to_json())
+
+    def _rotate(self, request: Request) -> Response:
+        """``{"grace": seconds}``: start a root rotation (see ``CertificateAuthority.rotate_root``)."""
+        if self.ca is None:
+            return error_response(404, "this control plane runs no certificate authority")
+        try:
+            body = json.loads(request.body or b"{}")
+            grace = float(body.get("grace", self.ca.workload_ttl))
+        except (ValueError, TypeError, AttributeError) as exc:
+            return error_response(400, f"expected {{\"grace\": seconds}}: {exc}")
+        if grace < 0:
+            return error_response(400, "grace must not be negative")
+        try:
+            switch_at = self.ca.rotate_root(grace)
+        except CaError as exc:
+            return error_response(409, str(exc))
+        if self.tls is not None:
+            # Sidecars renewed under the new root present certificates this listener must accept too.
+            self.tls.load_verify_locations(cadata=self.ca.roots_pem())
+            if self.state_dir is not None:
+                write_trust_bundle(self.ca, self.state_dir)
+        log.info("root rotation started: the new root signs from %.0f (in %.0fs)", switch_at, grace)
+        return json_response(200, {"switchAt": switch_at, "roots": len(self.ca.roots)})
 
     def _roots(self, _: Request) -> Response:
         if self.ca is None:
