@@ -5,10 +5,8 @@ with the DENY policy, no token 403."""
 
 from __future__ import annotations
 
-import functools
 import http.client
 import http.server
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,36 +14,22 @@ from typing import Any
 import pytest
 
 from kizuna.testing.mesh import loopback_addresses
-from kizuna.testing.samples import ISTIO_SAMPLES
+from kizuna.testing.samples import GITHUB_RAW, ISTIO_SAMPLES, serve_directory
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not (ISTIO_SAMPLES / "tasks").is_dir(), reason="Istio sample corpus not present")]
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "httpbin"
 TASK = ISTIO_SAMPLES / "tasks" / "authn-policy"
-GITHUB = "https://raw.githubusercontent.com/istio/istio/master"
 DEMO_FILE = ISTIO_SAMPLES / "security/tools/jwt/samples/demo.jwt"
 DEMO = DEMO_FILE.read_text().strip() if DEMO_FILE.is_file() else ""
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
-        pass
 
 
 @pytest.fixture(scope="module")
 def github() -> Iterator[str]:
     (address,) = loopback_addresses(1, prefix="127.86")
-    server = http.server.ThreadingHTTPServer((address, 0),
-                                             functools.partial(_Quiet, directory=str(ISTIO_SAMPLES)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{address}:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serve_directory(ISTIO_SAMPLES, address) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +54,7 @@ def get(gateway: tuple[str, int], path: str, token: str | None = None) -> int:
 
 def apply_task(mesh: Any, name: str, github: str, tmp: Path) -> Path:
     path = tmp / name
-    path.write_text((TASK / name).read_text().replace(GITHUB, github))
+    path.write_text((TASK / name).read_text().replace(GITHUB_RAW, github))
     result = mesh.kizuna("apply", "-f", path)
     assert result.returncode == 0, result.stderr
     return path

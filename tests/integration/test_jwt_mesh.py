@@ -9,10 +9,8 @@ import http.server
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from kizuna.controlplane.compile import compile_snapshot
 from kizuna.proxy.sidecar import Sidecar
 from kizuna.proxyconfig.bootstrap import Node
 from kizuna.testing.mesh import LocalMesh, loopback_addresses
-from kizuna.testing.samples import ISTIO_SAMPLES
+from kizuna.testing.samples import GITHUB_RAW, ISTIO_SAMPLES, serve_directory
 from kizuna.testing.upstream import UpstreamServer
 
 pytestmark = [pytest.mark.integration,
@@ -30,29 +28,17 @@ pytestmark = [pytest.mark.integration,
 
 TASKS = ISTIO_SAMPLES / "tasks"
 SAMPLES = ISTIO_SAMPLES / "security/tools/jwt/samples"
-GITHUB = "https://raw.githubusercontent.com/istio/istio/master"
+GITHUB = GITHUB_RAW
 DEMO = (SAMPLES / "demo.jwt").read_text().strip() if SAMPLES.is_dir() else ""
 GROUPS = (SAMPLES / "groups-scope.jwt").read_text().strip() if SAMPLES.is_dir() else ""
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
-        pass
 
 
 @pytest.fixture
 def github() -> Iterator[str]:
     """A local stand-in for raw.githubusercontent.com/istio/istio/master: the corpus' files, over HTTP."""
     (address,) = loopback_addresses(1, prefix="127.84")
-    server = http.server.ThreadingHTTPServer((address, 0), partial(_Quiet, directory=str(ISTIO_SAMPLES)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{address}:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serve_directory(ISTIO_SAMPLES, address) as base:
+        yield base
 
 
 def task(name: str, base: str = GITHUB) -> list[Resource]:

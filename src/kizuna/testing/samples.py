@@ -6,7 +6,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parents[3]
@@ -20,3 +25,27 @@ def istio_samples() -> Path:
 
 
 ISTIO_SAMPLES = istio_samples()
+
+GITHUB_RAW = "https://raw.githubusercontent.com/istio/istio/master"
+"""Where Istio's task pages fetch sample files from (``jwksUri``); tests serve the corpus locally instead."""
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path, address: str) -> Iterator[str]:
+    """Serve ``directory`` over HTTP on ``address`` (a free port) while the block runs: a local stand-in for
+    raw.githubusercontent.com/istio/istio/master. Yields the base URL."""
+    server = http.server.ThreadingHTTPServer((address, 0),
+                                             functools.partial(_QuietHandler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{address}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
