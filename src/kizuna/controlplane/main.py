@@ -101,7 +101,8 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
         log.error("cannot listen on %s: %s", listen, exc)
         return 1
     address = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
-    board, board_url = await _start_dashboard(dashboard, server) if dashboard else (None, None)
+    board, board_url = await _start_dashboard(dashboard, server, state) if dashboard else (None, None)
+    receiver, otlp_url = await _start_receiver(bound_host, server) if tls else (None, None)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -110,7 +111,7 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
     try:
         # Readers poll for this file: they must never see it half written.
         atomic_write_json(state / ADDRESS_FILE, {"address": address, "pid": os.getpid(), "tls": tls,
-                                                 "dashboard": board_url}, durable=False)
+                                                 "dashboard": board_url, "otlp": otlp_url}, durable=False)
         log.info("control plane listening on %s (state %s, %d resources, generation %d, %d instances to "
                  "reconnect)", address, state, len(store.list()), store.generation, restored)
         stopped = asyncio.create_task(stop.wait())
@@ -125,6 +126,8 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
         await asyncio.gather(push_task, return_exceptions=True)
         if board is not None:
             await board.close()
+        if receiver is not None:
+            await receiver.close()
         await server.close()
         registry.close()
         _remove_address_file(state)
@@ -132,12 +135,25 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
     return 0
 
 
-async def _start_dashboard(listen: str, server: ControlPlaneServer) -> tuple[Any, str | None]:
+async def _start_receiver(host: str, server: ControlPlaneServer) -> tuple[Any, str | None]:
+    """The embedded OTLP/HTTP trace receiver on ``host``:4318 (beside the API); a busy port only warns."""
+    from kizuna.controlplane.traces import OTLP_PORT, OtlpReceiver
+
+    receiver = OtlpReceiver(server.traces)
+    try:
+        bound, port = await receiver.start(host, OTLP_PORT)
+    except OSError as exc:
+        log.warning("trace receiver not started on %s:%d: %s", host, OTLP_PORT, exc)
+        return None, None
+    return receiver, f"http://{bound}:{port}/v1/traces"
+
+
+async def _start_dashboard(listen: str, server: ControlPlaneServer, state: Path) -> tuple[Any, str | None]:
     """The dashboard on ``listen``, over the server's store, registry and push queue; (it, its URL) or
     (None, None) when it cannot listen (the mesh works without it)."""
     from kizuna.controlplane.dashboard import ControlPlaneView, Dashboard
 
-    board = Dashboard(ControlPlaneView(server.store, server.registry, server.pusher))
+    board = Dashboard(ControlPlaneView(server.store, server.registry, server.pusher, state))
     try:
         host, port = await board.start(*parse_listen(listen))
     except (OSError, ValueError) as exc:

@@ -31,6 +31,7 @@ from kizuna.controlplane.push import Connection, PushQueue
 from kizuna.controlplane.registry import Registry
 from kizuna.controlplane.store import Key, MemoryStore, StoreError
 from kizuna.controlplane.token import token_matches
+from kizuna.controlplane.traces import TraceStore
 from kizuna.controlplane.vips import VipAllocator
 from kizuna.proxyconfig.xds import (
     DISCOVERY_PATH,
@@ -83,6 +84,8 @@ class ControlPlaneServer:
         self.token = token
         self.ca = ca
         """Signs workload certificates (``POST /v1/certificates``); None: no CA, the endpoint answers 404."""
+        self.traces = TraceStore()
+        """Spans the sidecars export (``traces.OtlpReceiver`` fills it)."""
         self.tls: ssl.SSLContext | None = None
         self.state_dir: str | None = None
         """With TLS: the listener's context and the state dir (a root rotation updates both trust stores)."""
@@ -102,6 +105,7 @@ class ControlPlaneServer:
             ("POST", "/v1/certificates"): self._certificates,
             ("GET", "/v1/roots"): self._roots,
             ("POST", "/v1/ca/rotate"): self._rotate,
+            ("GET", "/v1/traces"): self._traces,
             ("GET", DISCOVERY_PATH): self._discovery,
         }
 
@@ -192,6 +196,20 @@ class ControlPlaneServer:
                 write_trust_bundle(self.ca, self.state_dir)
         log.info("root rotation started: the new root signs from %.0f (in %.0fs)", switch_at, grace)
         return json_response(200, {"switchAt": switch_at, "roots": len(self.ca.roots)})
+
+    def _traces(self, request: Request) -> Response:
+        """Recent traces (``?limit=N``), or one trace's spans (``?id=<trace id>``)."""
+        trace_id = request.param("id")
+        if trace_id:
+            spans = self.traces.trace(trace_id)
+            if spans is None:
+                return error_response(404, f"no trace {trace_id} (only the last {self.traces.max_traces} are kept)")
+            return json_response(200, {"traceId": trace_id, "spans": spans})
+        try:
+            limit = int(request.param("limit") or 50)
+        except ValueError:
+            return error_response(400, "limit must be a number")
+        return json_response(200, {"traces": self.traces.summaries(limit), "received": self.traces.received})
 
     def _roots(self, _: Request) -> Response:
         if self.ca is None:

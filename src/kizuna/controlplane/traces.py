@@ -62,9 +62,10 @@ class TraceStore:
                 self.traces.popitem(last=False)
         if len(spans) >= MAX_SPANS_PER_TRACE:
             return
+        kind = {2: "server", 3: "client"}.get(int(span.get("kind") or 0), "internal")
         spans.append({"traceId": trace_id, "spanId": str(span.get("spanId", "")).lower(),
                       "parentSpanId": str(span.get("parentSpanId", "")).lower(), "name": span.get("name", ""),
-                      "service": service, "kind": {2: "server", 3: "client"}.get(span.get("kind"), "internal"),
+                      "service": service, "kind": kind,
                       "start": int(span.get("startTimeUnixNano", 0)), "end": int(span.get("endTimeUnixNano", 0)),
                       "attributes": _attributes(span.get("attributes")),
                       "error": (span.get("status") or {}).get("code") == 2})
