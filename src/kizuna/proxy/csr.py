@@ -1,7 +1,7 @@
 """``python -m kizuna.proxy.csr SPIFFE_ID``: a new EC P-256 key and a CSR for that identity, as JSON on stdout.
 
-The sidecar runs this in a child process so that it never loads ``cryptography`` itself (about 12 MiB of
-resident memory for a step taken once per certificate). The key goes straight to the sidecar over the pipe.
+The sidecar calls ``key_and_csr`` in a forked child so that it never loads ``cryptography`` itself (about
+12 MiB of resident memory for a step taken once per certificate). The key goes to the sidecar over a pipe.
 """
 
 from __future__ import annotations

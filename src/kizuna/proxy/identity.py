@@ -1,6 +1,6 @@
 """The sidecar's workload identity: its own key, a certificate from the mesh's CA, renewed on its own.
 
-The sidecar makes an EC P-256 key (in a child process, ``proxy/csr.py``, so the sidecar itself never loads
+The sidecar makes an EC P-256 key (in a forked child, ``proxy/csr.py``, so the sidecar itself never loads
 ``cryptography``) that never leaves it (briefly in a private 0700 directory, where Python's ``ssl`` loads it
 from), sends the control plane a CSR for its SPIFFE identity together with the bootstrap
 credential the runtime gave it, and builds TLS contexts from the answer: a server context for inbound mTLS
@@ -21,8 +21,6 @@ import os
 import random
 import shutil
 import ssl
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -171,9 +169,36 @@ class WorkloadIdentity:
 
     def csr(self) -> str:
         """A new key and a CSR for this workload's SPIFFE identity (the CA checks it against the credential)."""
-        made = subprocess.run([sys.executable, "-m", "kizuna.proxy.csr", self.spiffe_id], capture_output=True,
-                              text=True, timeout=30, check=True)
-        answer = json.loads(made.stdout)
+        return self._finish_csr(*self._start_csr())
+
+    def _start_csr(self) -> tuple[int, int]:
+        """Fork a child that makes the key and CSR (``proxy/csr.py``): ``cryptography`` is loaded there only.
+        (Forked, not executed anew: in transparent mode the sidecar's UID may not reach the interpreter's
+        path, which only its start-up could.) Returns (child pid, read end of its pipe)."""
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: no event loop, no threads; compute, write, leave
+            status = 1
+            try:
+                os.close(read)
+                from kizuna.proxy.csr import key_and_csr
+
+                key, request = key_and_csr(self.spiffe_id)
+                os.write(write, json.dumps({"key": key, "csr": request}).encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write)
+        return pid, read
+
+    def _finish_csr(self, pid: int, read: int) -> str:
+        """Wait for the child of ``_start_csr``; raises OSError when it failed."""
+        with os.fdopen(read, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0 or not data:
+            raise OSError(f"making a key and CSR failed (child status {status})")
+        answer = json.loads(data)
         self.key = str(answer["key"])
         return str(answer["csr"])
 
@@ -184,7 +209,8 @@ class WorkloadIdentity:
 
     async def obtain(self) -> Certificate:
         """One round trip to the CA; raises OSError / ValueError / PermissionError on failure."""
-        csr = await asyncio.get_running_loop().run_in_executor(None, self.csr)
+        started = self._start_csr()  # forked from the loop's thread, then waited for off it
+        csr = await asyncio.get_running_loop().run_in_executor(None, self._finish_csr, *started)
         body: dict[str, Any] = {"csr": csr, "namespace": self.namespace,
                                 "serviceAccount": self.service_account, "credential": self.credential}
         if self.ttl is not None:
@@ -225,7 +251,7 @@ class WorkloadIdentity:
             try:
                 await self.obtain()
                 return
-            except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+            except (OSError, ValueError, KeyError) as exc:
                 self.failures += 1
                 self.last_error = str(exc)
                 log.warning("cannot obtain a certificate for %s (retrying in %.1fs): %s", self.spiffe_id, delay,
