@@ -36,7 +36,10 @@ POLICIES = textwrap.dedent("""\
     spec:
       selector: {matchLabels: {app: httpbin}}
       action: DENY
-      rules: [{to: [{operation: {methods: [DELETE]}}]}]
+      rules:
+      - to: [{operation: {methods: [DELETE]}}]
+      - from: [{source: {ipBlocks: [127.0.0.1/32]}}]
+        to: [{operation: {paths: [/status/418]}}]
     """)
 
 
@@ -93,3 +96,14 @@ def test_deny_policy_wins_over_allow(kit: Any, state: Path) -> None:
     assert {p["name"]: p["rule"] for p in authz["policies"]} == {
         "default/httpbin-deny-delete": 0, "default/httpbin-allow": 0}
     assert real_status(kit, state, "DELETE", "http://httpbin:8000/delete") == "403"
+
+
+def test_source_ip_is_the_one_the_destination_sees(kit: Any, state: Path) -> None:
+    # Proxy mode: sidecar-to-sidecar connections leave from 127.0.0.1, so the ipBlocks rule applies.
+    (authz,) = explain_json(kit, state, "http://httpbin:8000/status/418")["authorization"]
+    assert (authz["sourceIp"], authz["allowed"], authz["policy"]) == (
+        "127.0.0.1", False, "default/httpbin-deny-delete")
+    assert real_status(kit, state, "GET", "http://httpbin:8000/status/418") == "403"
+    (other,) = explain_json(kit, state, "http://httpbin:8000/status/200")["authorization"]
+    assert other["allowed"]
+    assert real_status(kit, state, "GET", "http://httpbin:8000/status/200") == "200"

@@ -36,6 +36,7 @@ BLOCK = ipaddress.IPv4Network("127.88.0.0/16")
 HTTP_PORT = 18180
 HTTPS_PORT = 18443
 PASSTHROUGH_PORT = 18444
+TCP_TLS_PORT = 18446
 
 
 def _name(common: str) -> x509.Name:
@@ -127,7 +128,8 @@ class _Backend(BaseHTTPRequestHandler):
         pass
 
 
-def manifests(root: Path, pki_dir: Path, server: tuple[Path, Path], backend: tuple[str, int]) -> Path:
+def manifests(root: Path, pki_dir: Path, server: tuple[Path, Path], backend: tuple[str, int],
+              tcp_server: tuple[Path, Path]) -> Path:
     cert, key = server
     path = root / "secure-gateway.yaml"
     path.write_text(textwrap.dedent(f"""\
@@ -183,6 +185,24 @@ def manifests(root: Path, pki_dir: Path, server: tuple[Path, Path], backend: tup
           tls:
           - match: [{{port: {PASSTHROUGH_PORT}, sniHosts: [passthrough.example.com]}}]
             route: [{{destination: {{host: passthrough.example.com, port: {{number: 443}}}}}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: Gateway
+        metadata: {{name: tcp-tls}}
+        spec:
+          selector: {{istio: ingressgateway}}
+          servers:
+          - port: {{number: {TCP_TLS_PORT}, name: tls-tcp, protocol: TLS}}
+            hosts: [tcp.example.com]
+            tls: {{mode: SIMPLE, serverCertificate: {tcp_server[0]}, privateKey: {tcp_server[1]}}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {{name: tcp-tls}}
+        spec:
+          hosts: [tcp.example.com]
+          gateways: [tcp-tls]
+          tcp: [{{route: [{{destination: {{host: httpbin, port: {{number: 8000}}}}}}]}}]
         """))
     return path
 
@@ -197,6 +217,7 @@ def mesh(kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsMesh
     ca = make_ca(pki_dir, "test-root")
     stranger_ca = make_ca(pki_dir, "stranger-root")
     server = issue(pki_dir, ca, "httpbin.example.com", ["httpbin.example.com"])
+    tcp_server = issue(pki_dir, ca, "tcp.example.com", ["tcp.example.com"])
     client = issue(pki_dir, ca, "client", ["client.example.com"], client=True)
     stranger = issue(pki_dir, stranger_ca, "stranger", ["client.example.com"], client=True)
     # credentialName: Istio's secret keys as files under <state>/credentials/<name>/.
@@ -207,11 +228,8 @@ def mesh(kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsMesh
     shutil.copy(mtls_cert, credential / "tls.crt")
     shutil.copy(mtls_key, credential / "tls.key")
     shutil.copy(ca[2], credential / "ca.crt")
-    pods = choose_pod_range(str(state), block=BLOCK).network
-    address = str(pods[250])
-    mesh = TlsMesh(state, address, Pki(ca[2], *client, *stranger), kit,
-                   lambda cn: issue(pki_dir, ca, cn, ["httpbin.example.com"]), server)
-    # The passthrough backend: an HTTPS server outside the mesh's pod range, with its own certificate.
+    # The passthrough backend: an HTTPS server outside the mesh's pod range, with its own certificate. It
+    # listens before the mesh's range is chosen, so the allocator sees it and picks another range.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(*issue(pki_dir, ca, "passthrough.example.com", ["passthrough.example.com"]))
     backend = ThreadingHTTPServer((str(choose_pod_range(str(root / "backend"), block=BLOCK).network[10]), 0),
@@ -219,12 +237,16 @@ def mesh(kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsMesh
     backend.socket = context.wrap_socket(backend.socket, server_side=True)
     thread = threading.Thread(target=backend.serve_forever, daemon=True)
     thread.start()
+    pods = choose_pod_range(str(state), block=BLOCK).network
+    address = str(pods[250])
+    mesh = TlsMesh(state, address, Pki(ca[2], *client, *stranger), kit,
+                   lambda cn: issue(pki_dir, ca, cn, ["httpbin.example.com"]), server)
     where = (str(backend.server_address[0]), int(backend.server_address[1]))
     try:
         result = kit.run_kizuna("up", "--detach", "--state-dir", state, "--mode", "proxy", "--pod-cidr", str(pods),
                                 "--gateway-address", address, "--gateway-port", str(HTTP_PORT),
                                 "--gateway-https-port", str(HTTPS_PORT), HTTPBIN,
-                                manifests(root, pki_dir, server, where), timeout=120)
+                                manifests(root, pki_dir, server, where, tcp_server), timeout=120)
         assert result.returncode == 0, f"kizuna up failed:\n{result.stdout}\n{result.stderr}\n{mesh.logs()}"
         yield mesh
     finally:
@@ -271,6 +293,12 @@ def test_passthrough_routes_by_sni_to_the_backends_tls(mesh: TlsMesh) -> None:
     assert other.returncode != 0  # no tls route for that SNI: the connection is closed
 
 
+def test_tls_server_terminates_then_relays_tcp(mesh: TlsMesh) -> None:
+    # protocol TLS, mode SIMPLE: the gateway ends TLS and relays the bytes (here HTTP) along the tcp route.
+    result = mesh.curl("tcp.example.com", "/status/203", port=TCP_TLS_PORT)
+    assert result.returncode == 0 and _status(result) == 203, (result.stderr, mesh.logs())
+
+
 def test_plain_http_is_redirected_to_https(mesh: TlsMesh) -> None:
     result = subprocess.run(["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
                              "-H", "Host: httpbin.example.com", f"http://{mesh.address}:{HTTP_PORT}/headers"],
@@ -282,6 +310,36 @@ def test_status_shows_the_https_port(mesh: TlsMesh) -> None:
     result = mesh.kit.run_kizuna("status", "--state-dir", mesh.state)
     assert result.returncode == 0, result.stderr
     assert f"https://{mesh.address}:{HTTPS_PORT}" in result.stdout
+
+
+def test_unreadable_certificate_is_refused_and_the_old_config_keeps_serving(mesh: TlsMesh, tmp_path: Path) -> None:
+    bad = tmp_path / "bad-gateway.yaml"
+    bad.write_text(textwrap.dedent("""\
+        apiVersion: networking.istio.io/v1
+        kind: Gateway
+        metadata: {name: broken}
+        spec:
+          selector: {istio: ingressgateway}
+          servers:
+          - port: {number: 18445, name: https, protocol: HTTPS}
+            hosts: [broken.example.com]
+            tls: {mode: SIMPLE, serverCertificate: /nonexistent/broken.crt, privateKey: /nonexistent/broken.key}
+        """))
+    kizuna = mesh.kit.run_kizuna
+    assert kizuna("apply", "--state-dir", mesh.state, "-f", bad).returncode == 0
+
+    def gateway_row() -> str:
+        out = kizuna("status", "--state-dir", mesh.state).stdout
+        return next((line for line in out.splitlines() if line.startswith("istio-ingressgateway")), "")
+
+    try:
+        row = mesh.kit.wait_until(lambda: "rejected" in (r := gateway_row()) and r, 10, "the gateway's NACK")
+        assert "cannot load certificate /nonexistent/broken.crt" in row
+        ok = mesh.curl("httpbin.example.com", "/status/200")
+        assert ok.returncode == 0 and _status(ok) == 200  # the previous listeners and certificates stay
+    finally:
+        assert kizuna("delete", "--state-dir", mesh.state, "-f", bad).returncode == 0
+    mesh.kit.wait_until(lambda: "rejected" not in gateway_row(), 10, "the gateway to take the config again")
 
 
 def test_rotated_certificate_files_are_served_without_a_push(mesh: TlsMesh) -> None:

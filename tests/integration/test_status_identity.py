@@ -89,18 +89,18 @@ def state(kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def security_table(kit: Any, state: Path) -> dict[str, list[str]]:
-    """PROXY → the cells of its row in status's security table (split on runs of 2+ spaces)."""
+    """PROXY → the cells of its row in status's security table (split on runs of 2+ spaces), proxy first."""
     result = kit.run_kizuna("status", "--state-dir", state)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("  PROXY") and "IDENTITY" in line)
-    assert lines[start - 1] == "workload security:"
+    start = lines.index("workload security:")
+    assert lines[start + 1].startswith("IDENTITY  ")
     rows = {}
-    for line in lines[start + 1:]:
-        if not line.strip():
+    for line in lines[start + 2:]:
+        if line.startswith("ingress gateway"):
             break
         cells = re.split(r"\s{2,}", line.strip())
-        rows[cells[0]] = cells
+        rows[cells[1]] = [cells[1], cells[0], *cells[2:]]  # as PROXY, IDENTITY, ...
     return rows
 
 

@@ -50,6 +50,9 @@ spec:
   - match: [{uri: {prefix: /fault}}]
     fault: {abort: {httpStatus: 500, percentage: {value: 100}}}
     route: [{destination: {host: httpbin}}]
+  - match: [{uri: {prefix: /delay}}]
+    timeout: 0.2s
+    route: [{destination: {host: httpbin}}]
   - route: [{destination: {host: httpbin}}]
 """
 
@@ -151,11 +154,46 @@ def test_both_reporters_count_requests_with_istio_labels(pair: Pair) -> None:
     assert "x-kizuna-peer" not in pair.get("http://httpbin:8000/headers")[1]
 
 
-def test_no_route_is_counted_with_its_flag(pair: Pair) -> None:
+def test_external_hosts_never_see_the_peer_header(mesh: LocalMesh, pair: Pair) -> None:
+    (ext_addr,) = loopback_addresses(1, prefix="127.87")
+    ext = mesh.upstream(ext_addr, 0, name="ext")
+    entry = textwrap.dedent(f"""\
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {{name: ext}}
+        spec:
+          hosts: [ext.telemetry.test]
+          ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {ext.port}}}]
+          resolution: STATIC
+          endpoints: [{{address: {ext_addr}}}]
+        """)
+    resources = parse_all(parse_text(textwrap.dedent(YAML) + "---\n" + entry, "test.yaml"))
+    mesh.apply(pair.client, compile_snapshot(resources, [Instance(pair.client_node, True)], pair.client_node, "2"))
+    assert pair.get("http://ext.telemetry.test/get")[0] == 200
+    assert [r.header("x-kizuna-peer") for r in ext.requests] == [None]
+    text, _ = scrape(pair.client_node.mesh_address, 15000)
+    assert series(text, "istio_requests_total", reporter="source", destination_service="ext.telemetry.test",
+                  destination_workload="unknown", response_code="200") == 1
+
+
+def test_no_route_and_spent_retries_are_counted_with_their_flags(pair: Pair, tmp_path: Path) -> None:
     assert pair.get("http://nowhere.example:8000/")[0] == 404
+    # The mesh's default retry policy retries a 503 twice, then passes the last answer on (URX).
+    assert pair.get("http://httpbin:8000/status/503")[0] == 503
+    assert pair.get("http://httpbin:8000/delay/1")[0] == 504  # the route's 0.2 s timeout: UT
     text, _ = scrape(pair.client_node.mesh_address, 15000)
     assert series(text, "istio_requests_total", reporter="source", response_code="404",
                   response_flags="NR") == 1
+    assert series(text, "istio_requests_total", reporter="source", response_code="503",
+                  response_flags="URX", destination_workload="httpbin-v1") == 1
+    assert series(text, "istio_requests_total", reporter="source", response_code="504",
+                  response_flags="UT", destination_workload="httpbin-v1") == 1
+    server, _ = scrape(pair.server_node.mesh_address, 15000)
+    assert series(server, "istio_requests_total", reporter="destination", response_code="503") == 3
+    assert pair.client.telemetry is not None and pair.client.telemetry.access_log is not None
+    pair.client.telemetry.access_log.flush()
+    logged = [json.loads(line) for line in (tmp_path / "sleep-0.default.access.log").read_text().splitlines()]
+    assert [(e["response_code"], e["response_flags"]) for e in logged] == [(404, "NR"), (503, "URX"), (504, "UT")]
 
 
 def test_tcp_metrics_on_both_sides(pair: Pair) -> None:

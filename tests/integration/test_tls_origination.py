@@ -167,8 +167,8 @@ def setup(kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
     server_cert, server_key = issue(pki, ca, "secure.example.test", ["secure.example.test", "mutual.example.test"])
     client = issue(pki, ca, "sleep-client", ["sleep.example.test"], client=True)
     state = root / "state"
-    pods = choose_pod_range(str(state), block=BLOCK).network
-    # Outside the mesh's pod range (up refuses a range where something listens): a range of its own.
+    # Outside the mesh's pod range (up refuses a range where something listens): a range of its own, bound
+    # before the mesh's range is chosen so the allocator sees it.
     address = str(choose_pod_range(str(root / "external"), block=BLOCK).network[10])
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -184,6 +184,7 @@ def setup(kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
     server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    pods = choose_pod_range(str(state), block=BLOCK).network
     try:
         result = kit.run_kizuna("up", "--detach", "--state-dir", state, "--mode", "proxy", "--pod-cidr", str(pods),
                                 "--gateway", "off", SLEEP,

@@ -16,15 +16,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from kizuna.api import parse_all, parse_text
+from kizuna.api import load_documents, parse_all, parse_text
 from kizuna.controlplane.compile import compile_snapshot
 from kizuna.proxy.explain import explain_authorization
-from kizuna.proxy.gateway_tls import TlsContexts, credential_files, server_context
+from kizuna.proxy.gateway_tls import TlsContexts, client_san_problem, credential_files, server_context
 from kizuna.proxy.origination import origination_context, san_problem
 from kizuna.proxyconfig.bootstrap import Node
 from kizuna.proxyconfig.model import GatewayListener, ServerTls, Snapshot, UpstreamTls
 from kizuna.proxyconfig.security import AuthorizationPolicy, Operation, PeerAuthentication, Rule, SecurityPolicy
 from kizuna.runtime.display import gateway_urls, security_rows
+from kizuna.testing.samples import ISTIO_SAMPLES
+from kizuna.testing.simulation import simulate
 
 GATEWAY = Node(id="istio-ingressgateway-0.istio-system", workload="istio-ingressgateway",
                namespace="istio-system", service_account="istio-ingressgateway",
@@ -192,8 +194,16 @@ def test_missing_files_refuse_with_the_path(tmp_path: Path) -> None:
         server_context(ServerTls(("*",), "MUTUAL", crt, key, str(tmp_path / "missing-ca.pem")))
     mutual = server_context(ServerTls(("*",), "MUTUAL", crt, key, crt))
     assert mutual.verify_mode == ssl.CERT_REQUIRED and mutual.minimum_version == ssl.TLSVersion.TLSv1_2
+    optional = server_context(ServerTls(("*",), "OPTIONAL_MUTUAL", crt, key, crt))
+    assert optional.verify_mode == ssl.CERT_OPTIONAL
+    assert client_san_problem(ServerTls(("*",), "OPTIONAL_MUTUAL", subject_alt_names=("c",)), None) == ""
+    assert client_san_problem(ServerTls(("*",), "MUTUAL", subject_alt_names=("c",)), None) != ""
     assert credential_files(ServerTls(("*",), "MUTUAL", credential_name="c"), "/s") == (
         "/s/c/tls.crt", "/s/c/tls.key", "/s/c/ca.crt")
+    (tmp_path / "c-cacert").mkdir()
+    (tmp_path / "c-cacert" / "ca.crt").write_text("x")  # Istio's separate CA secret, used when c/ has none
+    assert credential_files(ServerTls(("*",), "MUTUAL", credential_name="c"), tmp_path)[2] == str(
+        tmp_path / "c-cacert" / "ca.crt")
     with pytest.raises(ValueError, match="clientCertificate /no/c.pem"):
         origination_context(UpstreamTls("MUTUAL", crt, "/no/c.pem", "/no/k.pem"))
 
@@ -216,8 +226,8 @@ def test_status_rows_show_identity_expiry_and_policies() -> None:
                                     "snapshot": {"version": "1", "security": security.to_json()}}),
              ("gone-0.default", None)]
     header, httpbin, gone = security_rows(dumps, now)
-    assert header[:2] == ["PROXY", "IDENTITY"]
-    assert httpbin == ["httpbin-0.default", "spiffe://cluster.local/ns/default/sa/httpbin",
+    assert header[:2] == ["IDENTITY", "PROXY"]
+    assert httpbin == ["spiffe://cluster.local/ns/default/sa/httpbin", "httpbin-0.default",
                        time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(now + 3 * 3600 + 120))
                        + " (in 3h02m); renewal failing: CA unreachable",
                        "STRICT (default/strict) 9080:PERMISSIVE", "default/deny (DENY), default/allow (ALLOW, dry-run)",
@@ -256,3 +266,14 @@ def test_rotated_files_are_read_again_and_broken_ones_keep_the_old_context(tmp_p
     Path(key).write_bytes(Path(new_key).read_bytes())
     contexts.reload()
     assert contexts.servers[0][1] is not first
+
+
+@pytest.mark.skipif(not (ISTIO_SAMPLES / "samples").is_dir(), reason="Istio sample corpus not present")
+def test_istio_egress_google_apis_sample_originates_tls_on_443() -> None:
+    docs = load_documents([ISTIO_SAMPLES / "samples/bookinfo/networking/egress-rule-google-apis.yaml"])
+    snap = compile_snapshot(parse_all(docs), [], SLEEP, "1")
+    found = simulate(snap, "www.googleapis.com", 80, "/books/v1/volumes")
+    assert found is not None and found.cluster == "outbound|443||www.googleapis.com"
+    (cluster,) = [c for c in snap.clusters if c.name == found.cluster]
+    assert cluster.tls == UpstreamTls("SIMPLE")  # system trust store, SNI and name www.googleapis.com
+    assert [(e.address, e.port) for e in cluster.endpoints] == [("www.googleapis.com", 443)]

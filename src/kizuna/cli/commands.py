@@ -145,8 +145,12 @@ def status(args: argparse.Namespace) -> int:
     sys.stdout.write(table(rows))
     runtime = state.read_runtime() or {}
     admins = _admin_addresses(runtime)
-    dumps = [(str(p.get("id")), _config_dump(admins[p["id"]]) if p.get("id") in admins else None)
-             for p in proxies if p.get("connected")]
+    ids = [str(p.get("id")) for p in proxies if p.get("connected")]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # an unreachable admin port costs its timeout once
+        found = list(pool.map(lambda i: _config_dump(admins[i]) if i in admins else None, ids))
+    dumps = list(zip(ids, found, strict=True))
     # No blank lines, and no later row starting with a proxy id: scripts read the first table line by line.
     if dumps:
         print("workload security:")

@@ -75,6 +75,9 @@ def authorization(state: StateDir, result: Explanation, source: Instance, princi
 
     record = state.read_runtime() or {}
     instances = {i.mesh_address: i for i in (Instance.from_json(d) for d in record.get("instances", []))}
+    # The address the destination sees (source.ip): in transparent mode the source pod's; in proxy mode the
+    # sidecar's unbound socket to a 127/8 address leaves from 127.0.0.1 (the kernel's loopback source).
+    source_ip = source.pod_address if record.get("mode") == "transparent" else "127.0.0.1"
     out: list[AuthzExplanation | str] = []
     for _, cluster, _name in result.clusters:
         if cluster is None:
@@ -94,7 +97,7 @@ def authorization(state: StateDir, result: Explanation, source: Instance, princi
         # endpoint's identity; then the destination sees the source's SPIFFE ID as the principal.
         peer = principal if endpoint.identity else ""
         out.append(explain_authorization(policy, target.id, endpoint.port, result.method, result.path,
-                                         headers, source.mesh_address, peer))
+                                         headers, source_ip, peer))
     return out
 
 
@@ -106,7 +109,7 @@ def render_authorization(found: list[AuthzExplanation | str]) -> list[str]:
             lines.append(f"authz        {a}")
             continue
         lines.append(f"authz        at {a.destination}:{a.port} (mTLS {a.mode_text()}, principal "
-                     f"{'spiffe://' + a.principal if a.principal else 'none: plaintext'})")
+                     f"{'spiffe://' + a.principal if a.principal else 'none: plaintext'}, source.ip {a.source_ip})")
         for v in a.verdicts:
             matched = f"rule {v.rule} matches" if v.rule is not None else "no rule matches"
             lines.append(f"  {v.action:<10} {v.name}{' (dry-run)' if v.dry_run else ''}: {matched}")

@@ -10,12 +10,12 @@ several VirtualServices for one host are merged in (namespace, name) order, as I
 The routes themselves are built by ``compile_routes`` with this gateway as the match context (a match's own
 ``gateways`` must name it) and the clusters by ``compile_clusters``, exactly as for sidecars.
 
-TCP servers take the first ``tcp[]`` route of a bound VirtualService that fits the server port. HTTPS and TLS
-servers with ``tls.mode`` SIMPLE or MUTUAL terminate TLS at the gateway (then HTTPS is routed as HTTP, TLS as
-TCP); the listener carries each server's TLS settings (``ServerTls``: file paths or a ``credentialName``, which
-the gateway proxy reads itself). ``PASSTHROUGH`` servers route each connection by SNI over the ``tls[]`` routes
-of the bound VirtualServices. Other modes (ISTIO_MUTUAL, OPTIONAL_MUTUAL, AUTO_PASSTHROUGH), and servers whose
-kind conflicts with the port's first server, are listed with a ``problem`` and not served.
+TCP servers take the first ``tcp[]`` route of a bound VirtualService that fits the server port. HTTPS and TLS servers
+with ``tls.mode`` SIMPLE, MUTUAL or OPTIONAL_MUTUAL terminate TLS at the gateway (then HTTPS is routed as HTTP,
+TLS as TCP); the listener carries each server's TLS settings (``ServerTls``: file paths or a ``credentialName``,
+which the gateway proxy reads itself). ``PASSTHROUGH`` servers route each connection by SNI over the ``tls[]``
+routes of the bound VirtualServices. Other modes (ISTIO_MUTUAL, AUTO_PASSTHROUGH), and servers whose kind
+conflicts with the port's first server, are listed with a ``problem`` and not served.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def _kind(server: Server) -> tuple[Kind | None, str]:
     if protocol in ("TCP", "MONGO"):
         return ("tcp", ""), ""
     assert tls is not None  # HTTPS and TLS servers require it (api validation)
-    if tls.mode in ("SIMPLE", "MUTUAL"):
+    if tls.mode in ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL"):
         return ("http" if protocol == "HTTPS" else "tcp", "terminate"), ""
     if tls.mode == "PASSTHROUGH":
         return ("tcp", "passthrough"), ""

@@ -117,7 +117,8 @@ class Exchange:
         self.target = target
         """The request target sent upstream, origin form."""
         self.host = host
-        self.extra = () if head.has_request_id else ((b"x-request-id", new_request_id()),)
+        self.extra: tuple[tuple[bytes, bytes], ...] = (
+            () if head.has_request_id else ((b"x-request-id", new_request_id()),))
         self.mode = mode
         self.loop = loop
         self.stats = stats

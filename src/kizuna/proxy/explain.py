@@ -151,9 +151,11 @@ class AuthzExplanation:
     """RequestAuthentications that select the destination (tokens are not verified here)."""
     refused: str = ""
     """Why the connection is refused before any policy is evaluated (plaintext under STRICT)."""
+    source_ip: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"destination": self.destination, "port": self.port, "principal": self.principal or None,
+                "sourceIp": self.source_ip,
                 "mtls": self.mtls_mode, "allowed": self.decision.allowed,
                 "policy": self.decision.policy or None, "audited": list(self.decision.audited),
                 "dryRun": list(self.decision.dry_run), "policies": [v.to_json() for v in self.verdicts],
@@ -196,8 +198,9 @@ def explain_authorization(security: SecurityPolicy | None, destination: str, por
     if mode == "STRICT" and not principal:
         source = peer_auth.source if peer_auth is not None and peer_auth.source else "mesh default"
         return AuthzExplanation(destination, port, principal, mode, Decision(False), (), jwt,
-                                f"refused: plaintext under PeerAuthentication STRICT ({source}) -> 403 mTLS required")
+                                f"refused: plaintext under PeerAuthentication STRICT ({source}) -> 403 mTLS required",
+                                source_ip)
     if not security.authorization:
-        return AuthzExplanation(destination, port, principal, mode, Decision(True), (), jwt)
+        return AuthzExplanation(destination, port, principal, mode, Decision(True), (), jwt, source_ip=source_ip)
     decision, verdicts = Authorizer(security.authorization).explain(attrs)
-    return AuthzExplanation(destination, port, principal, mode, decision, verdicts, jwt)
+    return AuthzExplanation(destination, port, principal, mode, decision, verdicts, jwt, source_ip=source_ip)

@@ -81,6 +81,7 @@ class GatewayListeners:
         """Listener ports whose servers pass TLS through (routed by SNI)."""
         self._problems: tuple[str, ...] = ()
         self._pending_tls: dict[int, TlsContexts] = {}
+        self._last_tls_failure = ""
 
     def host_port(self, port: int) -> int:
         """Where listener ``port`` binds on the host."""
@@ -186,7 +187,9 @@ class GatewayListeners:
 
     def _tls_failed(self, reason: str) -> None:
         self.stats.error("TLS handshake failed")
-        print(f"kizuna gateway: {reason}", file=self.log, flush=True)
+        if reason != self._last_tls_failure:  # a client retrying (or a scanner) logs its reason once
+            self._last_tls_failure = reason
+            print(f"kizuna gateway: {reason}", file=self.log, flush=True)
 
     def _tcp(self, port: int, initial: bytes = b"", sni: str | None = None) -> asyncio.Protocol:
         state = self.source.state  # as of accept: the connection keeps this choice to its end

@@ -1,18 +1,20 @@
 """TLS at the ingress gateway: server contexts for a listener's Gateway servers, chosen by SNI.
 
-A listener whose servers terminate TLS (``SIMPLE``, ``MUTUAL``) holds each new connection until its ClientHello
-names a server (``SniWait``), picks that server's context (``TlsContexts.pick``), and terminates TLS with the
-sans-I/O ``TlsServer``; the decrypted stream is then served as the listener's protocol says. Choosing the
-context before the handshake (rather than in ``sni_callback``) lets ``MUTUAL`` and ``SIMPLE`` servers share a
-port: OpenSSL keeps the first context's client-verification mode across a callback's context switch.
+A listener whose servers terminate TLS (``SIMPLE``, ``MUTUAL``, ``OPTIONAL_MUTUAL``) holds each new connection
+until its ClientHello names a server (``SniWait``), picks that server's context (``TlsContexts.pick``), and
+terminates TLS with the sans-I/O ``TlsServer``; the decrypted stream is then served as the listener's protocol
+says. Choosing the context before the handshake (rather than in ``sni_callback``) lets ``MUTUAL`` and
+``SIMPLE`` servers share a port: OpenSSL keeps the first context's client-verification mode across a
+callback's context switch.
 
-Certificates are read from files on this host when a snapshot is applied (a missing or unreadable file
-refuses the snapshot, with its path), and read again when the files change (checked at most once a second,
-on the next connection: a rotated certificate is served without a config push; files caught half-written
-keep the previous certificate until they read whole): the Gateway's ``serverCertificate`` / ``privateKey`` /
-``caCertificates``, or ``credentialName``, resolved to ``<credentials dir>/<name>/{tls.crt,tls.key,ca.crt}``
-(Istio's secret keys; ``ca.crt`` only for MUTUAL). The credentials directory is ``credentials`` under the
-proxy's working directory, which ``kizuna up`` sets to the state directory, so ``<state>/credentials/<name>``.
+Certificates are read from files on this host when a snapshot is applied (a missing or unreadable file refuses
+the snapshot, with its path), and read again when the files change (checked at most once a second, on the next
+connection: a rotated certificate is served without a config push; files caught half-written keep the previous
+certificate until they read whole): the Gateway's ``serverCertificate`` / ``privateKey`` / ``caCertificates``,
+or ``credentialName``, resolved to ``<credentials dir>/<name>/{tls.crt,tls.key,ca.crt}`` (Istio's secret keys;
+``ca.crt`` only for MUTUAL and OPTIONAL_MUTUAL, else from ``<name>-cacert/ca.crt`` as Istio allows). The
+credentials directory is ``credentials`` under the proxy's working directory, which ``kizuna up`` sets to the
+state directory, so ``<state>/credentials/<name>``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from kizuna.proxyconfig.model import ServerTls
 
 CREDENTIALS_DIR: Final = "credentials"
 """Where ``credentialName`` secrets live, relative to the gateway proxy's working directory."""
-TERMINATING: Final = ("SIMPLE", "MUTUAL")
+TERMINATING: Final = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
+CLIENT_VERIFIED: Final = {"MUTUAL": ssl.CERT_REQUIRED, "OPTIONAL_MUTUAL": ssl.CERT_OPTIONAL}
+"""Modes that check client certificates: MUTUAL requires one, OPTIONAL_MUTUAL verifies one when sent."""
 RELOAD_CHECK: Final = 1.0
 """Seconds between checks of a listener's certificate files for changes."""
 _VERSIONS: Final = {"TLSV1_0": ssl.TLSVersion.TLSv1, "TLSV1_1": ssl.TLSVersion.TLSv1_1,
@@ -40,7 +44,12 @@ def credential_files(tls: ServerTls, credentials_dir: str | os.PathLike[str] = C
     """(certificate chain, private key, client CA or "") files for a server."""
     if tls.credential_name:
         base = Path(credentials_dir) / tls.credential_name
-        return str(base / "tls.crt"), str(base / "tls.key"), str(base / "ca.crt") if tls.mode == "MUTUAL" else ""
+        ca = ""
+        if tls.mode in CLIENT_VERIFIED:
+            # Istio also takes the client CA from a separate secret named <name>-cacert.
+            separate = Path(credentials_dir) / f"{tls.credential_name}-cacert" / "ca.crt"
+            ca = str(separate if not (base / "ca.crt").exists() and separate.exists() else base / "ca.crt")
+        return str(base / "tls.crt"), str(base / "tls.key"), ca
     return tls.server_certificate, tls.private_key, tls.ca_certificates
 
 
@@ -59,25 +68,25 @@ def server_context(tls: ServerTls, credentials_dir: str | os.PathLike[str] = CRE
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"gateway server {_name(tls)}: cannot load certificate {cert} / key {key}: "
                          f"{getattr(exc, 'strerror', None) or exc}") from exc
-    if tls.mode == "MUTUAL":
+    if tls.mode in CLIENT_VERIFIED:
         if not ca:
-            raise ValueError(f"gateway server {_name(tls)}: MUTUAL needs caCertificates")
+            raise ValueError(f"gateway server {_name(tls)}: {tls.mode} needs caCertificates")
         try:
             context.load_verify_locations(ca)
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(f"gateway server {_name(tls)}: cannot load client CA {ca}: "
                              f"{getattr(exc, 'strerror', None) or exc}") from exc
-        context.verify_mode = ssl.CERT_REQUIRED
+        context.verify_mode = CLIENT_VERIFIED[tls.mode]
     if alpn:
         context.set_alpn_protocols(list(alpn))
     return context
 
 
 def client_san_problem(tls: ServerTls, peercert: dict[str, Any] | None) -> str:
-    """Why a MUTUAL client's certificate carries none of the server's ``subjectAltNames`` ("" if it does,
-    or when none are required)."""
-    if not tls.subject_alt_names:
-        return ""
+    """Why a client's certificate carries none of the server's ``subjectAltNames`` ("" if it does, or when
+    none are required)."""
+    if not tls.subject_alt_names or (peercert is None and tls.mode == "OPTIONAL_MUTUAL"):
+        return ""  # OPTIONAL_MUTUAL checks the names of a certificate only when one is presented
     names = {str(value) for _, value in peercert.get("subjectAltName", ())} if peercert else set()
     if names & set(tls.subject_alt_names):
         return ""

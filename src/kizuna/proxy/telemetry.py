@@ -150,6 +150,8 @@ class Telemetry:
         """Learn the workload behind every endpoint of a new snapshot (the client side's destination)."""
         index: dict[tuple[str, int], Workload] = {}
         for cluster in snapshot.clusters:
+            if service_labels(cluster.service)[2] == UNKNOWN:
+                continue  # a ServiceEntry host: its endpoints are no mesh workloads
             for e in cluster.endpoints:
                 if e.workload:
                     app, version = app_version(e.labels)

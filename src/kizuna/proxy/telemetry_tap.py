@@ -84,10 +84,10 @@ class HttpTap:
         return head
 
     def outbound(self, exchange: Exchange) -> None:
-        """Source side: tell the server sidecar who calls (mesh destinations only)."""
+        """Source side: tell the server sidecar who calls (Services of the mesh only: never a ServiceEntry's
+        external host)."""
         cluster = exchange.dest.cluster.cluster
-        endpoints = cluster.endpoints
-        if endpoints and endpoints[0].workload:
+        if cluster.endpoints and self.telemetry.service(cluster.service)[2] != UNKNOWN:
             exchange.extra += ((PEER_HEADER, self.telemetry.peer_value(cluster.service)),)
 
     def done(self, exchange: Exchange, status: int = 0, flags: str = "") -> None:
@@ -100,6 +100,8 @@ class HttpTap:
         else:
             peer, service = self.peer, self.service
         code = status or exchange.status
+        if not flags and exchange.tried and code in exchange.dest.retry.retriable_statuses:
+            flags = "URX"  # retries spent, the last try's answer passed on (the exchange's x-kizuna-flags)
         head = exchange.head
         received = head.content_length if head.content_length is not None else exchange.body_size
         duration = (exchange.loop.time() - exchange.t0) * 1000.0

@@ -328,7 +328,7 @@ class UpstreamTls:
 
 @dataclass(frozen=True, slots=True)
 class ServerTls:
-    """How a gateway server terminates (``SIMPLE``, ``MUTUAL``) or passes on (``PASSTHROUGH``) TLS.
+    """How a gateway server terminates (``SIMPLE``, ``MUTUAL``, ``OPTIONAL_MUTUAL``) or passes on (``PASSTHROUGH``) TLS.
 
     Certificates are files on the gateway's host that the gateway proxy reads itself (private keys never pass
     through the control plane): ``server_certificate`` / ``private_key`` / ``ca_certificates`` as written in

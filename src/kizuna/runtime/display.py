@@ -134,13 +134,14 @@ def _span(seconds: float) -> str:
 def security_rows(dumps: Sequence[tuple[str, dict[str, Any] | None]], now: float | None = None
                   ) -> list[list[str]]:
     """``kizuna status``'s security table: per proxy (id, its admin ``/config_dump`` or None when it could not
-    be read) the SPIFFE identity, certificate expiry, and the policies that select it (PeerAuthentication
+    be read) the SPIFFE identity (first: no row starts with a proxy id, which is the first table's key), the
+    certificate expiry, and the policies that select it (PeerAuthentication
     mode and the policy that set it, AuthorizationPolicies with their action, RequestAuthentications)."""
     now = time.time() if now is None else now
-    rows = [["PROXY", "IDENTITY", "CERTIFICATE EXPIRES", "MTLS", "AUTHORIZATION", "REQUEST AUTHENTICATION"]]
+    rows = [["IDENTITY", "PROXY", "CERTIFICATE EXPIRES", "MTLS", "AUTHORIZATION", "REQUEST AUTHENTICATION"]]
     for proxy_id, dump in dumps:
         if dump is None:
-            rows.append([proxy_id, "?", "admin port unreachable", "?", "?", "?"])
+            rows.append(["?", proxy_id, "admin port unreachable", "?", "?", "?"])
             continue
         identity = dump.get("identity") or {}
         name = str(identity.get("identity") or "")
@@ -158,7 +159,7 @@ def security_rows(dumps: Sequence[tuple[str, dict[str, Any] | None]], now: float
         authz = ", ".join(f"{p['name']} ({p.get('action', 'ALLOW')}{', dry-run' if p.get('dryRun') else ''})"
                           for p in security.get("authorization", ())) or "-"
         jwt = ", ".join(dict.fromkeys(str(r.get("source") or r.get("issuer")) for r in security.get("jwtRules", ())))
-        rows.append([proxy_id, spiffe, expiry, mtls, authz, jwt or "-"])
+        rows.append([spiffe, proxy_id, expiry, mtls, authz, jwt or "-"])
     return rows
 
 

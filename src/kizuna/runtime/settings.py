@@ -17,6 +17,7 @@ from typing import Any
 
 STATE_DIR_ENV = "KIZUNA_STATE_DIR"
 DEFAULT_STATE_DIR = ".kizuna"
+DASHBOARD_OFF = "off"
 CONTROL_PLANE_PORT = 15010
 """istiod's plaintext discovery port; the runtime's control plane listens on it at the pod range's first
 address."""
@@ -86,6 +87,9 @@ class UpSettings:
     prometheus: str = setting("127.0.0.1:9090", metavar="HOST:PORT")
     """where the mesh's Prometheus listens (started when the `prometheus` binary is installed; scrapes every
     sidecar's and the gateway's :15090 every 5 s, data in the state dir); off = do not start it"""
+    dashboard: str = setting("127.0.0.1:20001", metavar="HOST:PORT")
+    """where the control plane serves the dashboard (plain HTTP, read-only, no token: keep it on loopback;
+    `kizuna dashboard` prints its URL); off = do not serve it"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,9 @@ class ControlPlaneSettings:
     cacerts: Path | None = setting(None, metavar="DIR")
     """plug in the CA from a directory in Istio's cacerts layout (the CA certificate and key, the root
     certificate, the chain) instead of the mesh's own self-signed root"""
+    dashboard: str | None = setting(None, metavar="HOST:PORT")
+    """also serve the dashboard on this address (plain HTTP, read-only; default: where `kizuna up` asked for
+    it, else not at all)"""
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from kizuna.runtime.errors import UserError
 from kizuna.runtime.manifests import load
 from kizuna.runtime.modes import resolve_mode
 from kizuna.runtime.processes import Supervisor, proc_stat
-from kizuna.runtime.settings import CONTROL_PLANE_PORT, UpSettings
+from kizuna.runtime.settings import CONTROL_PLANE_PORT, DASHBOARD_OFF, UpSettings
 from kizuna.runtime.state import StateDir
 from kizuna.runtime.workloads import PROXY_ENV_NAMES, Instance, deployments_of, plan_instances, process_env
 
@@ -73,7 +73,8 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
         "processes": [],
         "gateway": {"address": settings.gateway_address, "port": settings.gateway_port,
                     "httpsPort": settings.gateway_https_port} if with_gateway else None,
-        "prometheus": None})
+        "prometheus": None,
+        "dashboard": None if settings.dashboard == DASHBOARD_OFF else settings.dashboard})
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGTERM, _raise_stopped)
     signal.signal(signal.SIGHUP, _raise_stopped)
@@ -82,7 +83,8 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
             if network is not None:
                 transparent.create_host(supervisor, network)
             client = _start_controlplane(supervisor, state, listen, err,
-                                         str(network.services) if network else None, settings.workload_cert_ttl)
+                                         str(network.services) if network else None, settings.workload_cert_ttl,
+                                         settings.dashboard)
             client.apply(documents)
             if with_gateway:
                 gateway.start(supervisor, state, settings, pod_range.control_plane_address, listen,
@@ -113,6 +115,10 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
         if with_gateway:
             out.write(f"ingress gateway  {gateway.urls(settings)}\n")
         out.write(f"prometheus       {scraper_note}\n")
+        board = (state.read_controlplane() or {}).get("dashboard")
+        if settings.dashboard != DASHBOARD_OFF:
+            shown = board or f"not served: {settings.dashboard} is taken (see the control plane's log)"
+            out.write(f"dashboard        {shown}\n")
         out.flush()
         if settings.detach:
             supervisor.release()
@@ -162,13 +168,16 @@ def _kizuna(*args: str) -> list[str]:
 
 
 def _start_controlplane(supervisor: Supervisor, state: StateDir, listen: str, err: TextIO,
-                        service_cidr: str | None = None, workload_cert_ttl: float | None = None) -> Any:
+                        service_cidr: str | None = None, workload_cert_ttl: float | None = None,
+                        dashboard: str = DASHBOARD_OFF) -> Any:
     from kizuna.controlplane.client import ControlPlaneClient
 
     err.write(f"starting the control plane on {listen}\n")
     extra = ["--tls", *(["--service-cidr", service_cidr] if service_cidr else [])]
     if workload_cert_ttl:
         extra += ["--workload-cert-ttl", f"{workload_cert_ttl:g}"]
+    if dashboard != DASHBOARD_OFF:
+        extra += ["--dashboard", dashboard]
     record = supervisor.spawn("controlplane", "controlplane",
                               _kizuna("controlplane", "--state-dir", str(state.root), "--listen", listen,
                                       *extra),
