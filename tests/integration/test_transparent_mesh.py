@@ -308,6 +308,24 @@ def test_redis_through_the_vip_is_balanced_across_replicas(mesh: Mesh) -> None:
     assert sum(calls) == 21 and min(calls) >= 2, calls
 
 
+@pytest.mark.skipif(not HAS_REDIS, reason="needs Debian's redis-server and redis-tools")
+def test_opaque_tcp_between_sidecars_is_mutual_tls_and_works_under_strict(mesh: Mesh, tmp_path: Path) -> None:
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+                      "metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n")
+    before = sum(stats(mesh, "redis", i).get("security", {}).get("cx_mtls", 0) for i in (0, 1))
+    assert mesh.kizuna("apply", "-f", strict).returncode == 0
+    try:
+        time.sleep(1.0)  # the push
+        for i in range(4):
+            result = exec_(mesh, "redis-client", "redis-cli", "-h", "redis", "SET", f"strict{i}", "v")
+            assert result.stdout.strip() == "OK", (result.stdout, result.stderr)
+    finally:
+        assert mesh.kizuna("delete", "-f", strict).returncode == 0
+    after = sum(stats(mesh, "redis", i).get("security", {}).get("cx_mtls", 0) for i in (0, 1))
+    assert after >= before + 4
+
+
 def test_capture_annotations_are_honoured(mesh: Mesh) -> None:
     pod = mesh.instance("httpbin-v1")["podAddress"]
     # Without the annotation, a direct call to a pod address goes through the caller's sidecar too...

@@ -165,12 +165,23 @@ class TcpForward(asyncio.Protocol):
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         assert self.transport is not None
+        # An endpoint with a sidecar gets mutual TLS, as HTTP does (its pool knows the identity to expect).
+        tls = getattr(self.load, "tls", None)
+        identity = getattr(self.load, "identity", "")
+        context = tls.context() if tls is not None and identity else None
         try:
             async with asyncio.timeout(self.timeout):
                 up, relay = await loop.create_connection(
                     lambda: Relay(self.stats, self.registry), self.host, self.port,
-                    local_addr=(self.source, 0) if self.source else None)
-        except (OSError, TimeoutError):
+                    local_addr=(self.source, 0) if self.source else None, ssl=context)
+            if context is not None and tls is not None:
+                problem = tls.check_peer(up.get_extra_info("peercert"), identity)
+                if problem:
+                    up.abort()
+                    raise ConnectionRefusedError(problem)
+        except (OSError, TimeoutError) as exc:
+            if context is not None:
+                self.stats.error(f"mTLS to {self.host}:{self.port}: {exc}")
             self.transport.close()
             return
         if self.closed:

@@ -89,7 +89,7 @@ def _wsgi_middleware_for_gunicorn() -> None:
     if "gunicorn" not in " ".join(getattr(sys, "orig_argv", ())):
         return
     try:
-        import gunicorn.app.base as app_base
+        import gunicorn.app.base as app_base  # type: ignore[import-untyped]
     except ImportError:
         return
 
@@ -104,7 +104,7 @@ def _wsgi_middleware_for_gunicorn() -> None:
 
         return traced
 
-    app_base.BaseApplication.wsgi = wsgi  # type: ignore[method-assign]
+    app_base.BaseApplication.wsgi = wsgi
 
 
 def _chain() -> None:
