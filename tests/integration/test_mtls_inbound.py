@@ -118,3 +118,29 @@ def test_client_from_another_mesh_fails_the_handshake(bg: BackgroundLoop, ca: Ce
     no_cert.verify_mode = ssl.CERT_NONE
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
         talk(address, b"hello", no_cert)
+
+
+class AlpnReporter(asyncio.Protocol):
+    """Answers with the inner protocol the client named in ALPN."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(str(self.transport.get_extra_info("alpn")).encode())  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("inner", ["http/1.1", "h2", "kizuna-tcp"])
+def test_alpn_carries_the_inner_protocol(bg: BackgroundLoop, ca: CertificateAuthority, inner: str) -> None:
+    server, client = workload(ca, "default", "httpbin"), workload(ca, "default", "sleep")
+    (address,) = loopback_addresses(1, prefix="127.85")
+
+    async def start() -> Any:
+        return await asyncio.get_running_loop().create_server(
+            lambda: InboundMtls(AlpnReporter, server.server_context, "STRICT"), address, 0)
+
+    srv = bg.run(start())
+    SERVERS.append(srv)
+    context = client.context(inner)
+    assert context is not None
+    assert talk((address, srv.sockets[0].getsockname()[1]), b"?", context) == inner.encode()

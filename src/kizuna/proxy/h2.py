@@ -241,7 +241,7 @@ class H2Pools:
         self.connecting[key] = future
         try:
             local = (self.bind, 0) if self.bind else None
-            context = tls.context() if identity and tls is not None else None
+            context = tls.context("h2") if identity and tls is not None else None
             transport, conn = await asyncio.wait_for(loop.create_connection(
                 lambda: H2ClientConnection(self.stats), address, port, local_addr=local, ssl=context), timeout)
             if context is not None:

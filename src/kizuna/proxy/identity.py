@@ -37,8 +37,9 @@ RENEW_AT: Final = 0.5
 RENEW_JITTER: Final = 0.02
 RETRY_MIN: Final = 0.2
 RETRY_MAX: Final = 10.0
-ALPN_MTLS: Final = ("kizuna-mtls", "http/1.1")
-"""Offered on mesh mTLS connections: the first marks a sidecar peer (Istio offers ``istio``)."""
+INNER_PROTOCOLS: Final = ("http/1.1", "h2", "kizuna-tcp")
+"""ALPN on mesh mTLS: the client names the protocol it carries inside (HTTP/1.1, HTTP/2, or opaque TCP); the
+server accepts any of them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,8 @@ class WorkloadIdentity:
         self.certificate: Certificate | None = None
         self.server_context: ssl.SSLContext | None = None
         self.client_context: ssl.SSLContext | None = None
+        """The client context for HTTP/1.1 (``context`` gives the one for each inner protocol)."""
+        self._clients: dict[str, ssl.SSLContext] = {}
         self.renewals = 0
         self.failures = 0
         self.last_error = ""
@@ -151,9 +154,10 @@ class WorkloadIdentity:
 
     # -- what pools and listeners ask ---------------------------------------------------------------------
 
-    def context(self) -> ssl.SSLContext | None:
-        """The client context of the current certificate (None before the first one)."""
-        return self.client_context
+    def context(self, alpn: str = "http/1.1") -> ssl.SSLContext | None:
+        """The client context of the current certificate for a connection carrying ``alpn`` (None before the
+        first certificate)."""
+        return self._clients.get(alpn)
 
     @staticmethod
     def check_peer(cert: dict[str, Any] | None, identity: str) -> str:
@@ -237,11 +241,13 @@ class WorkloadIdentity:
             out.write(key_pem)
         with open(chain_path, "w") as out:
             out.write(cert.cert_chain)
-        server = mesh_context(ssl.PROTOCOL_TLS_SERVER, chain_path, key_path, cert.roots)
-        client = mesh_context(ssl.PROTOCOL_TLS_CLIENT, chain_path, key_path, cert.roots)
+        server = mesh_context(ssl.PROTOCOL_TLS_SERVER, chain_path, key_path, cert.roots, INNER_PROTOCOLS)
+        clients = {alpn: mesh_context(ssl.PROTOCOL_TLS_CLIENT, chain_path, key_path, cert.roots, (alpn,))
+                   for alpn in INNER_PROTOCOLS}
         for path in (key_path, chain_path):
             os.unlink(path)  # loaded into the contexts; nothing needs them on disk any more
-        self.certificate, self.server_context, self.client_context = cert, server, client
+        self.certificate, self.server_context, self._clients = cert, server, clients
+        self.client_context = clients["http/1.1"]
         for callback in self.changed:
             callback()
 
@@ -270,7 +276,8 @@ class WorkloadIdentity:
             self.renewals += 1
 
 
-def mesh_context(purpose: ssl._SSLMethod, chain: str, key: str, roots: str) -> ssl.SSLContext:
+def mesh_context(purpose: ssl._SSLMethod, chain: str, key: str, roots: str,
+                 alpn: tuple[str, ...] = INNER_PROTOCOLS) -> ssl.SSLContext:
     """A TLS context for mesh mTLS: TLS 1.2 at least (1.3 preferred), our certificate, peers verified against
     the mesh's roots. Names are not checked here: peers are SPIFFE identities, checked by the caller."""
     context = ssl.SSLContext(purpose)
@@ -279,7 +286,7 @@ def mesh_context(purpose: ssl._SSLMethod, chain: str, key: str, roots: str) -> s
     context.load_verify_locations(cadata=roots)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
-    context.set_alpn_protocols(list(ALPN_MTLS))
+    context.set_alpn_protocols(list(alpn))
     return context
 
 

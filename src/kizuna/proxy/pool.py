@@ -147,8 +147,9 @@ class EndpointPool(Generic[C]):
 class ClientTls(Protocol):
     """Where pools get mTLS from: the sidecar's current client context and the secure-naming check."""
 
-    def context(self) -> ssl.SSLContext | None:
-        """The client TLS context of the current certificate; None while the sidecar has none."""
+    def context(self, alpn: str = "http/1.1") -> ssl.SSLContext | None:
+        """The client TLS context of the current certificate for a connection carrying ``alpn``; None while
+        the sidecar has none."""
         ...
 
     def check_peer(self, cert: Any, identity: str) -> str:

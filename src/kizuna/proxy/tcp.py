@@ -168,7 +168,7 @@ class TcpForward(asyncio.Protocol):
         # An endpoint with a sidecar gets mutual TLS, as HTTP does (its pool knows the identity to expect).
         tls = getattr(self.load, "tls", None)
         identity = getattr(self.load, "identity", "")
-        context = tls.context() if tls is not None and identity else None
+        context = tls.context("kizuna-tcp") if tls is not None and identity else None
         try:
             async with asyncio.timeout(self.timeout):
                 up, relay = await loop.create_connection(
