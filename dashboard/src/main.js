@@ -117,6 +117,7 @@ async function refresh() {
     state.graph = graph;
     render(graph);
     if (state.selected) await loadService(state.selected.namespace, state.selected.name, false);
+    if (state.view === "traces") await loadTraces();
     state.refreshes += 1;
     const from = graph.source === "prometheus" ? "from Prometheus" : "scraped from the proxies";
     $("status").textContent = `${graph.nodes.length} nodes · ${graph.edges.length} edges · ${from} · ` +
@@ -139,8 +140,29 @@ cy.on("tap", "node", (event) => {
 window.addEventListener("hashchange", fromHash);
 
 function fromHash() {
-  const match = window.location.hash.match(/^#\/services\/([^/]+)\/([^/]+)$/);
-  if (!match) return;
+  const hash = window.location.hash;
+  const traceMatch = hash.match(/^#\/traces\/([0-9a-fA-F]+)$/);
+  if (hash === "#/traces" || traceMatch) {
+    state.selected = null;
+    state.service = null;
+    cy.elements().unselect();
+    if (traceMatch) {
+      state.view = "trace";
+      loadTrace(traceMatch[1]);
+    } else {
+      state.view = "traces";
+      loadTraces();
+    }
+    return;
+  }
+  state.view = "graph";
+  const match = hash.match(/^#\/services\/([^/]+)\/([^/]+)$/);
+  if (!match) {
+    state.selected = null;
+    $("details").innerHTML = `<p class="hint">Click a service (or one of its workloads) to see its golden
+      signals and the config that applies to it.</p>`;
+    return;
+  }
   const [namespace, name] = [decodeURIComponent(match[1]), decodeURIComponent(match[2])];
   state.selected = { namespace, name };
   cy.elements().unselect();
@@ -225,6 +247,68 @@ function renderServiceTables(data) {
     <h3>Outbound</h3>${edgeRows(data.outbound, "to")}
     <h3>Config that applies</h3><div id="service-config">${config}</div>
     <h3>Push status</h3><div id="service-proxies">${proxies}</div>`;
+}
+
+async function loadTraces() {
+  let data;
+  try {
+    data = await getJSON("api/traces?limit=100");
+  } catch (err) {
+    $("details").innerHTML = `<p class="bad">${escapeHtml(err.message)}</p>`;
+    return;
+  }
+  if (state.view !== "traces") return;
+  state.traces = data.traces;
+  const rows = data.traces.map((t) => `<tr><td><a href="#/traces/${t.traceId}">${escapeHtml(t.root)}</a></td>
+    <td>${escapeHtml(t.services.join(", "))}</td><td>${t.spans}</td><td>${fmt(t.durationMs, 2)}</td>
+    <td class="${t.error ? "bad" : "ok"}">${t.error ? "error" : "ok"}</td></tr>`).join("");
+  $("details").innerHTML = `<h2>Recent traces</h2>
+    ${data.traces.length ? `<table class="traces" id="trace-list"><tr><th>root span</th><th>services</th>
+      <th>spans</th><th>ms</th><th></th></tr>${rows}</table>`
+      : `<p class="muted" id="trace-list">no traces yet: the sidecars export the sampled requests' spans to
+        the control plane</p>`}`;
+}
+
+async function loadTrace(traceId) {
+  let data;
+  try {
+    data = await getJSON(`api/traces/${encodeURIComponent(traceId)}`);
+  } catch (err) {
+    $("details").innerHTML = `<p class="bad">${escapeHtml(err.message)}</p>`;
+    return;
+  }
+  state.trace = data;
+  const spans = data.spans;
+  const byId = new Map(spans.map((s) => [s.spanId, s]));
+  const depth = (s) => { let d = 0; let p = byId.get(s.parentSpanId); while (p && d < 50) { d += 1;
+    p = byId.get(p.parentSpanId); } return d; };
+  // Children right under their parent: walk the tree from the roots, each level by start time.
+  const children = new Map();
+  for (const s of spans) {
+    const key = byId.has(s.parentSpanId) ? s.parentSpanId : "";
+    if (!children.has(key)) children.set(key, []);
+    children.get(key).push(s);
+  }
+  const ordered = [];
+  const walk = (key) => { for (const s of (children.get(key) || []).sort((a, b) => a.start - b.start)) {
+    ordered.push(s); walk(s.spanId); } };
+  walk("");
+  const t0 = Math.min(...spans.map((s) => s.start));
+  const total = Math.max(1, Math.max(...spans.map((s) => s.end)) - t0);
+  const rows = ordered.map((s) => {
+    const left = ((s.start - t0) / total) * 100;
+    const width = Math.max(((s.end - s.start) / total) * 100, 0.3);
+    return `<div class="span-row" data-span="${escapeHtml(s.spanId)}">
+      <div class="span-name" style="padding-left:${depth(s) * 12}px" title="${escapeHtml(s.name)}">
+        <strong>${escapeHtml(s.service)}</strong> ${escapeHtml(s.kind)} ${escapeHtml(s.name)}</div>
+      <div class="span-track"><div class="span-bar ${s.error ? "error" : escapeHtml(s.kind)}"
+        style="left:${left}%;width:${width}%"></div></div>
+      <div class="span-ms">${fmt((s.end - s.start) / 1e6, 2)} ms</div></div>`;
+  }).join("");
+  $("details").innerHTML = `<p><a href="#/traces">← recent traces</a></p>
+    <h2>Trace <span class="muted">${escapeHtml(data.traceId)}</span></h2>
+    <p class="muted">${spans.length} spans · ${fmt(total / 1e6, 2)} ms</p>
+    <div class="waterfall" id="waterfall">${rows}</div>`;
 }
 
 $("window").addEventListener("change", refresh);

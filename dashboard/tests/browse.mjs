@@ -2,7 +2,8 @@
 // graph shows the expected edges with traffic, click a service node, wait for its charts, take a screenshot.
 // Usage: node browse.mjs '<json options>'; prints one JSON line with what it saw (the Python tests assert on it).
 // Options: url, screenshot (path), expect ([[sourceId, targetId], ...]), click (node id), minNodes,
-// timeoutMs, chromium (path, default /usr/bin/chromium), profile (an empty directory for --user-data-dir).
+// timeoutMs, chromium (path, default /usr/bin/chromium), profile (an empty directory for --user-data-dir),
+// tracesScreenshot (path: also open the trace list, click the first trace, screenshot its waterfall).
 import { chromium } from "playwright-core";
 
 const options = JSON.parse(process.argv[2]);
@@ -57,6 +58,21 @@ try {
     result.series = await page.evaluate(() => window.kizuna.service.series);
     result.hash = await page.evaluate(() => window.location.hash);
   }
+  if (options.tracesScreenshot && options.screenshot) {
+    await page.screenshot({ path: options.screenshot, fullPage: false });
+  }
+  if (options.tracesScreenshot) {
+    // The trace list, then a click on the first trace: its waterfall, one row per span.
+    await page.click("#traces-link");
+    await page.waitForSelector("#trace-list a", { timeout });
+    result.traceCount = await page.locator("#trace-list a").count();
+    await page.locator("#trace-list a").first().click();
+    await page.waitForSelector("#waterfall .span-row", { timeout });
+    result.waterfallRows = await page.locator("#waterfall .span-row").count();
+    result.traceSpans = await page.evaluate(() => window.kizuna.trace.spans.length);
+    result.traceHash = await page.evaluate(() => window.location.hash);
+    await page.screenshot({ path: options.tracesScreenshot, fullPage: false });
+  }
   // Responsiveness: how long the page takes to answer while it keeps refreshing.
   const probes = [];
   for (let i = 0; i < 5; i += 1) {
@@ -66,7 +82,9 @@ try {
     await page.waitForTimeout(300);
   }
   result.frameMs = Math.max(...probes);
-  if (options.screenshot) await page.screenshot({ path: options.screenshot, fullPage: false });
+  if (options.screenshot && !options.tracesScreenshot) {
+    await page.screenshot({ path: options.screenshot, fullPage: false });
+  }
   result.ok = true;
 } catch (err) {
   result.ok = false;

@@ -330,3 +330,37 @@ def test_authz_http_task_step_by_step(browser: Browser, mesh: Mesh) -> None:
     finally:
         result = mesh.kizuna("delete", *(arg for path in steps for arg in ("-f", path)))
         assert result.returncode == 0, result.stderr
+
+
+def test_a_traced_page_load_is_one_trace_gateway_to_ratings(browser: Browser, mesh: Mesh) -> None:
+    """A request the caller samples (``traceparent`` flag 01) is traced across every hop: the gateway, then
+    each sidecar's server and client spans, every span's parent the span before it on its path."""
+    import os
+
+    from kizuna.controlplane.client import ControlPlaneClient
+
+    browser.apply(ISTIO / "virtual-service-reviews-v3.yaml")
+    browser.until("red")
+    trace_id = os.urandom(16).hex()
+    headers = {"traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"}
+    status, _, _ = request(mesh.gateway, GATEWAY_PORT, "GET", "/productpage", headers)
+    assert status == 200
+    client = ControlPlaneClient.from_state_dir(mesh.state)
+
+    def spans() -> list[dict[str, Any]] | None:
+        try:
+            found: list[dict[str, Any]] = client.traces(trace_id)["spans"]
+        except Exception:
+            return None
+        return found if len(found) >= 8 else None  # gateway, productpage, details, reviews, ratings hops
+
+    found = browser.wait_until(spans, 10, "the trace's spans")
+    by_id = {s["spanId"]: s for s in found}
+    path = []
+    span = next(s for s in found if s["service"].startswith("ratings") and s["kind"] == "server")
+    while span is not None:
+        path.append((span["service"].split(".")[0], span["kind"]))
+        span = by_id.get(span["parentSpanId"])
+    assert path == [("ratings-v1", "server"), ("reviews-v3", "client"), ("reviews-v3", "server"),
+                    ("productpage-v1", "client"), ("productpage-v1", "server"),
+                    ("istio-ingressgateway", "client")]

@@ -220,11 +220,13 @@ def test_browser_stays_responsive_with_100_services(tmp_path: Path) -> None:
         profile = tmp_path / "chromium-profile"
         profile.mkdir()
         screenshot = tmp_path / "dashboard-100-services.png"
+        waterfall = tmp_path / "dashboard-trace-waterfall.png"
         result = browse({"url": url, "screenshot": str(screenshot), "profile": str(profile), "chromium": CHROMIUM,
+                         "tracesScreenshot": str(waterfall),
                          "timeoutMs": 30000, "click": "svc:default/svc-042", "minNodes": 301,
                          "expect": [["istio-system/istio-ingressgateway", "default/svc-000-v1"],
                                     ["default/svc-049-v2", "default/svc-099-v1"]]})
-        print(f"dashboard screenshot (100 services): {screenshot}")
+        print(f"dashboard screenshots (100 services): {screenshot} {waterfall}")
     finally:
         server.terminate()
         server.wait(10)
@@ -239,3 +241,7 @@ def test_browser_stays_responsive_with_100_services(tmp_path: Path) -> None:
     assert result["clickMs"] < 5000, result["clickMs"]
     assert result["frameMs"] < 1000, result["frameMs"]
     assert result["title"].startswith("svc-042")
+    # The trace list and, after a click on the newest trace, its waterfall: one row per span.
+    assert result["traceCount"] == 3
+    assert result["waterfallRows"] == result["traceSpans"] == 8
+    assert result["traceHash"] == f"#/traces/{3:032x}"

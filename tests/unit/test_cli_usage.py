@@ -24,7 +24,7 @@ from kizuna.runtime.settings import (
 )
 
 SUBCOMMANDS = ["up", "down", "apply", "delete", "get", "validate", "status", "exec", "controlplane", "proxy",
-               "rotate-root"]
+               "rotate-root", "traces"]
 
 
 @pytest.mark.parametrize("argv", [

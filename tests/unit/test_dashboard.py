@@ -139,6 +139,14 @@ def test_http_endpoints(board: Any) -> None:
     assert _get(loop, base + "/../../pyproject.toml")[0] == 404
     assert _get(loop, base + "/api/graph", method="POST")[0] == 405
     assert json.loads(_get(loop, base + "/api/proxies")[2])["proxies"]
+    traces = json.loads(_get(loop, base + "/api/traces")[2])["traces"]
+    assert len(traces) == 3 and traces[0]["traceId"] == f"{3:032x}" and traces[0]["error"]  # newest first
+    assert traces[0]["root"].startswith("istio-ingressgateway: ")
+    spans = json.loads(_get(loop, f"{base}/api/traces/{traces[1]['traceId']}")[2])["spans"]
+    assert len(spans) == 8  # four hops, a client and a server span each
+    ids = {s["spanId"] for s in spans}
+    assert sum(1 for s in spans if s["parentSpanId"] not in ids) == 1  # one root, every other span linked
+    assert _get(loop, base + "/api/traces/" + "f" * 32)[0] == 404
 
 
 def test_http_get_reads_a_real_server() -> None:

@@ -39,3 +39,7 @@ def test_w3c_wins_over_b3_and_onward_headers_carry_both() -> None:
     assert onward[b"traceparent"] == f"00-{TRACE}-{'a' * 16}-01".encode()
     assert (onward[b"x-b3-traceid"], onward[b"x-b3-spanid"], onward[b"x-b3-parentspanid"],
             onward[b"x-b3-sampled"]) == (TRACE.encode(), b"a" * 16, SPAN.encode(), b"1")
+
+
+def test_header_names_in_any_case() -> None:
+    assert extract([(b"Traceparent", f"00-{TRACE}-{SPAN}-01".encode())]) == SpanContext(TRACE, SPAN, True)

@@ -4,6 +4,7 @@ client or the api layer, and prints the answer. No logic of their own beyond for
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -212,6 +213,37 @@ def explain(args: argparse.Namespace) -> int:
     from kizuna.cli.explain import run
 
     return run(_state(args), args)
+
+
+def traces(args: argparse.Namespace) -> int:
+    """``kizuna traces [TRACE_ID]``: the control plane's recent traces, or one as an indented waterfall."""
+    answer = _client(args).traces(args.trace_id)
+    if args.output == "json":
+        print(json.dumps(answer, indent=2))
+        return 0
+    if not args.trace_id:
+        for t in answer.get("traces", []):
+            mark = " ERROR" if t["error"] else ""
+            print(f"{t['traceId']}  {t['durationMs']:>9.2f} ms  {t['spans']:>3} spans  {t['root']}{mark}")
+        return 0
+    spans = answer["spans"]
+    children: dict[str, list[dict[str, Any]]] = {}
+    ids = {s["spanId"] for s in spans}
+    for span in spans:
+        children.setdefault(span["parentSpanId"] if span["parentSpanId"] in ids else "", []).append(span)
+    start = min(s["start"] for s in spans)
+
+    def show(span: dict[str, Any], depth: int) -> None:
+        offset, took = (span["start"] - start) / 1e6, (span["end"] - span["start"]) / 1e6
+        status = span["attributes"].get("http.status_code", "")
+        print(f"{offset:>9.2f} ms {took:>9.2f} ms  {'  ' * depth}{span['service']} {span['kind']} "
+              f"{span['name']} {status}")
+        for child in children.get(span["spanId"], []):
+            show(child, depth + 1)
+
+    for root in children.get("", []):
+        show(root, 0)
+    return 0
 
 
 def rotate_root(args: argparse.Namespace) -> int:

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", metavar="NS", help="namespace of the workload (default: any)")
     p.add_argument("-o", "--output", choices=("json",), help="print the explanation as JSON")
 
+    p = command("traces", "list recent traces, or show one trace's spans as a waterfall")
+    p.add_argument("trace_id", metavar="TRACE_ID", nargs="?", help="the trace to show")
+    p.add_argument("-o", "--output", choices=("json",), help="print JSON")
     p = command("rotate-root", "replace the mesh CA's root without failing a connection: the new root is "
                                "trusted at once and signs once every workload has renewed")
     p.add_argument("--grace", type=float, metavar="SECONDS",
@@ -105,6 +108,7 @@ def _handlers() -> dict[str, Command]:
             "get": commands.get, "validate": commands.validate, "status": commands.status,
             "exec": commands.exec_, "explain": commands.explain, "controlplane": commands.controlplane,
             "dashboard": commands.dashboard, "rotate-root": commands.rotate_root,
+            "traces": commands.traces,
             "proxy": commands.proxy, "logs": _logs}
 
 

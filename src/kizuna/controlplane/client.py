@@ -100,6 +100,11 @@ class ControlPlaneClient:
         ...}]}``."""
         return dict(self._call("GET", "/v1/status"))
 
+    def traces(self, trace_id: str | None = None, limit: int = 20) -> dict[str, Any]:
+        """Recent traces (``{"traces": [...], "received"}``) or one trace's spans (``{"traceId", "spans"}``)."""
+        query = {"id": trace_id} if trace_id else {"limit": str(limit)}
+        return dict(self._call("GET", "/v1/traces?" + urlencode(query)))
+
     def rotate_root(self, grace: float | None = None) -> dict[str, Any]:
         """Start a root rotation; ``{"switchAt", "roots"}``."""
         return dict(self._call("POST", "/v1/ca/rotate", {} if grace is None else {"grace": grace}))

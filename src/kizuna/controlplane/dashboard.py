@@ -5,6 +5,8 @@ built front end (``kizuna/dashboard/static``) and its JSON API, filled by a back
 - ``GET /api/services/<namespace>/<name>``: golden-signal series, the edges in and out, the VirtualServices
   and DestinationRules that apply, and the push status of the service's proxies.
 - ``GET /api/proxies``: every proxy's push status (as ``GET /v1/status``).
+- ``GET /api/traces[?limit=N]``, ``GET /api/traces/<trace id>``: recent traces from the control plane's
+  embedded trace store (summaries), and one trace's spans for the waterfall.
 
 Every ``SCRAPE_INTERVAL`` the scraper fetches ``/stats/prometheus`` from each registered proxy's Prometheus
 port (15090 on its mesh address, the gateway's too) with bounded concurrency and a timeout, subtracts the
@@ -78,6 +80,12 @@ class MeshView(Protocol):
     def prometheus(self) -> str | None:
         """``host:port`` of a Prometheus that scrapes the mesh's proxies, or None to scrape them directly."""
 
+    def traces(self, limit: int) -> list[dict[str, Any]]:
+        """Summaries of the most recent traces, newest first."""
+
+    def trace(self, trace_id: str) -> list[dict[str, Any]] | None:
+        """One trace's spans by start time, or None when it is not (or no longer) kept."""
+
 
 def workload_of(labels: dict[str, str], namespace: str, name: str) -> Workload:
     """A node's graph identity, with Istio's canonical app and version from its labels."""
@@ -91,7 +99,10 @@ def workload_of(labels: dict[str, str], namespace: str, name: str) -> Workload:
 class ControlPlaneView:
     """``MeshView`` over the control plane's own store, registry and push queue (same process, no API)."""
 
-    def __init__(self, store: Any, registry: Any, pusher: Any, state_dir: Path | None = None) -> None:
+    def __init__(self, store: Any, registry: Any, pusher: Any, state_dir: Path | None = None,
+                 traces: Any = None) -> None:
+        self.traces_store = traces
+        """The control plane's ``TraceStore`` (None: no traces to show)."""
         self.store = store
         self.registry = registry
         self.pusher = pusher
@@ -129,6 +140,12 @@ class ControlPlaneView:
             return None
         address = runtime.get("prometheus") if isinstance(runtime, dict) else None
         return str(address) if address else None
+
+    def traces(self, limit: int) -> list[dict[str, Any]]:
+        return list(self.traces_store.summaries(limit)) if self.traces_store is not None else []
+
+    def trace(self, trace_id: str) -> list[dict[str, Any]] | None:
+        return self.traces_store.trace(trace_id) if self.traces_store is not None else None
 
 
 def _host(address: str) -> str:
@@ -303,6 +320,15 @@ class Dashboard:
             return json_response(200, self.service(parts[0], parts[1], _window(request.param("window"))))
         if path == "/api/proxies":
             return json_response(200, {"proxies": self.view.proxy_status()})
+        if path == "/api/traces":
+            limit = request.param("limit") or "50"
+            return json_response(200, {"traces": self.view.traces(min(int(limit), 500) if limit.isdigit() else 50)})
+        if path.startswith("/api/traces/"):
+            trace_id = unquote(path[len("/api/traces/"):])
+            spans = self.view.trace(trace_id)
+            if spans is None:
+                return error_response(404, f"no trace {trace_id} (only the most recent traces are kept)")
+            return json_response(200, {"traceId": trace_id.lower(), "spans": spans})
         if path.startswith("/api/"):
             return error_response(404, f"no such endpoint: {path}")
         return self._file(path)

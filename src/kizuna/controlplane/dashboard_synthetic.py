@@ -15,6 +15,7 @@ from typing import Any
 from kizuna.controlplane.dashboard import Dashboard, Target
 from kizuna.controlplane.dashboard_graph import Member, ServiceInfo, Topology
 from kizuna.controlplane.dashboard_metrics import DURATION_BOUNDS, Workload
+from kizuna.controlplane.traces import TraceStore
 
 NAMESPACE = "default"
 GATEWAY = Workload("istio-system", "istio-ingressgateway", "istio-ingressgateway", "unknown")
@@ -33,6 +34,9 @@ class SyntheticMesh:
 
     def __init__(self, services: int = 100) -> None:
         self.count = services
+        self.trace_store = TraceStore()
+        for number in range(3):
+            self.trace_store.add_otlp(synthetic_trace(number, depth=min(4, services)))
         self.scrapes: dict[str, int] = {}
         self._workloads = {service_name(i): (Workload(NAMESPACE, f"{service_name(i)}-v1", service_name(i), "v1"),
                                              Workload(NAMESPACE, f"{service_name(i)}-v2", service_name(i), "v2"))
@@ -67,6 +71,12 @@ class SyntheticMesh:
     def prometheus(self) -> str | None:
         return None
 
+    def traces(self, limit: int) -> list[dict[str, Any]]:
+        return self.trace_store.summaries(limit)
+
+    def trace(self, trace_id: str) -> list[dict[str, Any]] | None:
+        return self.trace_store.trace(trace_id)
+
     async def fetch(self, url: str) -> str:
         """The Prometheus text of the proxy ``url`` names (``synthetic://ns/workload``)."""
         workload_id = url.removeprefix("synthetic://")
@@ -77,6 +87,31 @@ class SyntheticMesh:
         me = next(w for w in self._workloads[service] if w.name == name)
         return exposition(me, self.callers(index), f"{service}.{namespace}.svc.cluster.local", rounds,
                           errors=index % ERROR_EVERY == 3)
+
+
+def synthetic_trace(number: int, depth: int) -> dict[str, Any]:
+    """An OTLP/JSON export of one trace: the gateway calls svc-000, which calls svc-001 ..., each hop a client
+    span and a server span, 2 ms apart; the last hop of trace 2 fails."""
+    trace_id = f"{number + 1:032x}"
+    start = 1_700_000_000_000_000_000 + number * 1_000_000_000
+    resources = []
+    parent = ""
+    for hop in range(depth):
+        caller = "istio-ingressgateway" if hop == 0 else service_name(hop - 1)
+        callee = service_name(hop)
+        begin, end = start + hop * 2_000_000, start + (2 * depth - hop) * 2_000_000
+        client_id, server_id = f"{number:02x}{hop:02x}c".ljust(16, "0"), f"{number:02x}{hop:02x}5".ljust(16, "0")
+        failed = number == 2 and hop == depth - 1
+        for service, span_id, parent_id, kind, offset in ((caller, client_id, parent, 3, 0),
+                                                          (callee, server_id, client_id, 2, 500_000)):
+            span = {"traceId": trace_id, "spanId": span_id, "parentSpanId": parent_id, "kind": kind,
+                    "name": f"{callee}.{NAMESPACE}.svc.cluster.local:80/*", "startTimeUnixNano": begin + offset,
+                    "endTimeUnixNano": end - offset, "status": {"code": 2 if failed else 0},
+                    "attributes": [{"key": "http.status_code", "value": {"intValue": "503" if failed else "200"}}]}
+            resources.append({"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+                              "scopeSpans": [{"spans": [span]}]})
+        parent = server_id
+    return {"resourceSpans": resources}
 
 
 def exposition(destination: Workload, sources: list[Workload], fqdn: str, rounds: int, errors: bool) -> str:

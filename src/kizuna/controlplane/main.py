@@ -153,7 +153,8 @@ async def _start_dashboard(listen: str, server: ControlPlaneServer, state: Path)
     (None, None) when it cannot listen (the mesh works without it)."""
     from kizuna.controlplane.dashboard import ControlPlaneView, Dashboard
 
-    board = Dashboard(ControlPlaneView(server.store, server.registry, server.pusher, state))
+    board = Dashboard(ControlPlaneView(server.store, server.registry, server.pusher, state,
+                                       server.traces))
     try:
         host, port = await board.start(*parse_listen(listen))
     except (OSError, ValueError) as exc:

@@ -43,9 +43,10 @@ def _valid(value: str, length: int) -> bool:
 
 
 def extract(headers: Iterable[tuple[bytes, bytes]]) -> SpanContext | None:
-    """The caller's span context from request headers (names lower-case), or None."""
+    """The caller's span context from request headers (names in any case), or None."""
     found: dict[bytes, bytes] = {}
     for name, value in headers:
+        name = name.lower()  # as sent: urllib writes "Traceparent"
         if name in TRACE_HEADERS and name not in found:
             found[name] = value
     if not found:

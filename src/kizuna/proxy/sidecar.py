@@ -65,6 +65,12 @@ class Sidecar:
 
             log = AccessLog(bootstrap.access_log) if bootstrap.access_log else None
             self.telemetry = Telemetry.from_bootstrap(bootstrap, log)
+            if bootstrap.trace_endpoint:
+                from kizuna.proxy.tracing import OtlpExporter, Tracer
+
+                node = bootstrap.node
+                self.telemetry.tracer = Tracer(f"{node.workload}.{node.namespace}", node.workload,
+                                               bootstrap.trace_sampling, OtlpExporter(bootstrap.trace_endpoint))
         self.stats: Stats = TelemetryStats(self.telemetry)
         self.capture = bootstrap.capture == "iptables"
         self.registration_only = bootstrap.capture == "none"

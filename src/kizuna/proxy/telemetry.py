@@ -24,6 +24,7 @@ from kizuna.proxy.stats import Stats
 if TYPE_CHECKING:
     from kizuna.proxy.access_log import AccessLog
     from kizuna.proxy.state import Pool
+    from kizuna.proxy.tracing import Tracer
     from kizuna.proxyconfig.bootstrap import Bootstrap
     from kizuna.proxyconfig.model import Snapshot
 
@@ -102,7 +103,7 @@ def decode_peer(value: bytes) -> tuple[str, str, str, str, str] | None:
 class Telemetry:
     """One sidecar's Istio metrics: HTTP series and TCP series, keyed by pre-built label tuples."""
 
-    __slots__ = ("local", "gateway", "outbound_port", "http", "tcp", "access_log", "_endpoints",
+    __slots__ = ("local", "gateway", "outbound_port", "http", "tcp", "access_log", "tracer", "_endpoints",
                  "_values", "_peers", "_services")
 
     def __init__(self, local: Workload, outbound_port: int, gateway: bool = False,
@@ -115,6 +116,8 @@ class Telemetry:
         self.tcp: dict[tuple[Any, ...], list[int]] = {}
         """TCP series: [opened, closed, sent bytes, received bytes]."""
         self.access_log = access_log
+        self.tracer: Tracer | None = None
+        """Spans for the requests of this proxy (``proxy/tracing.py``), when tracing is configured."""
         self._endpoints: dict[tuple[str, int], Workload] = {}
         self._values: dict[str, bytes] = {}
         self._peers: dict[tuple[bytes, str], tuple[Workload, Service]] = {}

@@ -24,6 +24,7 @@ from kizuna.proxy.telemetry import (
     Telemetry,
     Workload,
 )
+from kizuna.proxy.tracing import Span, replace_trace_headers
 
 if TYPE_CHECKING:
     from kizuna.proxy.errors import SyntheticResponse
@@ -46,7 +47,7 @@ class HttpTap:
     """Telemetry of one HTTP/1.x client connection."""
 
     __slots__ = ("telemetry", "reporter", "principal", "security", "trusted", "peer", "service", "_last",
-                 "_host", "_host_service", "remote")
+                 "_host", "_host_service", "remote", "span")
 
     def __init__(self, telemetry: Telemetry, transport: asyncio.BaseTransport) -> None:
         self.telemetry = telemetry
@@ -67,11 +68,25 @@ class HttpTap:
         self._host_service = UNKNOWN_SERVICE
         peer = transport.get_extra_info("peername")
         self.remote = f"{peer[0]}:{peer[1]}" if peer else ""
+        self.span: Span | None = None
+        """The traced request in progress on this connection (HTTP/1.x: one at a time)."""
 
     # -- per request ----------------------------------------------------------------------------------------
 
     def inbound(self, head: RequestHead) -> RequestHead:
-        """Destination side: take the client sidecar's ``x-kizuna-peer`` header out of the request."""
+        """Destination side: take the client sidecar's ``x-kizuna-peer`` header out of the request, and open
+        the server span of a traced request (its trace headers rewritten for the app)."""
+        head = self._peer(head)
+        tracer = self.telemetry.tracer
+        if tracer is not None:
+            host = head.host.decode("latin-1")
+            self.span, onward = tracer.begin(head.headers, "server", f"{host}/*", {
+                "http.method": head.method.decode("latin-1"), "http.url": head.target.decode("latin-1"),
+                "peer.principal": self.principal or "", "component": "proxy"})
+            head = head._replace(headers=replace_trace_headers(head.headers, onward))
+        return head
+
+    def _peer(self, head: RequestHead) -> RequestHead:
         headers = head.headers
         for i, (name, value) in enumerate(headers):
             if len(name) == _PEER_LEN and name.lower() == PEER_HEADER:
@@ -89,6 +104,13 @@ class HttpTap:
         cluster = exchange.dest.cluster.cluster
         if cluster.endpoints and self.telemetry.service(cluster.service)[2] != UNKNOWN:
             exchange.extra += ((PEER_HEADER, self.telemetry.peer_value(cluster.service)),)
+        tracer = self.telemetry.tracer
+        if tracer is not None:
+            head = exchange.head
+            self.span, onward = tracer.begin(head.headers, "client", f"{cluster.service}:{cluster.port}/*", {
+                "http.method": head.method.decode("latin-1"), "http.url": exchange.target.decode("latin-1"),
+                "upstream_cluster": cluster.name, "component": "proxy"})
+            exchange.head = head._replace(headers=replace_trace_headers(head.headers, onward))
 
     def done(self, exchange: Exchange, status: int = 0, flags: str = "") -> None:
         """Record a finished exchange (``status`` given: a synthetic answer in its place)."""
@@ -102,6 +124,7 @@ class HttpTap:
         code = status or exchange.status
         if not flags and exchange.tried and code in exchange.dest.retry.retriable_statuses:
             flags = "URX"  # retries spent, the last try's answer passed on (the exchange's x-kizuna-flags)
+        self._end_span(code, flags, exchange)
         head = exchange.head
         received = head.content_length if head.content_length is not None else exchange.body_size
         duration = (exchange.loop.time() - exchange.t0) * 1000.0
@@ -124,6 +147,7 @@ class HttpTap:
         else:
             peer, service = self.peer, self.service
         flags = response.flag or "-"
+        self._end_span(response.status, response.flag)
         telemetry.record_http(self.reporter, peer, service, response.status, flags, self.security, 0.0,
                               head.content_length or 0, 0)
         log = telemetry.access_log
@@ -134,6 +158,15 @@ class HttpTap:
                      head.host.decode("latin-1"), self.principal, None, REPORTERS[self.reporter])
 
     # -- helpers ----------------------------------------------------------------------------------------------
+
+    def _end_span(self, status: int, flags: str, exchange: Exchange | None = None) -> None:
+        span, tracer = self.span, self.telemetry.tracer
+        if span is None or tracer is None:
+            return
+        self.span = None
+        pool = exchange.last if exchange is not None else None
+        tracer.end(span, status, flags if flags != "-" else "",
+                   **({"upstream_host": f"{pool.address}:{pool.port}"} if pool is not None else {}))
 
     def _service_of_host(self, host: bytes) -> Service:
         if host == self._host:

@@ -132,14 +132,19 @@ class Bootstrap:
     control_plane_ca: str | None = None
     """The mesh's trust bundle: the control plane serves TLS and the sidecar verifies it with this (None:
     plain HTTP, a control plane run in-process by tests)."""
+    trace_endpoint: str | None = None
+    """OTLP/HTTP traces endpoint (``http://host:4318/v1/traces``); None: no tracing."""
+    trace_sampling: float = 1.0
+    """Percent of new traces recorded (Istio's default 1%); callers' sampling decisions are followed."""
 
     def to_json(self) -> dict[str, Any]:
-        out = {"node": self.node.to_json(), "controlPlane": self.control_plane, "tokenFile": self.token_file,
-               "staticSnapshot": self.static_snapshot, "adminPort": self.admin_port,
-               "outboundPort": self.outbound_port,
-               "readiness": self.readiness.to_json() if self.readiness else None,
-               "controlPlaneFile": self.control_plane_file,
-               "capture": self.capture, "inboundCapturePort": self.inbound_capture_port}
+        out: dict[str, Any] = {
+            "node": self.node.to_json(), "controlPlane": self.control_plane, "tokenFile": self.token_file,
+            "staticSnapshot": self.static_snapshot, "adminPort": self.admin_port,
+            "outboundPort": self.outbound_port,
+            "readiness": self.readiness.to_json() if self.readiness else None,
+            "controlPlaneFile": self.control_plane_file,
+            "capture": self.capture, "inboundCapturePort": self.inbound_capture_port}
         if self.node.kind == "gateway":
             out.update(gatewayAddress=self.gateway_address,
                        gatewayPorts={str(k): v for k, v in self.gateway_ports})
@@ -155,6 +160,9 @@ class Bootstrap:
             out["accessLog"] = self.access_log
         if self.control_plane_ca:
             out["controlPlaneCa"] = self.control_plane_ca
+        if self.trace_endpoint:
+            out["traceEndpoint"] = self.trace_endpoint
+            out["traceSampling"] = self.trace_sampling
         return out
 
     @classmethod
@@ -173,7 +181,7 @@ class Bootstrap:
                    str(data.get("credential", "")), str(data.get("trustDomain", "cluster.local")),
                    data.get("certDir"), bool(data.get("telemetry", True)),
                    int(data.get("prometheusPort", PROMETHEUS_PORT)), data.get("accessLog"),
-                   data.get("controlPlaneCa"))
+                   data.get("controlPlaneCa"), data.get("traceEndpoint"), float(data.get("traceSampling", 1.0)))
 
     @classmethod
     def load(cls, path: str | Path) -> Bootstrap:

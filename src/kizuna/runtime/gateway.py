@@ -61,6 +61,7 @@ def bootstrap(settings: UpSettings, state: StateDir, admin_address: str, listen:
     return Bootstrap(node=node(admin_address), control_plane=listen, token_file=str(state.token),
                      credential=credential_for(load_or_create_secret(state.root), identity),
                      control_plane_ca=str(bundle) if (bundle := state.control_plane_ca()) else None,
+                     trace_endpoint=state.tracing()[0], trace_sampling=state.tracing()[1],
                      gateway_address=settings.gateway_address,
                      gateway_ports=((HTTP_TARGET_PORT, settings.gateway_port),
                                     (HTTPS_TARGET_PORT, settings.gateway_https_port)))

@@ -84,6 +84,9 @@ class UpSettings:
     workload_cert_ttl: float | None = setting(None, metavar="SECONDS")
     """lifetime of the workload certificates the mesh's CA signs for mTLS (default 86400, Istio's 24 h;
     sidecars renew at half of it)"""
+    trace_sampling: float = setting(1.0, metavar="PERCENT")
+    """percent of requests traced, as Istio's default (a caller's own sampling decision is followed); spans go
+    to the control plane's trace store (`kizuna traces`)"""
     prometheus: str = setting("127.0.0.1:9090", metavar="HOST:PORT")
     """where the mesh's Prometheus listens (started when the `prometheus` binary is installed; scrapes every
     sidecar's and the gateway's :15090 every 5 s, data in the state dir); off = do not start it"""

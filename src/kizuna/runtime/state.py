@@ -26,6 +26,13 @@ class StateDir:
     def token(self) -> Path:
         return self.root / "token"
 
+    def tracing(self) -> tuple[str | None, float]:
+        """Where sidecars export spans (the control plane's OTLP receiver, when it runs one) and the sampling
+        percent ``kizuna up`` was given."""
+        endpoint = (self.read_controlplane() or {}).get("otlp")
+        sampling = float((self.read_runtime() or {}).get("traceSampling", 1.0))
+        return (str(endpoint) if endpoint else None), sampling
+
     def control_plane_ca(self) -> Path | None:
         """The trust bundle sidecars verify the control plane with, when it serves TLS (else None)."""
         data = self.read_controlplane() or {}

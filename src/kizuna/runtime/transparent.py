@@ -144,7 +144,8 @@ def write_bootstrap(state: StateDir, network: Network, instance: Instance, liste
                           readiness=instance.readiness, capture="iptables" if sidecar else "none",
                           credential=instance.credential(state.root) if sidecar else "",
                           access_log=str(access_log) if access_log else None,
-                          control_plane_ca=str(ca_copy) if ca_copy is not None else None)
+                          control_plane_ca=str(ca_copy) if ca_copy is not None else None,
+                          trace_endpoint=state.tracing()[0], trace_sampling=state.tracing()[1])
     path = run_dir / f"{instance.id}.json"
     # Private to the sidecar's UID: the credential in it is this workload's alone.
     netns.write_private(path, (json.dumps(bootstrap.to_json(), indent=2) + "\n").encode(), capture.PROXY_UID,

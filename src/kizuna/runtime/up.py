@@ -69,7 +69,8 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
     supervisor = Supervisor(state, {
         "version": 1, "up": {"pid": os.getpid(), "startTime": _own_start_time()}, "mode": mode,
         "podCidr": str(pod_range), "serviceCidr": str(network.services) if network else None,
-        "controlPlane": listen, "controlPlaneTls": True, "instances": [i.to_json() for i in instances],
+        "controlPlane": listen, "controlPlaneTls": True, "traceSampling": settings.trace_sampling,
+        "instances": [i.to_json() for i in instances],
         "processes": [],
         "gateway": {"address": settings.gateway_address, "port": settings.gateway_port,
                     "httpsPort": settings.gateway_https_port} if with_gateway else None,
@@ -197,11 +198,16 @@ def _optional(path: Path | None) -> str | None:
     return str(path) if path is not None else None
 
 
+def _tracing(state: StateDir) -> dict[str, Any]:
+    endpoint, sampling = state.tracing()
+    return {"trace_endpoint": endpoint, "trace_sampling": sampling}
+
+
 def _start_instance(supervisor: Supervisor, state: StateDir, instance: Instance, listen: str) -> None:
     bootstrap = Bootstrap(node=instance.node(), control_plane=listen, token_file=str(state.token),
                           readiness=instance.readiness, credential=instance.credential(state.root),
                           access_log=str(state.logs / f"{instance.id}.access.log"),
-                          control_plane_ca=_optional(state.control_plane_ca()))
+                          control_plane_ca=_optional(state.control_plane_ca()), **_tracing(state))
     path = state.bootstrap(instance.id)
     bootstrap.dump(path)
     supervisor.spawn(f"{instance.id}.proxy", "sidecar", _kizuna("proxy", "--bootstrap", str(path)),
