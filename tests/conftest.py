@@ -141,9 +141,9 @@ def _start(state: Path, paths: Sequence[str | Path], started: list[Mesh], extra:
     started.append(mesh)  # before anything runs: whatever happens next, teardown sees it
     # Transparent mode picks its own free ranges (10.210.0.0/16 and 10.211.0.0/16, from the state dir).
     where = ["--mode", "transparent"] if transparent else ["--pod-cidr", mesh.pod_cidr]
-    # Test meshes run no Prometheus unless a test asks (its own --prometheus comes later and wins).
-    result = run_kizuna("up", "--detach", "--state-dir", state, *where, "--prometheus", "off", *extra, *paths,
-                        timeout=120)
+    # Test meshes run no Prometheus and no dashboard unless a test asks (its own option comes later and wins).
+    result = run_kizuna("up", "--detach", "--state-dir", state, *where, "--prometheus", "off", "--dashboard", "off",
+                        *extra, *paths, timeout=120)
     if (state / "runtime.json").exists():
         mesh.processes = mesh.runtime()["processes"]
         mesh.pod_cidr = mesh.runtime()["podCidr"]

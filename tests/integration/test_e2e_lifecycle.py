@@ -109,7 +109,7 @@ class Foreground:
     def __init__(self, kit: Any, state: Path, cidr: str, manifest: Path) -> None:
         self.kit, self.state = kit, state
         argv = [sys.executable, "-m", "kizuna", "up", "--state-dir", str(state), "--pod-cidr", cidr,
-                str(manifest)]
+                "--prometheus", "off", "--dashboard", "off", str(manifest)]
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env=kit.kizuna_env(), start_new_session=True)
         self.lines: list[str] = []

@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Callable
 from functools import partial
 from random import getrandbits
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 
 from kizuna.protocols.http1 import (
     BODY_CHUNKED,
@@ -102,6 +102,9 @@ def new_request_id() -> bytes:
 
 class Exchange:
     """One request and its response, across as many upstream tries as the retry policy allows."""
+
+    recorded: ClassVar[bool] = True
+    """Telemetry and tracing take this exchange (a subclass that answers in its own way may opt out)."""
 
     __slots__ = ("down", "head", "dest", "target", "host", "extra", "mode", "loop", "stats", "body",
                  "body_size", "streaming", "request_done", "request_sent", "head_bytes", "conn", "pool",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, ClassVar, Final
 
 from kizuna.protocols.http1 import (
     BODY_CHUNKED,
@@ -64,6 +64,8 @@ def stream_headers(head: RequestHead, target: bytes, scheme: bytes = b"http") ->
 
 class H2Front(Exchange):
     """One HTTP/1.1 request proxied as an HTTP/2 stream (see the module docstring)."""
+
+    recorded: ClassVar[bool] = False  # its stream is not recorded yet, as HTTP/2 calls are not
 
     __slots__ = ("call", "pools", "unacked", "framing_out", "head_sent", "ended", "aborted", "response_done",
                  "request_over")
