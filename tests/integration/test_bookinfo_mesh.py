@@ -21,12 +21,14 @@ from typing import Any
 
 import pytest
 
+from kizuna.testing.samples import ISTIO_SAMPLES
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 BOOKINFO = REPO / "examples" / "bookinfo"
 OURS = BOOKINFO / "networking"
-SAMPLES = REPO.parent / "shared" / "istio-samples"
+SAMPLES = ISTIO_SAMPLES
 ISTIO = SAMPLES / "samples" / "bookinfo" / "networking"
 TIMEOUTS_TASK = SAMPLES / "tasks" / "request-timeouts"
 BLOCK = ipaddress.IPv4Network("127.82.0.0/17")
@@ -200,6 +202,7 @@ def test_request_routing_jason_gets_v2(browser: Browser) -> None:
     assert browser.loads(10, "alice") == {"none": 10}
 
 
+@needs_samples
 def test_explain_names_the_route_jason_takes(browser: Browser) -> None:
     browser.apply(ISTIO / "virtual-service-reviews-test-v2.yaml")
     browser.until("black", user="jason")
@@ -332,6 +335,7 @@ def test_authz_http_task_step_by_step(browser: Browser, mesh: Mesh) -> None:
         assert result.returncode == 0, result.stderr
 
 
+@needs_samples
 def test_a_traced_page_load_is_one_trace_gateway_to_ratings(browser: Browser, mesh: Mesh) -> None:
     """A request the caller samples (``traceparent`` flag 01) is traced across every hop: the gateway, then
     each sidecar's server and client spans, every span's parent the span before it on its path."""
