@@ -126,3 +126,47 @@ def test_the_control_plane_api_is_tls_with_its_own_identity(mesh: Mesh, tmp_path
     strange.check_hostname = False
     with pytest.raises(ApiError):
         ControlPlaneClient(record["address"], client.token, mesh.state, tls=strange).status()
+
+
+def test_a_sidecar_certificate_speaks_only_for_its_own_workload(mesh: Mesh, tmp_path: Path) -> None:
+    """A discovery stream presenting sleep's certificate may not register as httpbin: it gets no config."""
+    import socket
+    import ssl
+
+    from kizuna.controlplane.ca import CertificateAuthority
+    from kizuna.controlplane.token import read_token
+    from kizuna.proxy.identity import Certificate, WorkloadIdentity
+    from kizuna.proxyconfig.bootstrap import Node
+    from kizuna.proxyconfig.xds import DISCOVERY_PATH, UPGRADE_TOKEN, Hello, encode
+
+    ca = CertificateAuthority.load_or_create(mesh.state)
+    sleep = WorkloadIdentity(lambda: "", lambda: "", "default", "sleep", "")
+    issued = ca.sign(sleep.csr(), "default", "sleep", ca.credential("default", "sleep"))
+    sleep.install(Certificate(issued.identity, issued.cert_chain, issued.roots, issued.not_after))
+    context = sleep.context()
+    assert context is not None
+    host, _, port = json.loads((mesh.state / "controlplane.json").read_text())["address"].rpartition(":")
+    token = read_token(mesh.state / "token")
+
+    def first_message(node: Node) -> bytes:
+        with socket.create_connection((host, int(port)), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname="controlplane") as tls:
+            tls.sendall(f"GET {DISCOVERY_PATH} HTTP/1.1\r\nHost: cp\r\nConnection: Upgrade\r\n"
+                        f"Upgrade: {UPGRADE_TOKEN}\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(4096)
+            assert head.startswith(b"HTTP/1.1 101"), head
+            tls.sendall(encode(Hello(node)))
+            tls.settimeout(3)
+            try:
+                return head.partition(b"\r\n\r\n")[2] or tls.recv(65536)
+            except (TimeoutError, ssl.SSLError, ConnectionError):
+                return b""
+
+    own = Node("sleep-9.default", "sleep", "default", "sleep", (("app", "sleep"),), "127.0.0.1", "127.0.0.1")
+    stolen = Node("httpbin-9.default", "httpbin-v1", "default", "httpbin", (("app", "httpbin"),),
+                  "127.0.0.1", "127.0.0.1")
+    assert b"push" in first_message(own).lower()  # its own workload: a config comes
+    assert first_message(stolen) == b""  # another workload's: the stream is closed
+    sleep.close()

@@ -174,6 +174,16 @@ class ControlPlaneServer:
             return error_response(403, str(exc))
         return json_response(200, issued.to_json())
 
+    def _identity_mismatch(self, hello: Hello, peercert: dict[str, Any] | None) -> str:
+        """A sidecar that presents its workload certificate may only speak for a node of that identity (its
+        namespace and service account); without a certificate (not obtained yet) the token alone admits it."""
+        uris = [str(v) for k, v in (peercert or {}).get("subjectAltName", ()) if k == "URI"]
+        if not uris or self.ca is None:
+            return ""
+        node = hello.node
+        wanted = f"spiffe://{self.ca.trust_domain}/ns/{node.namespace}/sa/{node.service_account}"
+        return "" if wanted in uris else f"its certificate is {uris[0]}, not {wanted}"
+
     def _rotate(self, request: Request) -> Response:
         """``{"grace": seconds}``: start a root rotation (see ``CertificateAuthority.rotate_root``)."""
         if self.ca is None:
@@ -278,6 +288,10 @@ class ControlPlaneServer:
         hello = pending.pop(0)
         if not isinstance(hello, Hello):
             log.warning("discovery stream must start with Hello, got %s", type(hello).__name__)
+            return
+        refused = self._identity_mismatch(hello, writer.get_extra_info("peercert"))
+        if refused:
+            log.warning("discovery stream of %s refused: %s", hello.node.id, refused)
             return
         connection = self.pusher.connect(hello.node, hello.version, hello.ready, _StreamSink(writer))
         try:
