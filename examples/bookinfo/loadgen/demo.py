@@ -108,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             page = _productpage_url(record)
             locust = subprocess.Popen(_kizuna("exec", *state, "productpage-v1", "--",
                                               *_locust(args, "http://productpage:9080")), env=env)
-        print(f"\nBookinfo is ready in {time.monotonic() - began:.1f}s:  {page}\n"
-              f"load: {args.users} locust users for up to {args.run_time} (summary on exit)\n"
-              f"try:  kizuna apply --state-dir {state_dir} -f examples/bookinfo/networking/"
-              "virtual-service-all-v1.yaml\n"
-              "Ctrl-C stops the load and the mesh\n", flush=True)
+        board = json.loads((state_dir / "controlplane.json").read_text()).get("dashboard")
+        lines = [f"\nBookinfo is ready in {time.monotonic() - began:.1f}s:  {page}"]
+        if board:
+            lines.append(f"dashboard: {board}   traces: kizuna traces --state-dir {state_dir}")
+        lines += [f"load: {args.users} locust users for up to {args.run_time} (summary on exit)",
+                  f"try:  kizuna apply --state-dir {state_dir} -f examples/bookinfo/networking/"
+                  "virtual-service-all-v1.yaml",
+                  "Ctrl-C stops the load and the mesh\n"]
+        print("\n".join(lines), flush=True)
         locust.wait()
         print("the load has finished; the mesh runs until Ctrl-C", flush=True)
         while True:
