@@ -112,8 +112,6 @@ class WorkloadIdentity:
         self.last_error = ""
         self._dir = tempfile.mkdtemp(prefix="kizuna-identity-")  # mode 0700
         self._task: asyncio.Task[None] | None = None
-        self.changed: list[Callable[[], None]] = []
-        """Called after each new certificate (e.g. to tell the control plane the expiry)."""
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -126,11 +124,6 @@ class WorkloadIdentity:
         if self._task is not None:
             self._task.cancel()
         shutil.rmtree(self._dir, ignore_errors=True)
-
-    @property
-    def expires_in(self) -> float | None:
-        cert = self.certificate
-        return None if cert is None else cert.not_after - time.time()
 
     def to_json(self) -> dict[str, Any]:
         cert = self.certificate
@@ -248,8 +241,6 @@ class WorkloadIdentity:
             os.unlink(path)  # loaded into the contexts; nothing needs them on disk any more
         self.certificate, self.server_context, self._clients = cert, server, clients
         self.client_context = clients["http/1.1"]
-        for callback in self.changed:
-            callback()
 
     async def _obtain_until_done(self) -> None:
         delay = RETRY_MIN
