@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from typing import TextIO, cast
 
 from kizuna.protocols.http1 import RequestHead
 from kizuna.proxy.capture import Closing, tcp_endpoint
@@ -150,7 +150,8 @@ class GatewayListeners:
         else:
             assert self.outbound is not None, "set outbound before the first snapshot"
             dispatcher = GatewayDispatcher(self.outbound, port, self.guard)
-            make = lambda: HttpServerConnection(dispatcher, self.stats, self.connections)  # noqa: E731
+            make = lambda: self._held(  # noqa: E731
+                lambda: HttpServerConnection(dispatcher, self.stats, self.connections))
 
         def accept(info: ConnectionInfo) -> asyncio.BaseProtocol:
             # TLS is decided per connection from the current snapshot: a port can gain or lose TLS without
@@ -162,6 +163,14 @@ class GatewayListeners:
             return make()
 
         return accept
+
+    def _held(self, make: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
+        """``make()``, held while a fresh RequestAuthentication's key sets are on their first fetch (as the
+        sidecar's inbound does), so the first tokens after a policy lands are not refused for want of keys."""
+        security = self.source.state.snapshot.security
+        if security is None:
+            return make()
+        return cast(asyncio.Protocol, self.guard.hold(security, make))
 
     def _terminate(self, port: int, sni: str, initial: bytes,
                    make: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
