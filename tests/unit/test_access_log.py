@@ -18,7 +18,7 @@ from kizuna.runtime.state import StateDir
 
 def entry(log: AccessLog, code: int = 200, path: str = "/get") -> None:
     log.http("2026-11-27T00:00:00.000Z", "GET", path, "HTTP/1.1", code, "-", 0, 12, 1.5, "127.0.0.1:80",
-             "outbound|80||a", "rid", "a:80", None, None, "source")
+             "outbound|80||a", "rid", "a:80", None, None, "source", None)
 
 
 def lines(path: Path) -> list[dict[str, object]]:

@@ -73,6 +73,16 @@ def test_rates_errors_latency_and_mtls_from_two_scrapes_of_a_real_sidecar() -> N
     assert edge["mtls"] is True
 
 
+def test_failed_grpc_calls_are_errors_though_http_said_200() -> None:
+    server = Telemetry(HTTPBIN_T, 15001)
+    before = server.exposition()
+    for status, count in (("0", 8), ("5", 2)):
+        for _ in range(count):
+            server.record_http(DESTINATION, SLEEP_T, SERVICE, 200, "-", "mutual_tls", 1.0, 5, 7, status)
+    stats = _interval((before, server.exposition()))[(SLEEP, HTTPBIN, FQDN)]
+    assert stats.requests == 10 and stats.errors == 2
+
+
 def test_plaintext_traffic_has_no_lock_and_each_edge_is_counted_once() -> None:
     client, server = Telemetry(SLEEP_T, 15001), Telemetry(HTTPBIN_T, 15001)
     before = (client.exposition(), server.exposition())

@@ -48,8 +48,8 @@ class Workload:
 UNKNOWN_WORKLOAD: Final = Workload(UNKNOWN, UNKNOWN)
 
 SeriesKey = tuple[str, str, Workload, Workload, str, str, bool, float]
-"""(metric, reporter, source, destination, destination_service, response_code, mutual TLS, le bucket bound;
-0.0 where the metric has no buckets)."""
+"""(metric, reporter, source, destination, destination_service, response_code (``grpc-N`` for a gRPC call that
+failed with status N), mutual TLS, le bucket bound; 0.0 where the metric has no buckets)."""
 Counters = dict[SeriesKey, float]
 EdgeKey = tuple[Workload, Workload, str]
 """(source, destination, destination_service FQDN)."""
@@ -108,8 +108,12 @@ def counters_of(found: Iterable[tuple[str, Mapping[str, str], float]]) -> Counte
         if name == DURATION_BUCKET:
             bound = labels.get("le", "+Inf")
             le = math.inf if bound == "+Inf" else float(bound)
+        code = labels.get("response_code", "")
+        grpc = labels.get("grpc_response_status", "")
+        if grpc not in ("", "0"):
+            code = f"grpc-{grpc}"  # a failed gRPC call is an error though HTTP said 200 (as Kiali counts)
         key = (name, labels.get("reporter", ""), _side(labels, "source"), _side(labels, "destination"),
-               labels.get("destination_service", UNKNOWN) or UNKNOWN, labels.get("response_code", ""),
+               labels.get("destination_service", UNKNOWN) or UNKNOWN, code,
                labels.get("connection_security_policy") == MTLS, le)
         out[key] = out.get(key, 0.0) + value
     return out

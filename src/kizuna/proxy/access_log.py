@@ -21,7 +21,7 @@ MAX_PENDING: Final = 100_000
 
 HTTP_FIELDS: Final = ("start_time", "method", "path", "protocol", "response_code", "response_flags",
                       "bytes_received", "bytes_sent", "duration", "upstream_host", "upstream_cluster",
-                      "x_request_id", "authority", "downstream_peer", "route_name", "reporter")
+                      "x_request_id", "authority", "downstream_peer", "route_name", "reporter", "grpc_status")
 """The fields of an HTTP entry, in the order ``AccessLog.http`` takes them."""
 TCP_FIELDS: Final = ("start_time", "protocol", "response_flags", "bytes_received", "bytes_sent", "duration",
                      "upstream_host", "upstream_cluster", "downstream_peer", "reporter")

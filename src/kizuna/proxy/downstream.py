@@ -104,7 +104,7 @@ class HttpServerConnection(asyncio.Protocol):
         self.registry.discard(self)
         self.queue.clear()
         if self.exchange is not None:
-            if self.tap is not None and isinstance(self.exchange, Exchange) and self.exchange.recorded:
+            if self.tap is not None and isinstance(self.exchange, Exchange):
                 self.tap.done(self.exchange, 0, "DC")
             self.exchange.abort()
             self.exchange = None
@@ -157,7 +157,7 @@ class HttpServerConnection(asyncio.Protocol):
             head = tap.inbound(head)
         result = self.dispatcher.dispatch(self, head)
         if tap is not None:
-            if isinstance(result, Exchange) and result.recorded:
+            if isinstance(result, Exchange):
                 if not tap.reporter:
                     tap.outbound(result)
             elif isinstance(result, SyntheticResponse):
@@ -203,7 +203,7 @@ class HttpServerConnection(asyncio.Protocol):
         """Send a response the proxy made up, then carry on (or close) as after any response."""
         self.stats.error(response.reason)
         exchange = self.exchange
-        if self.tap is not None and isinstance(exchange, Exchange) and exchange.recorded:
+        if self.tap is not None and isinstance(exchange, Exchange):
             self.tap.done(exchange, response.status, response.flag)
         if not self.transport.is_closing():
             self.transport.write(response.encode(close=not keep_alive))
@@ -212,7 +212,7 @@ class HttpServerConnection(asyncio.Protocol):
     def exchange_done(self, keep_alive: bool) -> None:
         """The current response went out in full; serve the next queued request, or close."""
         exchange = self.exchange
-        if self.tap is not None and isinstance(exchange, Exchange) and exchange.recorded:
+        if self.tap is not None and isinstance(exchange, Exchange):
             self.tap.done(exchange)
         self._next(keep_alive)
 

@@ -103,8 +103,8 @@ def new_request_id() -> bytes:
 class Exchange:
     """One request and its response, across as many upstream tries as the retry policy allows."""
 
-    recorded: ClassVar[bool] = True
-    """Telemetry and tracing take this exchange (a subclass that answers in its own way may opt out)."""
+    flags: ClassVar[str] = ""
+    """Response flags the exchange's telemetry reports besides its synthetic answers' (see ``H2Front``)."""
 
     __slots__ = ("down", "head", "dest", "target", "host", "extra", "mode", "loop", "stats", "body",
                  "body_size", "streaming", "request_done", "request_sent", "head_bytes", "conn", "pool",

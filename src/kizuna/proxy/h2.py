@@ -42,6 +42,7 @@ from kizuna.proxy.h2_call import H2Call
 from kizuna.proxy.h2_routing import Routed, StreamRouter
 from kizuna.proxy.pool import ClientTls
 from kizuna.proxy.stats import Stats
+from kizuna.proxy.telemetry_stream import StreamTap
 
 
 class H2ServerConnection(asyncio.Protocol):
@@ -57,12 +58,16 @@ class H2ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.calls: dict[int, H2Call | H1Call] = {}
         self.closing = False
+        self.tap: StreamTap | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.registry.add(self)
         self.stats.downstream_cx_total += 1
         self.stats.downstream_cx_active += 1
+        telemetry = getattr(self.stats, "telemetry", None)
+        if telemetry is not None:
+            self.tap = StreamTap(telemetry, transport)
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -89,12 +94,16 @@ class H2ServerConnection(asyncio.Protocol):
                 self.h2.reset(event.stream_id, REFUSED_STREAM)
                 return
             self.stats.downstream_rq_total += 1
-            routed = self.route(event.headers)
+            headers, record = event.headers, None
+            if self.tap is not None:
+                record, headers = self.tap.open(headers)
+            routed = self.route(headers)
             call: H2Call | H1Call
             if isinstance(routed, Routed) and routed.http1:
-                call = H1Call(self, event.stream_id, event.headers, event.end_stream)
+                call = H1Call(self, event.stream_id, headers, event.end_stream)
             else:
-                call = H2Call(self, event.stream_id, event.headers, event.end_stream)
+                call = H2Call(self, event.stream_id, headers, event.end_stream)
+            call.record = record
             self.calls[event.stream_id] = call
             call.start(routed)
         elif isinstance(event, DataReceived):

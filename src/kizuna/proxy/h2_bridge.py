@@ -19,12 +19,13 @@ from kizuna.protocols.http2 import Headers
 from kizuna.proxy.errors import SyntheticResponse
 from kizuna.proxy.exchange import HTTP
 from kizuna.proxy.h2_policy import CONNECTION_SPECIFIC
-from kizuna.proxy.h2_routing import Routed, header, send_synthetic
+from kizuna.proxy.h2_routing import Routed, header, send_synthetic, synthetic_headers
 from kizuna.proxy.route_actions import PolicyExchange
 from kizuna.proxy.tcp import Relay
 
 if TYPE_CHECKING:
     from kizuna.proxy.h2 import H2ServerConnection
+    from kizuna.proxy.telemetry_stream import StreamRecord
 
 HIGH_WATER: Final = 256 * 1024
 """Response bytes held for a slow HTTP/2 client before the HTTP/1.1 upstream is paused."""
@@ -114,6 +115,8 @@ class H1Call:
         self.pending_size = 0
         self.response_done = False
         self.done = False
+        self.record: StreamRecord | None = None
+        """The stream's telemetry (``telemetry_stream``), when its connection records."""
 
     # -- the stream, from the HTTP/2 connection ---------------------------------------------------------
 
@@ -123,7 +126,12 @@ class H1Call:
             self.respond(routed, False)
             return
         head, target, host = request_head(self.headers, routed, self.end_stream)
+        record = self.record
+        if record is not None:
+            head = head._replace(headers=tuple(record.upstream(list(head.headers), routed)))
         self.exchange = BridgeExchange(self, head, routed, target, host)
+        if record is not None and record.request_id is None and self.exchange.extra:
+            record.request_id = self.exchange.extra[0][1].decode("latin-1")  # the x-request-id it made
         if self.end_stream:
             self.exchange.request_end()
 
@@ -133,6 +141,8 @@ class H1Call:
             self.down.h2.acknowledge(self.stream_id, flow)
             return
         if data:
+            if self.record is not None:
+                self.record.received += len(data)
             exchange.request_body(data)
         if self.paused:
             self.held += flow
@@ -150,6 +160,8 @@ class H1Call:
     def downstream_gone(self) -> None:
         if self.exchange is not None:
             self.exchange.abort()  # counts DC
+        if self.record is not None:
+            self.record.flag("DC")
         self.finish()
 
     # -- the response, from the exchange -----------------------------------------------------------------
@@ -157,6 +169,8 @@ class H1Call:
     def response_head(self, head: ResponseHead) -> None:
         if self.done:
             return
+        if self.record is not None:
+            self.record.status = head.status
         self.down.h2.send_headers(self.stream_id, response_headers(head))
 
     def response_body(self, data: bytes) -> None:
@@ -182,6 +196,8 @@ class H1Call:
             data = pending[0]
             sent = h2.send_data(self.stream_id, data)
             self.pending_size -= sent
+            if self.record is not None:
+                self.record.sent += sent
             if sent < len(data):
                 pending[0] = data[sent:]
                 break
@@ -203,6 +219,8 @@ class H1Call:
         if self.done:
             return
         self.down.stats.error(response.reason)
+        if self.record is not None:
+            self.record.synthetic(response, synthetic_headers(response, self.grpc)[0])
         send_synthetic(self.down.h2, self.stream_id, response, self.grpc)
         self.down.flush()
         self.finish()
@@ -241,4 +259,9 @@ class H1Call:
             self.down.h2.acknowledge(self.stream_id, self.held)
             self.held = 0
         self.pending_down.clear()
+        record = self.record
+        if record is not None:
+            if self.exchange is not None:
+                record.pool = self.exchange.last
+            record.close()
         self.down.finished(self.stream_id)

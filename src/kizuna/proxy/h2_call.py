@@ -26,7 +26,14 @@ from kizuna.proxy.errors import (
     SyntheticResponse,
 )
 from kizuna.proxy.h2_policy import downstream_headers, mirror, outlier_status, regular, upstream_headers
-from kizuna.proxy.h2_routing import GRPC_DEADLINE_EXCEEDED, Routed, StreamSink, header, send_synthetic
+from kizuna.proxy.h2_routing import (
+    GRPC_DEADLINE_EXCEEDED,
+    Routed,
+    StreamSink,
+    header,
+    send_synthetic,
+    synthetic_headers,
+)
 from kizuna.proxy.hashing import set_cookie_header
 from kizuna.proxy.retry import backoff
 from kizuna.proxy.state import Pool
@@ -34,6 +41,7 @@ from kizuna.proxy.state import Pool
 if TYPE_CHECKING:  # h2 builds calls at run time; the calls only hold its connections
     from kizuna.proxy.h2 import H2ClientConnection, H2Pools
     from kizuna.proxy.stats import Stats
+    from kizuna.proxy.telemetry_stream import StreamRecord
     from kizuna.proxyconfig.policy import HashPolicy
 
 RETRY_BUFFER: Final = 64 * 1024
@@ -99,23 +107,29 @@ class H2Call:
         self.task: asyncio.Task[None] | None = None
         self.mirror_due = False
         self.hash_cookie: tuple[bytes, bytes] | None = None
+        self.record: StreamRecord | None = None
+        self.flags = ""
+        """The proxy-made outcomes of this call (Envoy's response flags, comma separated)."""
+        """The stream's telemetry (``telemetry_stream``), when its connection records."""
 
     # -- downstream side --------------------------------------------------------------------------------
 
     def start(self, routed: Routed | SyntheticResponse) -> None:
         """Go where the stream router sent the stream (after a fault delay), or answer for the proxy."""
         if isinstance(routed, SyntheticResponse):
-            self.down.stats.flag(routed.flag)
+            self._flag(routed.flag)
             self.respond(routed)
             return
         self.routed = routed
         plan = routed.plan
         self.up_headers = upstream_headers(self.headers, plan)
+        if self.record is not None:
+            self.up_headers = self.record.upstream(self.up_headers, routed)
         if plan is not None:
             self.target = plan.target
             if plan.delay is not None:
                 if plan.delayed_abort is None:
-                    self.down.stats.flag("DI")  # an abort after the delay counts DI with its FI
+                    self._flag("DI")  # an abort after the delay counts DI with its FI
                 self.delay_handle = self.loop.call_later(plan.delay, self._delay_over)
                 return
             self.mirror_due = bool(plan.mirror_to)
@@ -129,7 +143,7 @@ class H2Call:
         abort = routed.plan.delayed_abort
         if abort is not None:
             abort = replace(abort, flag="DI,FI")
-            self.down.stats.flag(abort.flag)
+            self._flag(abort.flag)
             self.respond(abort)
             return
         self.mirror_due = bool(routed.plan.mirror_to)
@@ -153,7 +167,7 @@ class H2Call:
         if circuit is not None:
             verdict = circuit.enter(self, self._resume)
             if verdict == OVERFLOW:
-                self.down.stats.flag(UPSTREAM_OVERFLOW.flag)
+                self._flag(UPSTREAM_OVERFLOW.flag)
                 self.respond(UPSTREAM_OVERFLOW)
                 return
             if verdict == QUEUED:
@@ -192,6 +206,8 @@ class H2Call:
         if self.done:
             self.down.h2.acknowledge(self.stream_id, flow)
             return
+        if self.record is not None:
+            self.record.received += len(data)
         if self.copy is not None:
             self.copy.append(data)
             self.copy_size += len(data)
@@ -210,7 +226,7 @@ class H2Call:
 
     def downstream_gone(self) -> None:
         """The client reset the stream or went away: cancel upstream."""
-        self.down.stats.flag("DC")
+        self._flag("DC")
         self._cancel_up()
         self.finish()
 
@@ -222,7 +238,7 @@ class H2Call:
         cluster = routed.dest.cluster
         pool = cluster.balancer.pick(self.tried) if cluster.plain else cluster.pick(self)
         if pool is None:
-            self.down.stats.flag(NO_HEALTHY_UPSTREAM.flag)
+            self._flag(NO_HEALTHY_UPSTREAM.flag)
             self.respond(NO_HEALTHY_UPSTREAM)
             return
         self.tries += 1
@@ -307,7 +323,7 @@ class H2Call:
                 return
             if self.tries > 1:
                 # Retries were spent and this try failed the same way: Envoy's URX on the passed-on answer.
-                self.down.stats.flag("URX")
+                self._flag("URX")
                 extra.append((b"x-kizuna-flags", b"URX"))
         if self.hash_cookie is not None:
             extra.append(self.hash_cookie)
@@ -315,8 +331,10 @@ class H2Call:
         if self.try_timer is not None:
             self.try_timer.cancel()
             self.try_timer = None
-        self.down.h2.send_headers(self.stream_id, downstream_headers(headers, routed.plan, extra),
-                                  end_stream=end_stream)
+        out = downstream_headers(headers, routed.plan, extra)
+        if self.record is not None:
+            self.record.response(out)
+        self.down.h2.send_headers(self.stream_id, out, end_stream=end_stream)
         self.down.flush()
         if end_stream:
             self.finish()
@@ -344,6 +362,8 @@ class H2Call:
             chunk = self.pending_down[0]
             data, flow = cast(bytes, chunk[0]), cast(int, chunk[1])
             sent = h2.send_data(self.stream_id, data) if data else 0
+            if self.record is not None:
+                self.record.sent += sent
             if sent < len(data):
                 credit = min(sent, flow)
                 if up is not None:
@@ -358,6 +378,8 @@ class H2Call:
             if ended is True:
                 h2.end_stream(self.stream_id)
             else:
+                if self.record is not None:
+                    self.record.response(ended)
                 h2.send_headers(self.stream_id, ended, end_stream=True)
             self.down.flush()
             self.finish()
@@ -435,7 +457,7 @@ class H2Call:
         self.down.stats.timeouts += 1
         if not self.started:
             self._observe(504)
-        self.down.stats.flag(UPSTREAM_TIMEOUT.flag)
+        self._flag(UPSTREAM_TIMEOUT.flag)
         self._cancel_up()
         if not self.started:
             self.respond(UPSTREAM_TIMEOUT)
@@ -443,6 +465,8 @@ class H2Call:
             self.pending_down.clear()
             trailers = [(b"grpc-status", b"%d" % GRPC_DEADLINE_EXCEEDED),
                         (b"grpc-message", b"upstream timeout")]
+            if self.record is not None:
+                self.record.response(trailers)
             self.down.h2.send_headers(self.stream_id, trailers, end_stream=True)
             self.down.flush()
             self.finish()
@@ -456,8 +480,16 @@ class H2Call:
         routed = self.routed
         if routed is not None and self.tries > 1 and routed.dest.retry.attempts:
             error = error.with_flag("URX")
-        self.down.stats.flag(error.flag)
+        self._flag(error.flag)
         self.respond(error)
+
+    def _flag(self, flag: str) -> None:
+        """Count a proxy-made outcome (and put it on the stream's record)."""
+        self.down.stats.flag(flag)
+        if flag not in self.flags.split(","):
+            self.flags = f"{self.flags},{flag}" if self.flags else flag
+        if self.record is not None:
+            self.record.flag(flag)
 
     def _observe(self, status: int) -> None:
         """Tell outlier detection how the current try's endpoint answered."""
@@ -472,6 +504,8 @@ class H2Call:
             return
         self.down.stats.error(response.reason)
         h2 = self.down.h2
+        if self.record is not None:
+            self.record.synthetic(response, synthetic_headers(response, self.grpc)[0])
         send_synthetic(h2, self.stream_id, response, self.grpc)
         # The request body will not be read: credit it so the connection's window stays open.
         for chunk in self.pending_up:
@@ -523,4 +557,8 @@ class H2Call:
             start = circuit.leave(self)
             if start is not None:
                 self.loop.call_soon(start)
+        record = self.record
+        if record is not None:
+            record.pool = self.tried[-1] if self.tried else None
+            record.close()
         self.down.finished(self.stream_id)

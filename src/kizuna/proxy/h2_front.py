@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from http import HTTPStatus
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import TYPE_CHECKING, Final
 
 from kizuna.protocols.http1 import (
     BODY_CHUNKED,
@@ -65,10 +65,8 @@ def stream_headers(head: RequestHead, target: bytes, scheme: bytes = b"http") ->
 class H2Front(Exchange):
     """One HTTP/1.1 request proxied as an HTTP/2 stream (see the module docstring)."""
 
-    recorded: ClassVar[bool] = False  # its stream is not recorded yet, as HTTP/2 calls are not
-
     __slots__ = ("call", "pools", "unacked", "framing_out", "head_sent", "ended", "aborted", "response_done",
-                 "request_over")
+                 "request_over", "flags")
 
     def __init__(self, down: Downstream, head: RequestHead, routed: Routed, target: bytes, stats: Stats,
                  loop: asyncio.AbstractEventLoop, pools: H2Pools) -> None:
@@ -80,10 +78,18 @@ class H2Front(Exchange):
         self.response_done = False
         self.aborted = False
         self.request_over = not head.has_body
+        self.flags = ""  # type: ignore[misc]  # an instance's, where Exchange has a class default
         self.call = H2Call(self, STREAM_ID, stream_headers(head, target), self.request_over)
         # Started on the next loop turn: a call may answer at once (circuit breaker overflow), and the
-        # HTTP/1.1 connection must hold this exchange before its end is reported.
-        loop.call_soon(self.call.start, routed)
+        # HTTP/1.1 connection must hold this exchange before its end is reported (and its telemetry may
+        # have added headers: the caller's x-kizuna-peer, trace context).
+        loop.call_soon(self._begin, routed)
+
+    def _begin(self, routed: Routed) -> None:
+        if self.done:
+            return
+        self.call.headers = [*stream_headers(self.head, self.target), *self.extra]
+        self.call.start(routed)
 
     # -- what the HTTP/1.1 connection drives (Exchange) -----------------------------------------------
 
@@ -91,6 +97,7 @@ class H2Front(Exchange):
         if self.done or not data:
             return
         self.unacked += len(data)
+        self.body_size += len(data)
         self.call.request_data(data, len(data), False)
         if self.unacked > WINDOW:
             self.down.pause_reading(PAUSE_UPSTREAM_FULL)
@@ -129,6 +136,7 @@ class H2Front(Exchange):
             return
         self.head_sent = True
         status = int(header(headers, b":status") or b"502")
+        self.status = status
         length_raw = header(headers, b"content-length")
         length = int(length_raw) if length_raw is not None and length_raw.isdigit() else None
         kept = tuple((n, v) for n, v in headers
@@ -165,6 +173,7 @@ class H2Front(Exchange):
             return 0  # the client's socket is full: the call keeps the rest and credits the upstream later
         if data and self.framing_out != BODY_NONE:
             chunk = bytes(data)
+            self.sent += len(chunk)
             self.down.transport.write(encode_chunk(chunk) if self.framing_out == BODY_CHUNKED else chunk)
         if end_stream:
             self._end_body()
@@ -187,6 +196,9 @@ class H2Front(Exchange):
             self.down.abort()
 
     def finished(self, stream_id: int) -> None:
+        call = self.call
+        self.last = call.tried[-1] if call.tried else None
+        self.flags = call.flags  # type: ignore[misc]
         if self.aborted:
             return
         self.done = True

@@ -210,9 +210,10 @@ class Telemetry:
     # -- the hot path ---------------------------------------------------------------------------------------
 
     def record_http(self, reporter: int, peer: Workload, service: Service, code: int, flags: str,
-                    security: str, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
-        """Count one finished HTTP request."""
-        key = (reporter, peer, service, code, flags, security)
+                    security: str, duration_ms: float, request_bytes: int, response_bytes: int,
+                    grpc: str | None = None) -> None:
+        """Count one finished HTTP request (``grpc``: a gRPC call's ``grpc-status``, "" when none came)."""
+        key = (reporter, peer, service, code, flags, security, grpc)
         series = self.http.get(key)
         if series is None:
             series = self.http[key] = [0.0] * _HTTP_LEN
@@ -253,9 +254,11 @@ class Telemetry:
         out: list[str] = []
         http = sorted(self.http.items(), key=lambda kv: repr(kv[0]))
         rows = []
-        for (reporter, peer, service, code, flags, security), series in http:
-            base = (f'{self.labels(reporter, peer, service, security)},request_protocol="http",'
-                    f'response_code="{code}",grpc_response_status="",response_flags="{escape(flags or "-")}"')
+        for (reporter, peer, service, code, flags, security, grpc), series in http:
+            protocol = "http" if grpc is None else "grpc"
+            base = (f'{self.labels(reporter, peer, service, security)},request_protocol="{protocol}",'
+                    f'response_code="{code}",grpc_response_status="{escape(grpc or "")}",'
+                    f'response_flags="{escape(flags or "-")}"')
             rows.append((base, series))
         out += _header("istio_requests_total", "counter", "Requests handled by the sidecar (Istio).")
         out += [f"istio_requests_total{{{base}}} {_num(s[0])}" for base, s in rows]

@@ -24,7 +24,7 @@ from kizuna.proxy.telemetry import (
     Telemetry,
     Workload,
 )
-from kizuna.proxy.tracing import Span, replace_trace_headers
+from kizuna.proxy.tracing import Headers, Span, replace_trace_headers
 
 if TYPE_CHECKING:
     from kizuna.proxy.errors import SyntheticResponse
@@ -43,11 +43,12 @@ def _trusted_address(transport: asyncio.BaseTransport) -> bool:
         return False
 
 
-class HttpTap:
-    """Telemetry of one HTTP/1.x client connection."""
+class ConnectionTap:
+    """What telemetry works out once per client connection, whatever its protocol: reporter, peer principal,
+    security policy, and (destination side) who calls, from the client sidecar's ``x-kizuna-peer``."""
 
     __slots__ = ("telemetry", "reporter", "principal", "security", "trusted", "peer", "service", "_last",
-                 "_host", "_host_service", "remote", "span")
+                 "_host", "_host_service", "remote")
 
     def __init__(self, telemetry: Telemetry, transport: asyncio.BaseTransport) -> None:
         self.telemetry = telemetry
@@ -68,6 +69,40 @@ class HttpTap:
         self._host_service = UNKNOWN_SERVICE
         peer = transport.get_extra_info("peername")
         self.remote = f"{peer[0]}:{peer[1]}" if peer else ""
+
+    def take_peer(self, headers: Headers, host: bytes) -> Headers:
+        """Destination side: ``headers`` without the client sidecar's ``x-kizuna-peer`` (learnt from when the
+        connection is trusted); without one, the service is the one ``host`` names."""
+        for i, (name, value) in enumerate(headers):
+            if len(name) == _PEER_LEN and name.lower() == PEER_HEADER:
+                if value != self._last and self.trusted:
+                    self.peer, self.service = self.telemetry.peer_from_header(value, self.principal)
+                    self._last = value
+                return (*headers[:i], *headers[i + 1:])
+        if self._last is None:
+            self.service = self.service_of_host(host)
+        return headers
+
+    def service_of_host(self, host: bytes) -> Service:
+        if host == self._host:
+            return self._host_service
+        try:
+            name = split_authority(host, 80)[0] if host else ""
+        except ValueError:
+            name = ""
+        if name and "." not in name:
+            name = f"{name}.{self.telemetry.local[1]}.svc.cluster.local"  # a short name is a local service
+        self._host, self._host_service = host, self.telemetry.service(name)
+        return self._host_service
+
+
+class HttpTap(ConnectionTap):
+    """Telemetry of one HTTP/1.x client connection."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, telemetry: Telemetry, transport: asyncio.BaseTransport) -> None:
+        super().__init__(telemetry, transport)
         self.span: Span | None = None
         """The traced request in progress on this connection (HTTP/1.x: one at a time)."""
 
@@ -87,16 +122,8 @@ class HttpTap:
         return head
 
     def _peer(self, head: RequestHead) -> RequestHead:
-        headers = head.headers
-        for i, (name, value) in enumerate(headers):
-            if len(name) == _PEER_LEN and name.lower() == PEER_HEADER:
-                if value != self._last and self.trusted:
-                    self.peer, self.service = self.telemetry.peer_from_header(value, self.principal)
-                    self._last = value
-                return head._replace(headers=headers[:i] + headers[i + 1:])
-        if self._last is None:
-            self.service = self._service_of_host(head.host)
-        return head
+        headers = self.take_peer(head.headers, head.host)
+        return head if headers is head.headers else head._replace(headers=tuple(headers))
 
     def outbound(self, exchange: Exchange) -> None:
         """Source side: tell the server sidecar who calls (Services of the mesh only: never a ServiceEntry's
@@ -122,6 +149,7 @@ class HttpTap:
         else:
             peer, service = self.peer, self.service
         code = status or exchange.status
+        flags = flags or exchange.flags
         if not flags and exchange.tried and code in exchange.dest.retry.retriable_statuses:
             flags = "URX"  # retries spent, the last try's answer passed on (the exchange's x-kizuna-flags)
         self._end_span(code, flags, exchange)
@@ -133,17 +161,17 @@ class HttpTap:
         log = telemetry.access_log
         if log is not None:
             pool = exchange.last
-            log.http(_start(duration), head.method.decode("latin-1"), head.target.decode("latin-1"),
+            log.http(start_time(duration), head.method.decode("latin-1"), head.target.decode("latin-1"),
                      "HTTP/" + head.version.decode("latin-1"), code, flags or "-", received, exchange.sent,
                      round(duration, 3), f"{pool.address}:{pool.port}" if pool is not None else None,
                      cluster.name, _request_id(head, exchange.extra), head.host.decode("latin-1"),
-                     self.principal, None, REPORTERS[self.reporter])
+                     self.principal, None, REPORTERS[self.reporter], None)
 
     def refused(self, head: RequestHead, response: SyntheticResponse) -> None:
         """Record a request answered before any exchange (no route, fault abort, denied ...)."""
         telemetry = self.telemetry
         if self.reporter == SOURCE:
-            peer, service = UNKNOWN_WORKLOAD, self._service_of_host(head.host or head.target)
+            peer, service = UNKNOWN_WORKLOAD, self.service_of_host(head.host or head.target)
         else:
             peer, service = self.peer, self.service
         flags = response.flag or "-"
@@ -152,10 +180,10 @@ class HttpTap:
                               head.content_length or 0, 0)
         log = telemetry.access_log
         if log is not None:
-            log.http(_start(0.0), head.method.decode("latin-1"), head.target.decode("latin-1"),
+            log.http(start_time(0.0), head.method.decode("latin-1"), head.target.decode("latin-1"),
                      "HTTP/" + head.version.decode("latin-1"), response.status, flags,
                      head.content_length or 0, 0, 0.0, None, None, _request_id(head, ()),
-                     head.host.decode("latin-1"), self.principal, None, REPORTERS[self.reporter])
+                     head.host.decode("latin-1"), self.principal, None, REPORTERS[self.reporter], None)
 
     # -- helpers ----------------------------------------------------------------------------------------------
 
@@ -168,20 +196,9 @@ class HttpTap:
         tracer.end(span, status, flags if flags != "-" else "",
                    **({"upstream_host": f"{pool.address}:{pool.port}"} if pool is not None else {}))
 
-    def _service_of_host(self, host: bytes) -> Service:
-        if host == self._host:
-            return self._host_service
-        try:
-            name = split_authority(host, 80)[0] if host else ""
-        except ValueError:
-            name = ""
-        if name and "." not in name:
-            name = f"{name}.{self.telemetry.local[1]}.svc.cluster.local"  # a short name is a local service
-        self._host, self._host_service = host, self.telemetry.service(name)
-        return self._host_service
 
-
-def _start(duration_ms: float) -> str:
+def start_time(duration_ms: float) -> str:
+    """The access log's start time of a request that took ``duration_ms`` and ended now."""
     return iso_time(time.time() - duration_ms / 1000.0)
 
 

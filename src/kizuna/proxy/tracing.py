@@ -109,7 +109,7 @@ class Tracer:
         if flags:
             span.attributes["response_flags"] = flags
         span.attributes.update(attributes)
-        span.error = status >= 500 or status == 0
+        span.error = status >= 500 or status == 0 or attributes.get("grpc.status_code", "0") != "0"
         if self.exporter is not None:
             self.exporter.add(self, span)
 
