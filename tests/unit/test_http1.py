@@ -70,6 +70,16 @@ def test_hop_by_hop_and_connection_named_headers_are_not_forwarded() -> None:
     assert not head.has_request_id
 
 
+@pytest.mark.parametrize("extra", [b"", b"Content-Length: 2\r\n"])
+def test_the_mesh_peer_header_is_lifted_out_of_the_headers(extra: bytes) -> None:
+    data = (b"POST / HTTP/1.1\r\nHost: a\r\nX-Kizuna-Peer: sleep;default;sleep;v1;a.default.svc\r\n"
+            b"X-Kept: 1\r\n" + extra + b"\r\n" + (b"ok" if extra else b""))
+    head = heads(RequestParser().feed(data))[0]
+    assert head.peer == b"sleep;default;sleep;v1;a.default.svc"
+    assert head.headers == ((b"X-Kept", b"1"),)  # the app never sees it
+    assert heads(RequestParser().feed(GET))[0].peer is None
+
+
 def test_content_length_body() -> None:
     events = RequestParser().feed(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
     head = heads(events)[0]

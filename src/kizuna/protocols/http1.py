@@ -57,6 +57,9 @@ class RequestHead(NamedTuple):
     upgrade: bytes | None
     """The Upgrade header when the client asks to switch protocols (``Connection: upgrade``), else None."""
     has_request_id: bool
+    peer: bytes | None = None
+    """The mesh's metadata exchange header (``PEER_HEADER``: who calls, from the client sidecar), lifted out
+    of ``headers`` by the parser so that no one scans them for it and no app ever sees it."""
 
     @property
     def has_body(self) -> bool:
@@ -130,8 +133,11 @@ _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 # common heads are built this way, with every field given in order).
 _new_head: Final = tuple.__new__
 
+PEER_HEADER: Final = b"x-kizuna-peer"
+"""Sidecar to sidecar: who calls (``proxy/telemetry.py`` writes and reads its value)."""
+
 # Headers the parser reads instead of passing on (x-request-id is read and passed on).
-_INTERPRETED: Final = HOP_BY_HOP | {b"content-length", b"host", b"expect", b"x-request-id"}
+_INTERPRETED: Final = HOP_BY_HOP | {b"content-length", b"host", b"expect", b"x-request-id", PEER_HEADER}
 
 
 class _Parser:
@@ -245,7 +251,12 @@ class RequestParser(_Parser):
         if len(special) == 1 and host:
             # The common head: nothing but Host among the interpreted headers.
             head = _new_head(RequestHead, (method, self._url, version_bytes, tuple(self._headers), host,
-                                           None, False, p.should_keep_alive(), False, None, False))
+                                           None, False, p.should_keep_alive(), False, None, False, None))
+        elif len(special) == 2 and host and PEER_HEADER in special:
+            # The common head between sidecars: Host and the caller's metadata.
+            head = _new_head(RequestHead, (method, self._url, version_bytes, tuple(self._headers), host,
+                                           None, False, p.should_keep_alive(), False, None, False,
+                                           special[PEER_HEADER]))
         else:
             if b"," in host:
                 raise ValueError("more than one Host header")
@@ -254,7 +265,7 @@ class RequestParser(_Parser):
             head = RequestHead(method, self._url, version_bytes, self._end_to_end_headers(),
                                host, length, chunked, p.should_keep_alive(),
                                special.get(b"expect", b"").lower() == b"100-continue", upgrade,
-                               b"x-request-id" in special)
+                               b"x-request-id" in special, special.get(PEER_HEADER))
         self._events.append(RequestReceived(head))
 
     def feed(self, data: bytes) -> list[Event]:

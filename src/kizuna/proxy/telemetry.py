@@ -38,7 +38,6 @@ DURATION_BUCKETS: Final = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 500
 BYTES_BUCKETS: Final = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
 """Istio's request/response size buckets (bytes): exponential, factor 10."""
 
-PEER_HEADER: Final = b"x-kizuna-peer"
 UNKNOWN: Final = "unknown"
 MAX_PEER_CACHE: Final = 256
 
@@ -53,10 +52,10 @@ UNKNOWN_SERVICE: Final[Service] = (UNKNOWN, UNKNOWN, UNKNOWN)
 # Layout of one HTTP series' list: count, duration sum, request bytes sum, response bytes sum, then buckets.
 _N_DUR = len(DURATION_BUCKETS) + 1
 _N_BYTES = len(BYTES_BUCKETS) + 1
-_DUR0 = 4
-_REQ0 = _DUR0 + _N_DUR
-_RESP0 = _REQ0 + _N_BYTES
-_HTTP_LEN = _RESP0 + _N_BYTES
+DUR0: Final = 4
+REQ0: Final = DUR0 + _N_DUR
+RESP0: Final = REQ0 + _N_BYTES
+_HTTP_LEN = RESP0 + _N_BYTES
 
 
 def app_version(labels: Iterable[tuple[str, str]]) -> tuple[str, str]:
@@ -213,17 +212,17 @@ class Telemetry:
                     security: str, duration_ms: float, request_bytes: int, response_bytes: int,
                     grpc: str | None = None) -> None:
         """Count one finished HTTP request (``grpc``: a gRPC call's ``grpc-status``, "" when none came)."""
+        observe(self.http_series(reporter, peer, service, code, flags, security, grpc), duration_ms,
+                request_bytes, response_bytes)
+
+    def http_series(self, reporter: int, peer: Workload, service: Service, code: int, flags: str,
+                    security: str, grpc: str | None = None) -> list[float]:
+        """The counters of one HTTP series (for ``observe``), created on first use."""
         key = (reporter, peer, service, code, flags, security, grpc)
         series = self.http.get(key)
         if series is None:
             series = self.http[key] = [0.0] * _HTTP_LEN
-        series[0] += 1
-        series[1] += duration_ms
-        series[2] += request_bytes
-        series[3] += response_bytes
-        series[_DUR0 + bisect_left(DURATION_BUCKETS, duration_ms)] += 1
-        series[_REQ0 + bisect_left(BYTES_BUCKETS, request_bytes)] += 1
-        series[_RESP0 + bisect_left(BYTES_BUCKETS, response_bytes)] += 1
+        return series
 
     def tcp_series(self, reporter: int, peer: Workload, service: Service, security: str) -> list[int]:
         """The counters of one TCP series ([opened, closed, sent, received]), created on first use."""
@@ -263,9 +262,9 @@ class Telemetry:
         out += _header("istio_requests_total", "counter", "Requests handled by the sidecar (Istio).")
         out += [f"istio_requests_total{{{base}}} {_num(s[0])}" for base, s in rows]
         for name, help_, sum_i, first, bounds in (
-                ("istio_request_duration_milliseconds", "Request duration (ms).", 1, _DUR0, DURATION_BUCKETS),
-                ("istio_request_bytes", "Request body sizes (bytes).", 2, _REQ0, BYTES_BUCKETS),
-                ("istio_response_bytes", "Response body sizes (bytes).", 3, _RESP0, BYTES_BUCKETS)):
+                ("istio_request_duration_milliseconds", "Request duration (ms).", 1, DUR0, DURATION_BUCKETS),
+                ("istio_request_bytes", "Request body sizes (bytes).", 2, REQ0, BYTES_BUCKETS),
+                ("istio_response_bytes", "Response body sizes (bytes).", 3, RESP0, BYTES_BUCKETS)):
             out += _header(name, "histogram", help_)
             for base, s in rows:
                 total = 0.0
@@ -285,6 +284,17 @@ class Telemetry:
             out += _header(name, "counter", help_)
             out += [f"{name}{{{base}}} {s[i]}" for base, s in tcp]
         return "\n".join(out) + "\n"
+
+
+def observe(series: list[float], duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+    """Count one request in an HTTP series (see ``Telemetry.http_series``)."""
+    series[0] += 1
+    series[1] += duration_ms
+    series[2] += request_bytes
+    series[3] += response_bytes
+    series[DUR0 + bisect_left(DURATION_BUCKETS, duration_ms)] += 1
+    series[REQ0 + bisect_left(BYTES_BUCKETS, request_bytes)] += 1
+    series[RESP0 + bisect_left(BYTES_BUCKETS, response_bytes)] += 1
 
 
 def escape(value: str) -> str:

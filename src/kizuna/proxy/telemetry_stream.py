@@ -13,9 +13,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Final
 
+from kizuna.protocols.http1 import PEER_HEADER
 from kizuna.protocols.http2 import Headers
 from kizuna.proxy.h2_routing import header
-from kizuna.proxy.telemetry import DESTINATION, PEER_HEADER, REPORTERS, SOURCE, UNKNOWN, UNKNOWN_WORKLOAD
+from kizuna.proxy.telemetry import DESTINATION, REPORTERS, SOURCE, UNKNOWN, UNKNOWN_WORKLOAD
 from kizuna.proxy.telemetry_tap import ConnectionTap, start_time
 from kizuna.proxy.tracing import Span, replace_trace_headers
 

@@ -8,14 +8,19 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Final
 
-from kizuna.protocols.http1 import RequestHead, split_authority
+from kizuna.protocols.http1 import PEER_HEADER, RequestHead, split_authority
 from kizuna.proxy.access_log import iso_time
 from kizuna.proxy.telemetry import (
+    BYTES_BUCKETS,
     DESTINATION,
-    PEER_HEADER,
+    DUR0,
+    DURATION_BUCKETS,
     REPORTERS,
+    REQ0,
+    RESP0,
     SOURCE,
     UNKNOWN,
     UNKNOWN_SERVICE,
@@ -75,13 +80,20 @@ class ConnectionTap:
         connection is trusted); without one, the service is the one ``host`` names."""
         for i, (name, value) in enumerate(headers):
             if len(name) == _PEER_LEN and name.lower() == PEER_HEADER:
-                if value != self._last and self.trusted:
-                    self.peer, self.service = self.telemetry.peer_from_header(value, self.principal)
-                    self._last = value
+                self.learn_peer(value, host)
                 return (*headers[:i], *headers[i + 1:])
-        if self._last is None:
-            self.service = self.service_of_host(host)
+        self.learn_peer(None, host)
         return headers
+
+    def learn_peer(self, value: bytes | None, host: bytes) -> None:
+        """Destination side: who calls, from the client sidecar's ``x-kizuna-peer`` value (believed when the
+        connection is trusted); without one, the service is the one ``host`` names."""
+        if value is None:
+            if self._last is None:
+                self.service = self.service_of_host(host)
+        elif value != self._last and self.trusted:
+            self.peer, self.service = self.telemetry.peer_from_header(value, self.principal)
+            self._last = value
 
     def service_of_host(self, host: bytes) -> Service:
         if host == self._host:
@@ -99,19 +111,27 @@ class ConnectionTap:
 class HttpTap(ConnectionTap):
     """Telemetry of one HTTP/1.x client connection."""
 
-    __slots__ = ("span",)
+    __slots__ = ("span", "_out_cluster", "_out_extra", "_dest_key", "_dest", "_series_key", "_series")
 
     def __init__(self, telemetry: Telemetry, transport: asyncio.BaseTransport) -> None:
         super().__init__(telemetry, transport)
         self.span: Span | None = None
         """The traced request in progress on this connection (HTTP/1.x: one at a time)."""
+        # A connection's requests mostly go the same way and end the same way: what was worked out for the
+        # last one is kept (compared by identity) so the next costs no lookups.
+        self._out_cluster: object = None
+        self._out_extra: tuple[tuple[bytes, bytes], ...] = ()
+        self._dest_key: tuple[object, object] | None = None
+        self._dest: tuple[Workload, Service] = (UNKNOWN_WORKLOAD, UNKNOWN_SERVICE)
+        self._series_key: tuple[Any, ...] | None = None
+        self._series: list[float] = []
 
     # -- per request ----------------------------------------------------------------------------------------
 
     def inbound(self, head: RequestHead) -> RequestHead:
-        """Destination side: take the client sidecar's ``x-kizuna-peer`` header out of the request, and open
-        the server span of a traced request (its trace headers rewritten for the app)."""
-        head = self._peer(head)
+        """Destination side: who calls (the client sidecar's ``x-kizuna-peer``, which the parser lifted out of
+        the headers), and the server span of a traced request (its trace headers rewritten for the app)."""
+        self.learn_peer(head.peer, head.host)
         tracer = self.telemetry.tracer
         if tracer is not None:
             host = head.host.decode("latin-1")
@@ -121,16 +141,17 @@ class HttpTap(ConnectionTap):
             head = head._replace(headers=replace_trace_headers(head.headers, onward))
         return head
 
-    def _peer(self, head: RequestHead) -> RequestHead:
-        headers = self.take_peer(head.headers, head.host)
-        return head if headers is head.headers else head._replace(headers=tuple(headers))
-
     def outbound(self, exchange: Exchange) -> None:
         """Source side: tell the server sidecar who calls (Services of the mesh only: never a ServiceEntry's
         external host)."""
         cluster = exchange.dest.cluster.cluster
-        if cluster.endpoints and self.telemetry.service(cluster.service)[2] != UNKNOWN:
-            exchange.extra += ((PEER_HEADER, self.telemetry.peer_value(cluster.service)),)
+        if cluster is not self._out_cluster:
+            self._out_cluster = cluster
+            self._out_extra = (((PEER_HEADER, self.telemetry.peer_value(cluster.service)),)
+                               if cluster.endpoints and self.telemetry.service(cluster.service)[2] != UNKNOWN
+                               else ())
+        if self._out_extra:
+            exchange.extra += self._out_extra
         tracer = self.telemetry.tracer
         if tracer is not None:
             head = exchange.head
@@ -144,20 +165,35 @@ class HttpTap(ConnectionTap):
         telemetry = self.telemetry
         cluster = exchange.dest.cluster
         if self.reporter == SOURCE:
-            peer = telemetry.endpoint_of(exchange.last)
-            service = telemetry.service(cluster.cluster.service)
+            pool = exchange.last
+            if self._dest_key is None or self._dest_key[0] is not pool or self._dest_key[1] is not cluster:
+                self._dest_key = (pool, cluster)
+                self._dest = (telemetry.endpoint_of(pool), telemetry.service(cluster.cluster.service))
+            peer, service = self._dest
         else:
             peer, service = self.peer, self.service
         code = status or exchange.status
         flags = flags or exchange.flags
         if not flags and exchange.tried and code in exchange.dest.retry.retriable_statuses:
             flags = "URX"  # retries spent, the last try's answer passed on (the exchange's x-kizuna-flags)
-        self._end_span(code, flags, exchange)
+        if self.span is not None:
+            self._end_span(code, flags, exchange)
         head = exchange.head
         received = head.content_length if head.content_length is not None else exchange.body_size
         duration = (exchange.loop.time() - exchange.t0) * 1000.0
-        telemetry.record_http(self.reporter, peer, service, code, flags or "-", self.security, duration,
-                              received, exchange.sent)
+        key = self._series_key
+        if key is None or key[0] is not peer or key[1] is not service or key[2] != code or key[3] != flags:
+            self._series_key = (peer, service, code, flags)
+            self._series = telemetry.http_series(self.reporter, peer, service, code, flags or "-", self.security)
+        # Telemetry.observe, inlined: this is the hot path's one recording.
+        series, sent = self._series, exchange.sent
+        series[0] += 1
+        series[1] += duration
+        series[2] += received
+        series[3] += sent
+        series[DUR0 + bisect_left(DURATION_BUCKETS, duration)] += 1
+        series[REQ0 + (bisect_left(BYTES_BUCKETS, received) if received else 0)] += 1
+        series[RESP0 + bisect_left(BYTES_BUCKETS, sent)] += 1
         log = telemetry.access_log
         if log is not None:
             pool = exchange.last
