@@ -65,3 +65,11 @@ def test_istio_circuit_breaking_task_with_processes(mesh_factory: Callable[..., 
         conn.close()
     breaker = stats["resilience"][CLUSTER]["circuit_breaker"]
     assert breaker["overflows"] == overflow and stats["flags"]["UO"] == overflow
+
+    def logged_overflows() -> int:
+        out = mesh.kizuna("logs", "sleep", "--access")
+        entries = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        return sum(1 for e in entries if e["response_flags"] == "UO" and e["response_code"] == 503)
+
+    # The access log is written once a second: every overflow shows there with Envoy's flag.
+    kit.wait_until(lambda: logged_overflows() == overflow, 10, "the UO answers in the sleep sidecar's access log")
