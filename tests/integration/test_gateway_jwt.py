@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,10 @@ def test_end_user_authentication_at_the_ingress(gateway: tuple[Any, tuple[str, i
     kit.wait_until(lambda: get(address, "/headers") == 403, 10, "the DENY policy at the gateway")
     assert get(address, "/headers", DEMO) == 200
     assert mesh.kizuna("delete", "-f", deny).returncode == 0
+
+    def logged(code: int) -> int:
+        out = mesh.kizuna("logs", "istio-ingressgateway", "--access").stdout
+        return sum(1 for line in out.splitlines() if line.startswith("{") and json.loads(line)["response_code"] == code)
+
+    # The gateway keeps an access log as the sidecars do: the refused tokens are in it.
+    kit.wait_until(lambda: logged(401) >= 1 and logged(403) >= 1, 10, "the gateway's access log")

@@ -56,9 +56,11 @@ def node(admin_address: str) -> Node:
 
 
 def bootstrap(settings: UpSettings, state: StateDir, admin_address: str, listen: str) -> Bootstrap:
-    """The gateway proxy's bootstrap: its node, control plane, and where its listeners bind."""
+    """The gateway proxy's bootstrap: its node, control plane, access log, and where its listeners bind."""
     identity = spiffe_id(DEFAULT_TRUST_DOMAIN, NAMESPACE, NAME)
-    return Bootstrap(node=node(admin_address), control_plane=listen, token_file=str(state.token),
+    gateway = node(admin_address)
+    return Bootstrap(node=gateway, control_plane=listen, token_file=str(state.token),
+                     access_log=str(state.logs / f"{gateway.id}.access.log"),
                      credential=credential_for(load_or_create_secret(state.root), identity),
                      control_plane_ca=str(bundle) if (bundle := state.control_plane_ca()) else None,
                      trace_endpoint=state.tracing()[0], trace_sampling=state.tracing()[1],
