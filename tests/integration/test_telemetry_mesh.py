@@ -221,6 +221,10 @@ def test_tcp_metrics_on_both_sides(pair: Pair) -> None:
     assert closed >= 2
     assert series(text, "istio_tcp_received_bytes_total", reporter="destination") >= 10
     assert series(text, "istio_tcp_sent_bytes_total", reporter="destination") >= 10
+    # The inbound port is the echo Service's target port: Istio's destination_service labels say so.
+    assert series(text, "istio_tcp_connections_opened_total", reporter="destination",
+                  destination_service="echo.default.svc.cluster.local", destination_service_name="echo",
+                  destination_workload="httpbin-v1") >= 2
 
 
 def test_access_log_lines_carry_envoy_fields(pair: Pair, tmp_path: Path) -> None:

@@ -157,3 +157,22 @@ def test_size_histogram_bucket(size: int, bucket: float) -> None:
              if name == "istio_request_bytes_bucket"}
     first = next(le for le, v in found.items() if v == 1)
     assert first == bucket
+
+
+def test_tcp_series_know_the_destination_service_on_both_sides() -> None:
+    from dataclasses import replace
+
+    from kizuna.proxyconfig.model import Endpoint, Snapshot
+    from kizuna.testing.mesh import service_cluster
+
+    cluster = service_cluster("httpbin", 8000, [])
+    endpoint = Endpoint("127.0.0.9", 80, "httpbin-v1", (("app", "httpbin"),), "cluster.local/ns/default/sa/httpbin")
+    snapshot = Snapshot("1", clusters=(replace(cluster, service="httpbin.default.svc.cluster.local",
+                                               endpoints=(endpoint,)),))
+    client, server = Telemetry(SLEEP, 15001), Telemetry(HTTPBIN, 15001)
+    for side in (client, server):
+        side.index(snapshot)
+    assert client.service_at("127.0.0.9", 80) == SERVICE  # where the source's connection went
+    assert client.endpoint_at("127.0.0.9", 80)[0] == "httpbin-v1"
+    assert server.local_service(80) == SERVICE  # what the destination serves on that port
+    assert client.local_service(80)[0] == "unknown" and client.service_at("127.0.0.9", 81)[0] == "unknown"

@@ -103,6 +103,7 @@ class Telemetry:
     """One sidecar's Istio metrics: HTTP series and TCP series, keyed by pre-built label tuples."""
 
     __slots__ = ("local", "gateway", "outbound_port", "http", "tcp", "access_log", "tracer", "_endpoints",
+                 "_endpoint_services", "_local_services",
                  "_values", "_peers", "_services")
 
     def __init__(self, local: Workload, outbound_port: int, gateway: bool = False,
@@ -118,6 +119,10 @@ class Telemetry:
         self.tracer: Tracer | None = None
         """Spans for the requests of this proxy (``proxy/tracing.py``), when tracing is configured."""
         self._endpoints: dict[tuple[str, int], Workload] = {}
+        self._endpoint_services: dict[tuple[str, int], str] = {}
+        """The service an endpoint was picked for (the first that lists it): TCP series' destination_service."""
+        self._local_services: dict[int, str] = {}
+        """This workload's service by target port (the destination side's TCP destination_service)."""
         self._values: dict[str, bytes] = {}
         self._peers: dict[tuple[bytes, str], tuple[Workload, Service]] = {}
         self._services: dict[str, Service] = {}
@@ -151,6 +156,8 @@ class Telemetry:
     def index(self, snapshot: Snapshot) -> None:
         """Learn the workload behind every endpoint of a new snapshot (the client side's destination)."""
         index: dict[tuple[str, int], Workload] = {}
+        services: dict[tuple[str, int], str] = {}
+        local: dict[int, str] = {}
         for cluster in snapshot.clusters:
             if service_labels(cluster.service)[2] == UNKNOWN:
                 continue  # a ServiceEntry host: its endpoints are no mesh workloads
@@ -159,7 +166,12 @@ class Telemetry:
                     app, version = app_version(e.labels)
                     ns = principal_namespace(e.identity) or service_labels(cluster.service)[2]
                     index[(e.address, e.port)] = (e.workload, ns, e.identity or UNKNOWN, app, version)
+                    services.setdefault((e.address, e.port), cluster.service)
+                    if e.workload == self.local[0] and ns == self.local[1]:
+                        local.setdefault(e.port, cluster.service)
         self._endpoints = index
+        self._endpoint_services = services
+        self._local_services = local
 
     def endpoint_of(self, pool: Pool | None) -> Workload:
         """The destination workload labels of the endpoint ``pool`` dials."""
@@ -169,6 +181,14 @@ class Telemetry:
 
     def endpoint_at(self, host: str, port: int) -> Workload:
         return self._endpoints.get((host, port), UNKNOWN_WORKLOAD)
+
+    def service_at(self, host: str, port: int) -> Service:
+        """The service of the mesh endpoint ``host:port`` (a TCP connection's destination_service)."""
+        return self.service(self._endpoint_services.get((host, port), ""))
+
+    def local_service(self, port: int) -> Service:
+        """The service this workload serves on target port ``port``."""
+        return self.service(self._local_services.get(port, ""))
 
     def peer_value(self, service: str) -> bytes:
         """The ``x-kizuna-peer`` value for requests to ``service`` (cached per service)."""

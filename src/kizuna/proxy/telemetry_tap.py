@@ -257,9 +257,11 @@ class TcpRecord:
         self.principal: str | None = identity.principal if identity is not None else None
         if self.reporter == SOURCE:
             peer, security = telemetry.endpoint_at(host, port), UNKNOWN
+            service = telemetry.service_at(host, port)
         else:
             peer, security = telemetry.source_only(self.principal), "mutual_tls" if self.principal else "none"
-        self.series = telemetry.tcp_series(self.reporter, peer, UNKNOWN_SERVICE, security)
+            service = telemetry.local_service(port)
+        self.series = telemetry.tcp_series(self.reporter, peer, service, security)
         self.series[0] += 1
         self.upstream = f"{host}:{port}"
         self.t0 = time.time()
