@@ -19,9 +19,9 @@ RUNTIME: dict[str, Any] = {
 }
 
 
-def test_targets_list_every_sidecar_and_the_gateway_on_15090(tmp_path: Path) -> None:
+def test_targets_list_every_sidecar_and_the_gateway_on_the_status_port(tmp_path: Path) -> None:
     groups = prometheus.targets_of(RUNTIME)
-    assert [g["targets"] for g in groups] == [["127.87.1.3:15090"], ["127.87.1.5:15090"], ["127.87.1.1:15090"]]
+    assert [g["targets"] for g in groups] == [["127.87.1.3:15020"], ["127.87.1.5:15020"], ["127.87.1.1:15020"]]
     assert groups[0]["labels"] == {"instance_id": "httpbin-v1-0.default", "role": "sidecar"}
     assert prometheus.targets_of({**RUNTIME, "gateway": None})[-1]["labels"]["role"] == "sidecar"
     state = StateDir(tmp_path)

@@ -30,6 +30,7 @@ from kizuna.proxy.h2_dispatch import PrefaceSwitch, outbound_router
 from kizuna.proxy.health import ReadinessProber
 from kizuna.proxy.inbound import InboundHandler
 from kizuna.proxy.listener import ConnectionInfo, Listener
+from kizuna.proxy.merged_metrics import StatusPort
 from kizuna.proxy.outbound import OutboundDispatcher
 from kizuna.proxy.passthrough import INBOUND_PASSTHROUGH_SOURCE, CapturePoolRegistry, Passthrough
 from kizuna.proxy.pool import PoolRegistry
@@ -94,6 +95,8 @@ class Sidecar:
         self._inbound_capture: Listener | None = None
         self._admin: Listener | None = None
         self._prometheus: Listener | None = None
+        self._status: Listener | None = None
+        """The status port (15020): merged metrics and ``/healthz/ready``."""
         self._inbound_handler: InboundHandler | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._probing: asyncio.Task[Any] | None = None
@@ -238,7 +241,7 @@ class Sidecar:
             self.apply(Snapshot.from_json(json.loads(text)))
         self._started = True
         gateway = list(self.gateway.listeners.values()) if self.gateway is not None else []
-        for listener in (self._outbound, self._inbound_capture, self._admin, self._prometheus,
+        for listener in (self._outbound, self._inbound_capture, self._admin, self._prometheus, self._status,
                          *self._listeners.values(), *gateway):
             if listener is not None:
                 await listener.start()
@@ -297,7 +300,7 @@ class Sidecar:
 
     async def stop(self, drain: float = DRAIN_SECONDS) -> None:
         """Stop listening, let requests in flight finish for up to ``drain`` seconds, close everything."""
-        for listener in (self._outbound, self._inbound_capture, self._admin, self._prometheus,
+        for listener in (self._outbound, self._inbound_capture, self._admin, self._prometheus, self._status,
                          *self._listeners.values()):
             if listener is not None:
                 listener.close()
@@ -331,7 +334,7 @@ class Sidecar:
         bootstrap = self.bootstrap
         own = OwnPorts({bootstrap.node.pod_address, bootstrap.node.mesh_address},
                        {bootstrap.outbound_port, bootstrap.inbound_capture_port, bootstrap.admin_port,
-                        bootstrap.prometheus_port})
+                        bootstrap.prometheus_port, bootstrap.status_port})
         self._inbound_handler = InboundHandler(self, self.stats, self.connections, loop,
                                                bind=INBOUND_PASSTHROUGH_SOURCE)
         capture_out = OutboundCapture(self, outbound, Passthrough(self.pools, self.stats), self.stats,
@@ -345,21 +348,39 @@ class Sidecar:
             raise
 
     def _listen_prometheus(self, address: str) -> None:
-        """Istio's Prometheus port (15090) on the admin address: ``/stats/prometheus`` only. With an ephemeral
-        admin port (tests) it is ephemeral too; a port already taken is reported, not fatal."""
-        port = self.bootstrap.prometheus_port if self.bootstrap.admin_port else 0
-        if not self.bootstrap.prometheus_port:
-            return
+        """Istio's Prometheus port (15090: ``/stats/prometheus`` only) and the agent's status port (15020:
+        merged metrics, ``/healthz/ready``) on the admin address. With an ephemeral admin port (tests) they are
+        ephemeral too; a port already taken is reported, not fatal."""
+        bootstrap = self.bootstrap
+        if bootstrap.prometheus_port:
+            self._prometheus = self._listen_admin_port(
+                "Prometheus", address, bootstrap.prometheus_port,
+                lambda info: admin_protocol(self, metrics_only=True))
+        if bootstrap.status_port:
+            status = StatusPort(self, bootstrap.app_metrics, bootstrap.node.pod_address,
+                                source=INBOUND_PASSTHROUGH_SOURCE if self.capture else None, name=bootstrap.node.id)
+            self._status = self._listen_admin_port("status", address, bootstrap.status_port,
+                                                   lambda info: status.protocol())
+
+    def _listen_admin_port(self, what: str, address: str, port: int,
+                           handler: Callable[[ConnectionInfo], asyncio.BaseProtocol]) -> Listener | None:
+        port = port if self.bootstrap.admin_port else 0
         try:
-            self._prometheus = Listener("admin", address, port, lambda info: admin_protocol(self, metrics_only=True))
+            return Listener("admin", address, port, handler)
         except OSError as exc:
-            print(f"kizuna proxy {self.bootstrap.node.id}: no Prometheus port {address}:{port}: "
+            print(f"kizuna proxy {self.bootstrap.node.id}: no {what} port {address}:{port}: "
                   f"{exc.strerror or exc}", file=sys.stderr, flush=True)
+            return None
 
     @property
     def prometheus_address(self) -> tuple[str, int] | None:
         """Where ``/stats/prometheus`` is served besides the admin port (None: nowhere else)."""
         return (self._prometheus.address, self._prometheus.port) if self._prometheus is not None else None
+
+    @property
+    def status_address(self) -> tuple[str, int] | None:
+        """Where the status port (merged metrics, ``/healthz/ready``) is served (None: nowhere)."""
+        return (self._status.address, self._status.port) if self._status is not None else None
 
     def _busy(self) -> bool:
         return any((isinstance(c, HttpServerConnection) and c.exchange is not None)

@@ -16,6 +16,10 @@ ADMIN_PORT = 15000
 OUTBOUND_PORT = 15001
 INBOUND_CAPTURE_PORT = 15006
 PROMETHEUS_PORT = 15090
+STATUS_PORT = 15020
+"""pilot-agent's status port: merged metrics (``/stats/prometheus``) and ``/healthz/ready``."""
+APP_METRICS_PATH = "/metrics"
+"""``prometheus.io/path`` when the pod does not say."""
 
 Capture = Literal["proxy", "iptables", "none"]
 """How traffic reaches the sidecar: ``proxy`` — apps use HTTP_PROXY and other sidecars dial the inbound ports
@@ -91,6 +95,22 @@ class ReadinessProbe:
 
 
 @dataclass(frozen=True, slots=True)
+class AppMetrics:
+    """Where the app serves its own Prometheus metrics (the pod's ``prometheus.io/port`` and
+    ``prometheus.io/path``), merged into the status port's ``/stats/prometheus``."""
+
+    port: int
+    path: str = APP_METRICS_PATH
+
+    def to_json(self) -> dict[str, Any]:
+        return {"port": self.port, "path": self.path}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AppMetrics:
+        return cls(int(data["port"]), str(data.get("path") or APP_METRICS_PATH))
+
+
+@dataclass(frozen=True, slots=True)
 class Bootstrap:
     """Start-up settings of one sidecar process."""
 
@@ -136,6 +156,11 @@ class Bootstrap:
     """OTLP/HTTP traces endpoint (``http://host:4318/v1/traces``); None: no tracing."""
     trace_sampling: float = 1.0
     """Percent of new traces recorded (Istio's default 1%); callers' sampling decisions are followed."""
+    status_port: int = STATUS_PORT
+    """pilot-agent's status port on the admin address: ``/stats/prometheus`` merging this proxy's metrics with
+    the app's (``app_metrics``) and ``/healthz/ready`` (0: not served; ephemeral when the admin port is)."""
+    app_metrics: AppMetrics | None = None
+    """The app's own metrics endpoint on its pod address (Istio's metrics merging); None: not merged."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -163,11 +188,16 @@ class Bootstrap:
         if self.trace_endpoint:
             out["traceEndpoint"] = self.trace_endpoint
             out["traceSampling"] = self.trace_sampling
+        if self.status_port != STATUS_PORT:
+            out["statusPort"] = self.status_port
+        if self.app_metrics is not None:
+            out["appMetrics"] = self.app_metrics.to_json()
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Bootstrap:
         r = data.get("readiness")
+        app_metrics = data.get("appMetrics")
         capture = data.get("capture", "proxy")
         if capture not in CAPTURES:
             raise ValueError(f"capture must be one of {', '.join(CAPTURES)}, not {capture!r}")
@@ -181,7 +211,9 @@ class Bootstrap:
                    str(data.get("credential", "")), str(data.get("trustDomain", "cluster.local")),
                    data.get("certDir"), bool(data.get("telemetry", True)),
                    int(data.get("prometheusPort", PROMETHEUS_PORT)), data.get("accessLog"),
-                   data.get("controlPlaneCa"), data.get("traceEndpoint"), float(data.get("traceSampling", 1.0)))
+                   data.get("controlPlaneCa"), data.get("traceEndpoint"), float(data.get("traceSampling", 1.0)),
+                   int(data.get("statusPort", STATUS_PORT)),
+                   AppMetrics.from_json(app_metrics) if app_metrics else None)
 
     @classmethod
     def load(cls, path: str | Path) -> Bootstrap:

@@ -89,7 +89,7 @@ class UpSettings:
     to the control plane's trace store (`kizuna traces`)"""
     prometheus: str = setting("127.0.0.1:9090", metavar="HOST:PORT")
     """where the mesh's Prometheus listens (started when the `prometheus` binary is installed; scrapes every
-    sidecar's and the gateway's :15090 every 5 s, data in the state dir); off = do not start it"""
+    sidecar's and the gateway's :15020 every 5 s, data in the state dir); off = do not start it"""
     dashboard: str = setting("127.0.0.1:20001", metavar="HOST:PORT")
     """where the control plane serves the dashboard (plain HTTP, read-only, no token: keep it on loopback;
     `kizuna dashboard` prints its URL); off = do not serve it"""

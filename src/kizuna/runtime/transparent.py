@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kizuna.proxyconfig.bootstrap import Bootstrap
-from kizuna.runtime import capture, kubeproxy, names, netns
+from kizuna.runtime import capture, kubeproxy, names, netns, prometheus
 from kizuna.runtime.addresses import PodRange
 from kizuna.runtime.errors import UserError
 from kizuna.runtime.processes import ProcessRecord, Supervisor, stop
@@ -145,7 +145,8 @@ def write_bootstrap(state: StateDir, network: Network, instance: Instance, liste
                           credential=instance.credential(state.root) if sidecar else "",
                           access_log=str(access_log) if access_log else None,
                           control_plane_ca=str(ca_copy) if ca_copy is not None else None,
-                          trace_endpoint=state.tracing()[0], trace_sampling=state.tracing()[1])
+                          trace_endpoint=state.tracing()[0], trace_sampling=state.tracing()[1],
+                          app_metrics=prometheus.app_metrics_of(instance))
     path = run_dir / f"{instance.id}.json"
     # Private to the sidecar's UID: the credential in it is this workload's alone.
     netns.write_private(path, (json.dumps(bootstrap.to_json(), indent=2) + "\n").encode(), capture.PROXY_UID,

@@ -61,6 +61,8 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
     network = transparent.plan(state, settings.pod_cidr, settings.service_cidr) if mode == "transparent" else None
     pod_range = network.pods if network else _pod_range(settings.pod_cidr, state)
     instances = plan_instances(deployments_of(resources), pod_range, transparent=network is not None)
+    for instance in instances:
+        prometheus.app_metrics_of(instance)  # a bad prometheus.io/port is refused before anything starts
     with_gateway = gateway.wanted(settings, resources)
 
     state.create()
@@ -207,7 +209,8 @@ def _start_instance(supervisor: Supervisor, state: StateDir, instance: Instance,
     bootstrap = Bootstrap(node=instance.node(), control_plane=listen, token_file=str(state.token),
                           readiness=instance.readiness, credential=instance.credential(state.root),
                           access_log=str(state.logs / f"{instance.id}.access.log"),
-                          control_plane_ca=_optional(state.control_plane_ca()), **_tracing(state))
+                          control_plane_ca=_optional(state.control_plane_ca()), **_tracing(state),
+                          app_metrics=prometheus.app_metrics_of(instance))
     path = state.bootstrap(instance.id)
     bootstrap.dump(path)
     supervisor.spawn(f"{instance.id}.proxy", "sidecar", _kizuna("proxy", "--bootstrap", str(path)),
