@@ -1,5 +1,5 @@
 """A real Prometheus started by ``kizuna up examples/httpbin``: after a few seconds of load through the sleep
-instance's sidecar, Prometheus (scraping every sidecar's :15090 found through file-based discovery) answers
+instance's sidecar, Prometheus (scraping every sidecar's :15020 found through file-based discovery) answers
 Istio's dashboard query ``sum(rate(istio_requests_total{reporter="destination"}[1m])) by
 (destination_service)`` with httpbin; ``kizuna status`` shows where it listens, ``kizuna logs --access``
 prints the sidecar's access log, and ``kizuna down`` stops Prometheus with the rest."""
