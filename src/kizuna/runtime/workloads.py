@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kizuna.api.workloads import Container, DeploymentSpec, EnvVar
-from kizuna.autotrace import OPT_OUT_ANNOTATION, SITE_DIR
+from kizuna.autotrace import OPT_OUT_ANNOTATION, SITE_DIR, autotrace_env
 from kizuna.controlplane.compile_clusters import TLS_MODE_LABEL
 from kizuna.controlplane.credentials import DEFAULT_TRUST_DOMAIN, credential_for, load_or_create_secret, spiffe_id
 from kizuna.proxyconfig.bootstrap import OUTBOUND_PORT, Node, ReadinessProbe
@@ -148,6 +148,7 @@ def process_env(instance: Instance, base: Mapping[str, str] | None = None) -> di
     if dict(instance.annotations).get(OPT_OUT_ANNOTATION, "true").lower() != "false":
         # Python apps carry trace headers on without forwarding them themselves (kizuna.autotrace).
         env["PYTHONPATH"] = os.pathsep.join([str(SITE_DIR), *filter(None, [env.get("PYTHONPATH")])])
+        env.update(autotrace_env())  # where kizuna's OpenTelemetry is, for apps whose environment lacks it
     return env
 
 
