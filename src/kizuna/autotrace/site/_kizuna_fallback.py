@@ -49,32 +49,13 @@ def _patch_servers() -> None:
 
 
 def _patch_http_client() -> None:
-    import http.client
+    import _kizuna_http_client  # type: ignore[import-not-found]  # beside this file, on the app's path
 
-    connection = http.client.HTTPConnection
-    putrequest, putheader, endheaders = connection.putrequest, connection.putheader, connection.endheaders
+    def missing(sent: set[str]) -> dict[str, str]:
+        return {name: value for name, value in (getattr(_current, "headers", None) or {}).items()
+                if name not in sent and not (name.startswith("x-b3") and "traceparent" in sent)}
 
-    def traced_putrequest(self: Any, *args: Any, **kwargs: Any) -> None:
-        self._kizuna_sent = set()
-        putrequest(self, *args, **kwargs)
-
-    def traced_putheader(self: Any, header: Any, *values: Any) -> None:
-        sent = getattr(self, "_kizuna_sent", None)
-        if sent is not None:
-            sent.add((header.decode("latin-1") if isinstance(header, bytes) else str(header)).lower())
-        putheader(self, header, *values)
-
-    def traced_endheaders(self: Any, *args: Any, **kwargs: Any) -> None:
-        sent = getattr(self, "_kizuna_sent", None) or set()
-        for name, value in (getattr(_current, "headers", None) or {}).items():
-            if name not in sent and not (name.startswith("x-b3") and "traceparent" in sent):
-                putheader(self, name, value)
-        self._kizuna_sent = None
-        endheaders(self, *args, **kwargs)
-
-    connection.putrequest = traced_putrequest  # type: ignore[method-assign]
-    connection.putheader = traced_putheader  # type: ignore[method-assign]
-    connection.endheaders = traced_endheaders  # type: ignore[method-assign]
+    _kizuna_http_client.patch(missing)
 
 
 def _patch_gunicorn() -> None:

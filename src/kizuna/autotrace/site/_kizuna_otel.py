@@ -217,35 +217,16 @@ def _patch_gunicorn(wrap: Callable[[Any], Any]) -> None:
 def _patch_http_client(propagate: Any) -> None:
     """Inject the current context into requests sent through ``http.client`` directly, adding only the headers
     the app (or an instrumentor above it) did not send."""
-    import http.client
+    import _kizuna_http_client  # type: ignore[import-not-found]  # beside this file, on the app's path
 
-    connection = http.client.HTTPConnection
-    putrequest, putheader, endheaders = connection.putrequest, connection.putheader, connection.endheaders
-
-    def traced_putrequest(self: Any, *args: Any, **kwargs: Any) -> None:
-        self._kizuna_sent = set()
-        putrequest(self, *args, **kwargs)
-
-    def traced_putheader(self: Any, header: Any, *values: Any) -> None:
-        sent = getattr(self, "_kizuna_sent", None)
-        if sent is not None:
-            sent.add((header.decode("latin-1") if isinstance(header, bytes) else str(header)).lower())
-        putheader(self, header, *values)
-
-    def traced_endheaders(self: Any, *args: Any, **kwargs: Any) -> None:
-        sent = getattr(self, "_kizuna_sent", None) or set()
-        self._kizuna_sent = None
+    def missing(sent: set[str]) -> dict[str, str]:
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         has_context = not sent.isdisjoint(_CONTEXT_FIELDS)
-        for name, value in carrier.items():
-            if name not in sent and not (has_context and name in _CONTEXT_FIELDS):
-                putheader(self, name, value)
-        endheaders(self, *args, **kwargs)
+        return {name: value for name, value in carrier.items()
+                if name not in sent and not (has_context and name in _CONTEXT_FIELDS)}
 
-    connection.putrequest = traced_putrequest  # type: ignore[method-assign]
-    connection.putheader = traced_putheader  # type: ignore[method-assign]
-    connection.endheaders = traced_endheaders  # type: ignore[method-assign]
+    _kizuna_http_client.patch(missing)
 
 
 # --- OpenTelemetry's instrumentors, applied when the app imports the library ----------------------------
