@@ -87,6 +87,10 @@ class UpSettings:
     trace_sampling: float = setting(1.0, metavar="PERCENT")
     """percent of requests traced, as Istio's default (a caller's own sampling decision is followed); spans go
     to the control plane's trace store (`kizuna traces`)"""
+    trace_collector: str = setting("", metavar="URL")
+    """send spans to this OTLP/HTTP traces endpoint instead (Jaeger, an OpenTelemetry Collector:
+    `http://HOST:4318/v1/traces`; in transparent mode an address the pods can reach); default: the control
+    plane's trace store"""
     prometheus: str = setting("127.0.0.1:9090", metavar="HOST:PORT")
     """where the mesh's Prometheus listens (started when the `prometheus` binary is installed; scrapes every
     sidecar's and the gateway's :15020 every 5 s, data in the state dir); off = do not start it"""

@@ -27,10 +27,11 @@ class StateDir:
         return self.root / "token"
 
     def tracing(self) -> tuple[str | None, float]:
-        """Where sidecars export spans (the control plane's OTLP receiver, when it runs one) and the sampling
-        percent ``kizuna up`` was given."""
-        endpoint = (self.read_controlplane() or {}).get("otlp")
-        sampling = float((self.read_runtime() or {}).get("traceSampling", 1.0))
+        """Where sidecars export spans (``kizuna up --trace-collector``, else the control plane's OTLP
+        receiver when it runs one) and the sampling percent ``kizuna up`` was given."""
+        runtime = self.read_runtime() or {}
+        endpoint = runtime.get("traceCollector") or (self.read_controlplane() or {}).get("otlp")
+        sampling = float(runtime.get("traceSampling", 1.0))
         return (str(endpoint) if endpoint else None), sampling
 
     def control_plane_ca(self) -> Path | None:

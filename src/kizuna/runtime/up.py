@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from kizuna.proxyconfig.bootstrap import Bootstrap
 from kizuna.runtime import display, gateway, prometheus, transparent
@@ -64,6 +65,7 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
     for instance in instances:
         prometheus.app_metrics_of(instance)  # a bad prometheus.io/port is refused before anything starts
     with_gateway = gateway.wanted(settings, resources)
+    collector = trace_collector(settings.trace_collector)
 
     state.create()
     _clear_previous_session(state)
@@ -72,6 +74,7 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
         "version": 1, "up": {"pid": os.getpid(), "startTime": _own_start_time()}, "mode": mode,
         "podCidr": str(pod_range), "serviceCidr": str(network.services) if network else None,
         "controlPlane": listen, "controlPlaneTls": True, "traceSampling": settings.trace_sampling,
+        "traceCollector": collector,
         "instances": [i.to_json() for i in instances],
         "processes": [],
         "gateway": {"address": settings.gateway_address, "port": settings.gateway_port,
@@ -198,6 +201,22 @@ def _start_controlplane(supervisor: Supervisor, state: StateDir, listen: str, er
 
 def _optional(path: Path | None) -> str | None:
     return str(path) if path is not None else None
+
+
+def trace_collector(url: str) -> str | None:
+    """``--trace-collector``, checked: an ``http://host[:port][/path]`` OTLP/HTTP traces endpoint (the path
+    defaults to ``/v1/traces``), or None for the control plane's own store."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme != "http" or not parts.hostname or port == -1 or parts.query or parts.fragment:
+        raise UserError(f"--trace-collector {url}: must be an OTLP/HTTP URL like http://127.0.0.1:4318/v1/traces "
+                        "(plain http; the sidecars export OTLP/HTTP JSON)")
+    return url if parts.path not in ("", "/") else f"http://{parts.netloc}/v1/traces"
 
 
 def _tracing(state: StateDir) -> dict[str, Any]:
