@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Callable
 from functools import partial
 from random import getrandbits
-from typing import TYPE_CHECKING, ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from kizuna.protocols.http1 import (
     BODY_CHUNKED,
@@ -103,14 +103,12 @@ def new_request_id() -> bytes:
 class Exchange:
     """One request and its response, across as many upstream tries as the retry policy allows."""
 
-    flags: ClassVar[str] = ""
-    """Response flags the exchange's telemetry reports besides its synthetic answers' (see ``H2Front``)."""
 
     __slots__ = ("down", "head", "dest", "target", "host", "extra", "mode", "loop", "stats", "body",
                  "body_size", "streaming", "request_done", "request_sent", "head_bytes", "conn", "pool",
                  "connecting", "tried", "retries_left", "reused", "fresh_only", "stale_retried", "started",
                  "framing", "keep_alive", "timer", "try_timer", "done", "upgrade_head", "out", "hash_cookie",
-                 "t0", "status", "sent", "last")
+                 "t0", "status", "sent", "last", "flags")
 
     def __init__(self, down: Downstream, head: RequestHead, dest: Destination, target: bytes, host: bytes,
                  stats: Stats, loop: asyncio.AbstractEventLoop, mode: int = HTTP) -> None:
@@ -155,6 +153,8 @@ class Exchange:
         self.status = 0
         self.sent = 0
         self.last: Pool | None = None
+        self.flags = ""
+        """Response flags telemetry reports besides those of a synthetic answer (an ``H2Front``'s call's)."""
 
     # -- the request, from the downstream connection -------------------------------------------------------
 

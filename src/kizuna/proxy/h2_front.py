@@ -66,7 +66,7 @@ class H2Front(Exchange):
     """One HTTP/1.1 request proxied as an HTTP/2 stream (see the module docstring)."""
 
     __slots__ = ("call", "pools", "unacked", "framing_out", "head_sent", "ended", "aborted", "response_done",
-                 "request_over", "flags")
+                 "request_over")
 
     def __init__(self, down: Downstream, head: RequestHead, routed: Routed, target: bytes, stats: Stats,
                  loop: asyncio.AbstractEventLoop, pools: H2Pools) -> None:
@@ -78,7 +78,6 @@ class H2Front(Exchange):
         self.response_done = False
         self.aborted = False
         self.request_over = not head.has_body
-        self.flags = ""  # type: ignore[misc]  # an instance's, where Exchange has a class default
         self.call = H2Call(self, STREAM_ID, stream_headers(head, target), self.request_over)
         # Started on the next loop turn: a call may answer at once (circuit breaker overflow), and the
         # HTTP/1.1 connection must hold this exchange before its end is reported (and its telemetry may
@@ -198,7 +197,7 @@ class H2Front(Exchange):
     def finished(self, stream_id: int) -> None:
         call = self.call
         self.last = call.tried[-1] if call.tried else None
-        self.flags = call.flags  # type: ignore[misc]
+        self.flags = call.flags
         if self.aborted:
             return
         self.done = True
