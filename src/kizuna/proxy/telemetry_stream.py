@@ -34,13 +34,15 @@ class StreamTap(ConnectionTap):
     __slots__ = ()
 
     def open(self, headers: Headers) -> tuple[StreamRecord, Headers]:
-        """A new stream: its record and its headers (on the destination side without ``x-kizuna-peer``,
-        and its server span opened)."""
+        """A new stream: its record and its headers, without ``x-kizuna-peer`` (on the destination side
+        learnt from; from an app, dropped), and on the destination side its server span opened."""
         authority = header(headers, b":authority") or header(headers, b"host") or b""
         if self.reporter == DESTINATION:
             kept = self.take_peer(headers, authority)
             if kept is not headers:
                 headers = list(kept)
+        elif any(name == PEER_HEADER for name, _ in headers):
+            headers = [(n, v) for n, v in headers if n != PEER_HEADER]  # only sidecars say who calls
         grpc = (header(headers, b"content-type") or b"").startswith(b"application/grpc")
         record = StreamRecord(self, headers, authority, grpc)
         tracer = self.telemetry.tracer
