@@ -121,8 +121,11 @@ def series(text: str, name: str, **labels: str) -> float:
 
 
 def test_both_reporters_count_requests_with_istio_labels(pair: Pair) -> None:
-    for _ in range(3):
+    for _ in range(2):
         assert pair.get("http://httpbin:8000/get")[0] == 200
+    # An app cannot pass itself off as another workload: only sidecars say who calls.
+    spoof = {"x-kizuna-peer": "evil;default;evil;v1;httpbin.default.svc.cluster.local"}
+    assert pair.get("http://httpbin:8000/get", **spoof)[0] == 200
     assert pair.get("http://httpbin:8000/status/418")[0] == 418
     assert pair.get("http://httpbin:8000/fault")[0] == 500  # aborted by the client sidecar (FI)
     client_text, headers = scrape(pair.client_node.mesh_address, 15000)
@@ -140,6 +143,7 @@ def test_both_reporters_count_requests_with_istio_labels(pair: Pair) -> None:
                   response_flags="-", connection_security_policy="none", **common) == 3
     for text, reporter in ((client_text, "source"), (server_text, "destination")):
         assert series(text, "istio_requests_total", reporter=reporter, response_code="418", **common) == 1
+        assert series(text, "istio_requests_total", source_workload="evil") == 0
     # The fault never left the client sidecar: only the source reporter has it, with Envoy's flag.
     assert series(client_text, "istio_requests_total", reporter="source", response_code="500",
                   response_flags="FI", destination_service=fqdn) == 1
