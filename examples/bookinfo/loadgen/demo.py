@@ -6,7 +6,8 @@
 2. a headless locust (``locustfile.py`` beside this file, a few users) sends traffic through the gateway at
    http://127.0.0.1:8080; if the gateway does not answer, locust runs inside the mesh instead, as a client of
    productpage's sidecar (``kizuna exec productpage-v1 -- python -m locust ...``);
-3. prints where to look, and waits: Ctrl-C (or SIGTERM) stops locust, then the whole mesh (``kizuna down``).
+3. prints where to look, and waits: Ctrl-C (or SIGTERM, or the terminal closing) stops locust, then the whole
+   mesh (``kizuna down``).
 
 Standard library only; ``python`` must be the one kizuna and locust are installed in (``make demo`` does
 that).
@@ -74,7 +75,13 @@ def _locust(args: argparse.Namespace, host: str) -> list[str]:
             "--loglevel", "WARNING"]
 
 
+class _HungUp(KeyboardInterrupt):
+    """The terminal went away (SIGHUP): stop as on Ctrl-C, with nowhere left to print."""
+
+
 def _stop_gracefully(signum: int, frame: FrameType | None) -> None:
+    if signum == signal.SIGHUP:
+        raise _HungUp
     raise KeyboardInterrupt
 
 
@@ -93,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     if up.returncode != 0:
         return up.returncode
     signal.signal(signal.SIGTERM, _stop_gracefully)
+    signal.signal(signal.SIGHUP, _stop_gracefully)
     locust: subprocess.Popen[bytes] | None = None
+    quiet = False
     try:
         record = json.loads((state_dir / "runtime.json").read_text())  # what `kizuna up` started, and where
         gateway = _gateway_url(record)
@@ -121,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         print("the load has finished; the mesh runs until Ctrl-C", flush=True)
         while True:
             time.sleep(3600)
+    except _HungUp:
+        quiet = True
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave the mesh running
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not leave the mesh running
         if locust is not None and locust.poll() is None:
             locust.terminate()  # locust stops its users and prints its summary
             try:
@@ -133,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 locust.kill()
                 locust.wait()
-        print("\nstopping the mesh", flush=True)
-        subprocess.run(_kizuna("down", *state))
+        # With the terminal gone, writing to it fails: the mesh is stopped all the same.
+        if not quiet:
+            print("\nstopping the mesh", flush=True)
+        output = subprocess.DEVNULL if quiet else None
+        subprocess.run(_kizuna("down", *state), stdout=output, stderr=output)
     return 0
 
 
