@@ -23,12 +23,12 @@ def test_one_hop_makes_one_trace_with_parent_links() -> None:
             exporter = OtlpExporter(f"http://{host}:{port}/v1/traces")
             client = Tracer("sleep.default", "sleep", 100.0, exporter)
             server = Tracer("httpbin.default", "httpbin", 1.0, exporter)  # follows the caller's decision
-            out_span, onward = client.begin(CALLER, "client", "httpbin:8000/get")
-            in_span, _ = server.begin(onward, "server", "httpbin:8000/get")
+            out_span, onward, _ = client.begin(CALLER, "client")
+            in_span, _, _ = server.begin(onward, "server")
             assert out_span is not None and in_span is not None
             server.end(in_span, 200)
             client.end(out_span, 200)
-            unsampled, headers = client.begin([(b"traceparent", CALLER[0][1][:-2] + b"00")], "client", "x")
+            unsampled, headers, _ = client.begin([(b"traceparent", CALLER[0][1][:-2] + b"00")], "client")
             assert unsampled is None and dict(headers)[b"traceparent"].endswith(b"-00")
             await exporter.flush()
             assert exporter.to_json()["exported"] == 2

@@ -19,6 +19,8 @@ SPAN = "00f067aa0ba902b7"
     ([(b"x-b3-traceid", TRACE[16:].encode()), (b"x-b3-spanid", SPAN.encode())],  # 64-bit B3 trace id
      SpanContext("0" * 16 + TRACE[16:], SPAN, None)),
     ([(b"b3", f"{TRACE}-{SPAN}-d".encode())], SpanContext(TRACE, SPAN, True)),
+    ([(b"traceparent", f" 01-{TRACE.upper()}-{SPAN}-03-later ".encode())],  # a later version's extra field
+     SpanContext(TRACE, SPAN, True)),
 ])
 def test_extract(headers: list[tuple[bytes, bytes]], expected: SpanContext) -> None:
     assert extract(headers) == expected
@@ -26,7 +28,9 @@ def test_extract(headers: list[tuple[bytes, bytes]], expected: SpanContext) -> N
 
 @pytest.mark.parametrize("headers", [
     [], [(b"traceparent", b"garbage")], [(b"traceparent", f"00-{'0' * 32}-{SPAN}-01".encode())],
-    [(b"traceparent", f"ff-{TRACE}-{SPAN}-01".encode())], [(b"x-b3-traceid", TRACE.encode())]])
+    [(b"traceparent", f"ff-{TRACE}-{SPAN}-01".encode())], [(b"x-b3-traceid", TRACE.encode())],
+    [(b"traceparent", f"00-{TRACE}-{'0' * 16}-01".encode())], [(b"traceparent", f"00-{TRACE}-{SPAN}-0g".encode())],
+    [(b"traceparent", f"00-{TRACE}-{SPAN}".encode())], [(b"traceparent", f"00-{TRACE}x-{SPAN}-01".encode())]])
 def test_no_usable_context(headers: list[tuple[bytes, bytes]]) -> None:
     assert extract(headers) is None
 

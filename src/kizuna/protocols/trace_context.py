@@ -8,19 +8,23 @@ forward either keep the trace whole.
 
 from __future__ import annotations
 
-import os
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Final
+from random import getrandbits
+from typing import Final, NamedTuple
 
 B3_HEADERS: Final = (b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled", b"x-b3-flags", b"b3")
-TRACE_HEADERS: Final = (b"traceparent", b"tracestate", *B3_HEADERS)
+TRACE_HEADERS: Final = frozenset((b"traceparent", b"tracestate", *B3_HEADERS))
 """Headers this module reads and rewrites."""
-_HEX: Final = frozenset("0123456789abcdef")
+TRACE_HEADER_LENGTHS: Final = frozenset(map(len, TRACE_HEADERS))
+"""Their name lengths: a header of another length is none of them, with no need to lower-case its name."""
+_TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-.*)?")
+"""version-trace id-span id-flags, and what a later version may add after them."""
+_HEX16: Final = re.compile(r"[0-9a-f]{16}")
+_HEX32: Final = re.compile(r"[0-9a-f]{32}")
 
 
-@dataclass(frozen=True, slots=True)
-class SpanContext:
+class SpanContext(NamedTuple):
     """Who the current span is: 32 hex digits of trace id, 16 of span id, whether it is sampled."""
 
     trace_id: str
@@ -31,33 +35,47 @@ class SpanContext:
 
 
 def new_id(hex_digits: int) -> str:
-    """A random, non-zero id of ``hex_digits`` hex digits."""
+    """A random, non-zero id of ``hex_digits`` hex digits (ids name spans, they are not secrets: Python's
+    PRNG, as Envoy uses a PRNG, without a system call per id)."""
     while True:
-        value = os.urandom(hex_digits // 2).hex()
-        if value.strip("0"):
-            return value
+        value = getrandbits(hex_digits * 4)
+        if value:
+            return value.to_bytes(hex_digits // 2, "big").hex()
 
 
 def _valid(value: str, length: int) -> bool:
-    return len(value) == length and set(value) <= _HEX and bool(value.strip("0"))
+    pattern = _HEX32 if length == 32 else _HEX16
+    return pattern.fullmatch(value) is not None and bool(value.strip("0"))
 
 
 def extract(headers: Iterable[tuple[bytes, bytes]]) -> SpanContext | None:
     """The caller's span context from request headers (names in any case), or None."""
+    return scan(headers)[0]
+
+
+def scan(headers: Iterable[tuple[bytes, bytes]]) -> tuple[SpanContext | None, bool]:
+    """The caller's span context (or None), and whether the headers carry any trace header at all (usable or
+    not: a proxy that writes its own must drop them)."""
     found: dict[bytes, bytes] = {}
     for name, value in headers:
-        name = name.lower()  # as sent: urllib writes "Traceparent"
-        if name in TRACE_HEADERS and name not in found:
-            found[name] = value
+        if len(name) in TRACE_HEADER_LENGTHS:
+            name = name.lower()  # as sent: urllib writes "Traceparent"
+            if name in TRACE_HEADERS and name not in found:
+                found[name] = value
     if not found:
-        return None
+        return None, False
+    return _context(found), True
+
+
+def _context(found: dict[bytes, bytes]) -> SpanContext | None:
     parent = found.get(b"traceparent")
     if parent is not None:
-        parts = parent.decode("latin-1").strip().lower().split("-")
-        if len(parts) >= 4 and len(parts[0]) == 2 and parts[0] != "ff" and _valid(parts[1], 32) \
-                and _valid(parts[2], 16) and len(parts[3]) == 2 and set(parts[3]) <= _HEX:
-            state = found.get(b"tracestate", b"").decode("latin-1")
-            return SpanContext(parts[1], parts[2], bool(int(parts[3], 16) & 1), state)
+        match = _TRACEPARENT.fullmatch(parent.decode("latin-1").strip().lower())
+        if match is not None:
+            version, trace_id, span_id, flags = match.groups()
+            if version != "ff" and trace_id.strip("0") and span_id.strip("0"):
+                state = found.get(b"tracestate", b"").decode("latin-1")
+                return SpanContext(trace_id, span_id, bool(int(flags, 16) & 1), state)
     single = found.get(b"b3")
     if single is not None:
         parts = single.decode("latin-1").strip().lower().split("-")
@@ -77,11 +95,11 @@ def extract(headers: Iterable[tuple[bytes, bytes]]) -> SpanContext | None:
 def child_headers(context: SpanContext, parent_span: str | None = None) -> tuple[tuple[bytes, bytes], ...]:
     """Headers that make ``context`` (a span the proxy opened) the caller of the next hop, W3C and B3; the
     caller's own trace headers are to be dropped first (see ``TRACE_HEADERS``)."""
-    flag = "01" if context.sampled else "00"
-    out = [(b"traceparent", f"00-{context.trace_id}-{context.span_id}-{flag}".encode())]
+    trace_id, span_id = context.trace_id.encode(), context.span_id.encode()
+    out = [(b"traceparent", b"00-%b-%b-%b" % (trace_id, span_id, b"01" if context.sampled else b"00"))]
     if context.tracestate:
         out.append((b"tracestate", context.tracestate.encode("latin-1")))
-    out += [(b"x-b3-traceid", context.trace_id.encode()), (b"x-b3-spanid", context.span_id.encode()),
+    out += [(b"x-b3-traceid", trace_id), (b"x-b3-spanid", span_id),
             (b"x-b3-sampled", b"1" if context.sampled else b"0")]
     if parent_span:
         out.append((b"x-b3-parentspanid", parent_span.encode()))

@@ -158,8 +158,7 @@ class HttpServerConnection(asyncio.Protocol):
         result = self.dispatcher.dispatch(self, head)
         if tap is not None:
             if isinstance(result, Exchange):
-                if not tap.reporter:
-                    tap.outbound(result)
+                tap.routed(result)
             elif isinstance(result, SyntheticResponse):
                 tap.refused(head, result)
         if isinstance(result, SyntheticResponse):

@@ -47,9 +47,12 @@ class StreamTap(ConnectionTap):
         record = StreamRecord(self, headers, authority, grpc)
         tracer = self.telemetry.tracer
         if tracer is not None and self.reporter == DESTINATION:
-            record.span, record.onward = tracer.begin(headers, "server", f"{authority.decode('latin-1')}/*", {
-                "http.method": record.method, "http.url": record.path, "peer.principal": self.principal or "",
-                "component": "proxy"})
+            span, record.onward, _ = tracer.begin(headers, "server")
+            record.span = span
+            if span is not None:
+                span.name = f"{record.authority}/*"
+                span.attributes = {"http.method": record.method, "http.url": record.path,
+                                   "peer.principal": self.principal or "", "component": "proxy"}
         return record, headers
 
 
@@ -97,9 +100,12 @@ class StreamRecord:
                 extra = [(PEER_HEADER, telemetry.peer_value(cluster.service))]
             tracer = telemetry.tracer
             if tracer is not None:
-                self.span, self.onward = tracer.begin(headers, "client", f"{cluster.service}:{cluster.port}/*", {
-                    "http.method": self.method, "http.url": self.path, "upstream_cluster": cluster.name,
-                    "component": "proxy"})
+                span, self.onward, _ = tracer.begin(headers, "client")
+                self.span = span
+                if span is not None:
+                    span.name = f"{cluster.service}:{cluster.port}/*"
+                    span.attributes = {"http.method": self.method, "http.url": self.path,
+                                       "upstream_cluster": cluster.name, "component": "proxy"}
         if self.onward:
             return [*replace_trace_headers(headers, self.onward), *extra]
         return [*headers, *extra] if extra else headers

@@ -29,7 +29,7 @@ from kizuna.proxy.telemetry import (
     Telemetry,
     Workload,
 )
-from kizuna.proxy.tracing import Headers, Span, replace_trace_headers
+from kizuna.proxy.tracing import Headers, Span, strip_trace_headers
 
 if TYPE_CHECKING:
     from kizuna.proxy.errors import SyntheticResponse
@@ -111,12 +111,14 @@ class ConnectionTap:
 class HttpTap(ConnectionTap):
     """Telemetry of one HTTP/1.x client connection."""
 
-    __slots__ = ("span", "_out_cluster", "_out_extra", "_dest_key", "_dest", "_series_key", "_series")
+    __slots__ = ("span", "_onward", "_out_cluster", "_out_extra", "_dest_key", "_dest", "_series_key", "_series")
 
     def __init__(self, telemetry: Telemetry, transport: asyncio.BaseTransport) -> None:
         super().__init__(telemetry, transport)
         self.span: Span | None = None
         """The traced request in progress on this connection (HTTP/1.x: one at a time)."""
+        self._onward: tuple[tuple[bytes, bytes], ...] = ()
+        """Destination side: the trace headers ``inbound`` chose for the request being routed."""
         # A connection's requests mostly go the same way and end the same way: what was worked out for the
         # last one is kept (compared by identity) so the next costs no lookups.
         self._out_cluster: object = None
@@ -129,21 +131,31 @@ class HttpTap(ConnectionTap):
     # -- per request ----------------------------------------------------------------------------------------
 
     def inbound(self, head: RequestHead) -> RequestHead:
-        """Destination side: who calls (the client sidecar's ``x-kizuna-peer``, which the parser lifted out of
-        the headers), and the server span of a traced request (its trace headers rewritten for the app)."""
+        """Destination side, before routing: who calls (the client sidecar's ``x-kizuna-peer``, which the parser
+        lifted out of the headers), and the server span (the request's own trace headers dropped: ``routed``
+        adds the span's)."""
         self.learn_peer(head.peer, head.host)
         tracer = self.telemetry.tracer
         if tracer is not None:
-            host = head.host.decode("latin-1")
-            self.span, onward = tracer.begin(head.headers, "server", f"{host}/*", {
-                "http.method": head.method.decode("latin-1"), "http.url": head.target.decode("latin-1"),
-                "peer.principal": self.principal or "", "component": "proxy"})
-            head = head._replace(headers=replace_trace_headers(head.headers, onward))
+            span, self._onward, carried = tracer.begin(head.headers, "server")
+            self.span = span
+            if span is not None:
+                span.name = f"{head.host.decode('latin-1')}/*"
+                span.attributes = {"http.method": head.method.decode("latin-1"),
+                                   "http.url": head.target.decode("latin-1"),
+                                   "peer.principal": self.principal or "", "component": "proxy"}
+            if carried:
+                head = head._replace(headers=strip_trace_headers(head.headers))
         return head
 
-    def outbound(self, exchange: Exchange) -> None:
-        """Source side: tell the server sidecar who calls (Services of the mesh only: never a ServiceEntry's
-        external host)."""
+    def routed(self, exchange: Exchange) -> None:
+        """A request on its way: on the destination side with the server span's trace headers; on the source
+        side with the client span's, and telling the server sidecar who calls (Services of the mesh only: never a
+        ServiceEntry's external host)."""
+        if self.reporter == DESTINATION:
+            if self._onward:
+                exchange.extra += self._onward
+            return
         cluster = exchange.dest.cluster.cluster
         if cluster is not self._out_cluster:
             self._out_cluster = cluster
@@ -155,10 +167,16 @@ class HttpTap(ConnectionTap):
         tracer = self.telemetry.tracer
         if tracer is not None:
             head = exchange.head
-            self.span, onward = tracer.begin(head.headers, "client", f"{cluster.service}:{cluster.port}/*", {
-                "http.method": head.method.decode("latin-1"), "http.url": exchange.target.decode("latin-1"),
-                "upstream_cluster": cluster.name, "component": "proxy"})
-            exchange.head = head._replace(headers=replace_trace_headers(head.headers, onward))
+            span, onward, carried = tracer.begin(head.headers, "client")
+            self.span = span
+            if span is not None:
+                span.name = f"{cluster.service}:{cluster.port}/*"
+                span.attributes = {"http.method": head.method.decode("latin-1"),
+                                   "http.url": exchange.target.decode("latin-1"), "upstream_cluster": cluster.name,
+                                   "component": "proxy"}
+            if carried:
+                exchange.head = head._replace(headers=strip_trace_headers(head.headers))
+            exchange.extra += onward
 
     def done(self, exchange: Exchange, status: int = 0, flags: str = "") -> None:
         """Record a finished exchange (``status`` given: a synthetic answer in its place)."""

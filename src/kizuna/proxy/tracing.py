@@ -19,10 +19,17 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
-from kizuna.protocols.trace_context import TRACE_HEADERS, SpanContext, child_headers, extract, new_id
+from kizuna.protocols.trace_context import (
+    TRACE_HEADER_LENGTHS,
+    TRACE_HEADERS,
+    SpanContext,
+    child_headers,
+    new_id,
+    scan,
+)
 
 log = logging.getLogger("kizuna.proxy.tracing")
 
@@ -70,6 +77,16 @@ def _any_value(value: Any) -> dict[str, Any]:
     return {"stringValue": str(value)}
 
 
+class Begun(NamedTuple):
+    """What ``Tracer.begin`` gives: the span (None when not sampled), the trace headers to send onward, and
+    whether the request carried trace headers of its own (which must then be dropped: ``strip_trace_headers``);
+    without any, ``onward`` is simply added."""
+
+    span: Span | None
+    onward: tuple[tuple[bytes, bytes], ...]
+    carried: bool
+
+
 class Tracer:
     """Opens and closes the spans of one proxy and hands finished ones to its exporter."""
 
@@ -83,11 +100,11 @@ class Tracer:
         """Percent of new traces recorded (callers that decided already are followed)."""
         self.exporter = exporter
 
-    def begin(self, headers: Headers, kind: str, name: str,
-              attributes: dict[str, Any] | None = None) -> tuple[Span | None, tuple[tuple[bytes, bytes], ...]]:
-        """A span for a request whose headers are ``headers`` (None when not sampled), and the trace headers
-        the request must carry onward instead of its own."""
-        caller = extract(headers)
+    def begin(self, headers: Headers, kind: str) -> Begun:
+        """A span for a request whose headers are ``headers`` (None when not sampled: the caller names a span
+        and sets its attributes only when there is one), and the trace headers the request must carry onward
+        instead of its own."""
+        caller, carried = scan(headers)
         if caller is not None and caller.sampled is not None:
             sampled = caller.sampled
         else:
@@ -98,9 +115,8 @@ class Tracer:
         onward = child_headers(SpanContext(trace_id, span_id, sampled, caller.tracestate if caller else ""),
                                parent or None)
         if not sampled:
-            return None, onward
-        span = Span(trace_id, span_id, parent, name, kind, time.time_ns(), attributes=attributes or {})
-        return span, onward
+            return Begun(None, onward, carried)
+        return Begun(Span(trace_id, span_id, parent, "", kind, time.time_ns()), onward, carried)
 
     def end(self, span: Span, status: int, flags: str = "", **attributes: Any) -> None:
         """Close ``span`` with the response status (and the proxy's response flags) and export it."""
@@ -116,7 +132,12 @@ class Tracer:
 
 def replace_trace_headers(headers: Headers, onward: Headers) -> tuple[tuple[bytes, bytes], ...]:
     """``headers`` with the trace headers swapped for ``onward``."""
-    return (*((n, v) for n, v in headers if n.lower() not in TRACE_HEADERS), *onward)
+    return (*strip_trace_headers(headers), *onward)
+
+
+def strip_trace_headers(headers: Headers) -> tuple[tuple[bytes, bytes], ...]:
+    """``headers`` without trace headers."""
+    return tuple((n, v) for n, v in headers if len(n) not in TRACE_HEADER_LENGTHS or n.lower() not in TRACE_HEADERS)
 
 
 class OtlpExporter:
