@@ -80,6 +80,11 @@ def test_the_mesh_peer_header_is_lifted_out_of_the_headers(extra: bytes) -> None
     assert heads(RequestParser().feed(GET))[0].peer is None
 
 
+def test_a_clients_own_client_cert_header_is_never_passed_on() -> None:
+    data = b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Client-Cert: URI=spiffe://forged\r\nX-Kept: 1\r\n\r\n"
+    assert heads(RequestParser().feed(data))[0].headers == ((b"X-Kept", b"1"),)  # Envoy's SANITIZE
+
+
 def test_content_length_body() -> None:
     events = RequestParser().feed(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
     head = heads(events)[0]

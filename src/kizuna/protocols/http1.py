@@ -135,9 +135,12 @@ _new_head: Final = tuple.__new__
 
 PEER_HEADER: Final = b"x-kizuna-peer"
 """Sidecar to sidecar: who calls (``proxy/telemetry.py`` writes and reads its value)."""
+XFCC: Final = b"x-forwarded-client-cert"
+"""Envoy's client certificate header. A client's own is never passed on (Envoy's default, SANITIZE): only the
+server sidecar sets it, from the mTLS connection (``proxy/inbound.py``)."""
 
 # Headers the parser reads instead of passing on (x-request-id is read and passed on).
-_INTERPRETED: Final = HOP_BY_HOP | {b"content-length", b"host", b"expect", b"x-request-id", PEER_HEADER}
+_INTERPRETED: Final = HOP_BY_HOP | {b"content-length", b"host", b"expect", b"x-request-id", PEER_HEADER, XFCC}
 
 
 class _Parser:

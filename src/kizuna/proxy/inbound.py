@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Final, cast
 
-from kizuna.protocols.http1 import RequestHead
+from kizuna.protocols.http1 import XFCC, RequestHead
 from kizuna.protocols.http2 import Headers as H2Headers
 from kizuna.protocols.sniff import Detected, sniff
 from kizuna.proxy.downstream import HttpServerConnection
@@ -41,7 +41,7 @@ SNIFF_TIMEOUT: Final = 0.1
 class InboundDispatcher:
     """Sends every request of one inbound port to the app, as the current snapshot says."""
 
-    __slots__ = ("source", "port", "stats", "counter", "loop", "h2_pools", "guard")
+    __slots__ = ("source", "port", "stats", "counter", "loop", "h2_pools", "guard", "_xfcc")
 
     def __init__(self, source: StateSource, port: int, stats: Stats, loop: asyncio.AbstractEventLoop,
                  h2_pools: H2Pools | None = None, guard: InboundGuard | None = None) -> None:
@@ -54,6 +54,8 @@ class InboundDispatcher:
         self.loop = loop
         self.h2_pools = h2_pools
         """For an app that speaks HTTP/2 only: its requests go to it as streams (``h2_front``)."""
+        self._xfcc: dict[tuple[str, str], bytes] = {}
+        """``x-forwarded-client-cert`` values by (own identity, peer principal)."""
 
     def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse:
         self.stats.inbound_rq_total += 1
@@ -78,19 +80,20 @@ class InboundDispatcher:
 
     def _client_cert(self, head: RequestHead, transport: asyncio.BaseTransport) -> RequestHead:
         """Envoy's ``x-forwarded-client-cert`` (SANITIZE_SET): on an mTLS connection the app learns the
-        client's identity (``By=<this workload>;URI=<client>``); a header the client sent itself is dropped."""
-        headers = head.headers
-        if any(n.lower() == XFCC for n, _ in headers):
-            headers = tuple((n, v) for n, v in headers if n.lower() != XFCC)
+        client's identity (``By=<this workload>;URI=<client>``). A header the client sent itself never gets
+        here: the parser drops it."""
         peer = transport.get_extra_info("peer_identity")
-        if peer is not None:
-            own = getattr(self.source, "identity", None)
-            by = f"By={own.spiffe_id};" if own is not None else ""
-            headers += ((XFCC, f"{by}URI=spiffe://{peer.principal}".encode()),)
-        return head if headers is head.headers else head._replace(headers=headers)
-
-
-XFCC: Final = b"x-forwarded-client-cert"
+        if peer is None:
+            return head
+        own = getattr(self.source, "identity", None)
+        key = (own.spiffe_id if own is not None else "", peer.principal)
+        value = self._xfcc.get(key)
+        if value is None:
+            if len(self._xfcc) >= 256:
+                self._xfcc.clear()
+            by = f"By={key[0]};" if key[0] else ""
+            value = self._xfcc[key] = f"{by}URI=spiffe://{peer.principal}".encode()
+        return head._replace(headers=(*head.headers, (XFCC, value)))
 
 
 class SniffingConnection(asyncio.Protocol):
