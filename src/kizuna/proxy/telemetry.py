@@ -52,10 +52,10 @@ UNKNOWN_SERVICE: Final[Service] = (UNKNOWN, UNKNOWN, UNKNOWN)
 # Layout of one HTTP series' list: count, duration sum, request bytes sum, response bytes sum, then buckets.
 _N_DUR = len(DURATION_BUCKETS) + 1
 _N_BYTES = len(BYTES_BUCKETS) + 1
-DUR0: Final = 4
-REQ0: Final = DUR0 + _N_DUR
-RESP0: Final = REQ0 + _N_BYTES
-_HTTP_LEN = RESP0 + _N_BYTES
+_DUR0 = 4
+_REQ0 = _DUR0 + _N_DUR
+_RESP0 = _REQ0 + _N_BYTES
+_HTTP_LEN = _RESP0 + _N_BYTES
 
 
 def app_version(labels: Iterable[tuple[str, str]]) -> tuple[str, str]:
@@ -282,9 +282,9 @@ class Telemetry:
         out += _header("istio_requests_total", "counter", "Requests handled by the sidecar (Istio).")
         out += [f"istio_requests_total{{{base}}} {_num(s[0])}" for base, s in rows]
         for name, help_, sum_i, first, bounds in (
-                ("istio_request_duration_milliseconds", "Request duration (ms).", 1, DUR0, DURATION_BUCKETS),
-                ("istio_request_bytes", "Request body sizes (bytes).", 2, REQ0, BYTES_BUCKETS),
-                ("istio_response_bytes", "Response body sizes (bytes).", 3, RESP0, BYTES_BUCKETS)):
+                ("istio_request_duration_milliseconds", "Request duration (ms).", 1, _DUR0, DURATION_BUCKETS),
+                ("istio_request_bytes", "Request body sizes (bytes).", 2, _REQ0, BYTES_BUCKETS),
+                ("istio_response_bytes", "Response body sizes (bytes).", 3, _RESP0, BYTES_BUCKETS)):
             out += _header(name, "histogram", help_)
             for base, s in rows:
                 total = 0.0
@@ -312,9 +312,9 @@ def observe(series: list[float], duration_ms: float, request_bytes: int, respons
     series[1] += duration_ms
     series[2] += request_bytes
     series[3] += response_bytes
-    series[DUR0 + bisect_left(DURATION_BUCKETS, duration_ms)] += 1
-    series[REQ0 + bisect_left(BYTES_BUCKETS, request_bytes)] += 1
-    series[RESP0 + bisect_left(BYTES_BUCKETS, response_bytes)] += 1
+    series[_DUR0 + bisect_left(DURATION_BUCKETS, duration_ms)] += 1
+    series[_REQ0 + (bisect_left(BYTES_BUCKETS, request_bytes) if request_bytes else 0)] += 1  # GETs: none
+    series[_RESP0 + bisect_left(BYTES_BUCKETS, response_bytes)] += 1
 
 
 def escape(value: str) -> str:

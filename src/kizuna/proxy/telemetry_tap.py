@@ -8,19 +8,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Final
 
 from kizuna.protocols.http1 import PEER_HEADER, RequestHead, split_authority
 from kizuna.proxy.access_log import iso_time
 from kizuna.proxy.telemetry import (
-    BYTES_BUCKETS,
     DESTINATION,
-    DUR0,
-    DURATION_BUCKETS,
     REPORTERS,
-    REQ0,
-    RESP0,
     SOURCE,
     UNKNOWN,
     UNKNOWN_SERVICE,
@@ -28,6 +22,7 @@ from kizuna.proxy.telemetry import (
     Service,
     Telemetry,
     Workload,
+    observe,
 )
 from kizuna.proxy.tracing import Headers, Span, strip_trace_headers
 
@@ -203,15 +198,7 @@ class HttpTap(ConnectionTap):
         if key is None or key[0] is not peer or key[1] is not service or key[2] != code or key[3] != flags:
             self._series_key = (peer, service, code, flags)
             self._series = telemetry.http_series(self.reporter, peer, service, code, flags or "-", self.security)
-        # Telemetry.observe, inlined: this is the hot path's one recording.
-        series, sent = self._series, exchange.sent
-        series[0] += 1
-        series[1] += duration
-        series[2] += received
-        series[3] += sent
-        series[DUR0 + bisect_left(DURATION_BUCKETS, duration)] += 1
-        series[REQ0 + (bisect_left(BYTES_BUCKETS, received) if received else 0)] += 1
-        series[RESP0 + bisect_left(BYTES_BUCKETS, sent)] += 1
+        observe(self._series, duration, received, exchange.sent)
         log = telemetry.access_log
         if log is not None:
             pool = exchange.last
