@@ -59,8 +59,10 @@ def test_spans_go_to_the_collector_given(mesh_factory: Callable[..., Any], colle
     kit.wait_until(lambda: len(store.trace(trace_id) or []) >= 2, 10, "the spans at the collector")
     services = {s["service"] for s in store.trace(trace_id) or []}
     assert "sleep.default" in services and any(s.startswith("httpbin-v") for s in services), services
-    # Nothing went to the control plane's own store.
+    # Nothing went to the control plane's own store, and `kizuna status` says where the spans go.
     assert ControlPlaneClient.from_state_dir(mesh.state).traces()["traces"] == []
+    status = mesh.kizuna("status").stdout
+    assert f"traces           {url} (1% of new traces sampled)" in status.splitlines()
 
 
 @pytest.mark.parametrize("url", ["https://127.0.0.1:4318/v1/traces", "127.0.0.1:4318", "http://:4318/",

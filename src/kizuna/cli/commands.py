@@ -164,6 +164,9 @@ def status(args: argparse.Namespace) -> int:
     board = (state.read_controlplane() or {}).get("dashboard")
     if board:
         print(f"dashboard        {board}")
+    endpoint, sampling = state.tracing()
+    if endpoint:
+        print(f"traces           {endpoint} ({sampling:g}% of new traces sampled)")
     return 0
 
 

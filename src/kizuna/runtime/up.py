@@ -125,6 +125,9 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
         if settings.dashboard != DASHBOARD_OFF:
             shown = board or f"not served: {settings.dashboard} is taken (see the control plane's log)"
             out.write(f"dashboard        {shown}\n")
+        endpoint, sampling = state.tracing()
+        if endpoint:
+            out.write(f"traces           {endpoint} ({sampling:g}% of new traces sampled)\n")
         out.flush()
         if settings.detach:
             supervisor.release()
