@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
+from kizuna.proxy.file_stamps import Stamp, file_stamps
 from kizuna.proxy.sni import sni_matches
 from kizuna.proxyconfig.model import ServerTls
 
@@ -97,16 +98,9 @@ def _name(tls: ServerTls) -> str:
     return ",".join(tls.hosts) or "*"
 
 
-def _stamp(tls: ServerTls, credentials_dir: str | os.PathLike[str]) -> tuple[tuple[int, int] | None, ...]:
-    """(mtime, size) of each file of a server (None for a missing one): a change means read them again."""
-    stamps: list[tuple[int, int] | None] = []
-    for path in credential_files(tls, credentials_dir):
-        try:
-            st = os.stat(path) if path else None
-        except OSError:
-            st = None
-        stamps.append((st.st_mtime_ns, st.st_size) if st is not None else None)
-    return tuple(stamps)
+def _stamp(tls: ServerTls, credentials_dir: str | os.PathLike[str]) -> tuple[Stamp, ...]:
+    """The stamps of a server's files: a change means read them again."""
+    return file_stamps(credential_files(tls, credentials_dir))
 
 
 class TlsContexts:

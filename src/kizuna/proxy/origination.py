@@ -11,11 +11,11 @@ next new connection) and shared by every connection of the cluster.
 
 from __future__ import annotations
 
-import os
 import ssl
 from functools import lru_cache
 from typing import Any
 
+from kizuna.proxy.file_stamps import Stamp, file_stamps
 from kizuna.proxyconfig.model import UpstreamTls
 
 
@@ -24,19 +24,12 @@ def origination_context(tls: UpstreamTls) -> ssl.SSLContext:
     return _context(tls, _stamp(tls))
 
 
-def _stamp(tls: UpstreamTls) -> tuple[tuple[int, int] | None, ...]:
-    stamps: list[tuple[int, int] | None] = []
-    for path in (tls.ca_certificates, tls.client_certificate, tls.private_key):
-        try:
-            st = os.stat(path) if path else None
-        except OSError:
-            st = None
-        stamps.append((st.st_mtime_ns, st.st_size) if st is not None else None)
-    return tuple(stamps)
+def _stamp(tls: UpstreamTls) -> tuple[Stamp, ...]:
+    return file_stamps((tls.ca_certificates, tls.client_certificate, tls.private_key))
 
 
 @lru_cache(maxsize=64)
-def _context(tls: UpstreamTls, _stamp: tuple[tuple[int, int] | None, ...]) -> ssl.SSLContext:
+def _context(tls: UpstreamTls, _stamp: tuple[Stamp, ...]) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.insecure_skip_verify:
