@@ -63,6 +63,13 @@ class SyntheticResponse:
         return replace(self, flag=f"{self.flag},{flag}" if self.flag else flag)
 
 
+def add_flag(flags: str, flag: str) -> str:
+    """Envoy-style response flags (``UF,URX``) with ``flag`` added, once."""
+    if not flag or flag in flags.split(","):
+        return flags
+    return f"{flags},{flag}" if flags else flag
+
+
 NO_ROUTE = SyntheticResponse(404, "no route", "NR")
 """No virtual host or no route matches the request (Envoy NR)."""
 NO_HEALTHY_UPSTREAM = SyntheticResponse(503, "no healthy upstream", "UH")

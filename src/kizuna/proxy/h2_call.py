@@ -24,6 +24,7 @@ from kizuna.proxy.errors import (
     UPSTREAM_RESET,
     UPSTREAM_TIMEOUT,
     SyntheticResponse,
+    add_flag,
 )
 from kizuna.proxy.h2_policy import downstream_headers, mirror, outlier_status, regular, upstream_headers
 from kizuna.proxy.h2_routing import (
@@ -486,8 +487,7 @@ class H2Call:
     def _flag(self, flag: str) -> None:
         """Count a proxy-made outcome (and put it on the stream's record)."""
         self.down.stats.flag(flag)
-        if flag not in self.flags.split(","):
-            self.flags = f"{self.flags},{flag}" if self.flags else flag
+        self.flags = add_flag(self.flags, flag)
         if self.record is not None:
             self.record.flag(flag)
 

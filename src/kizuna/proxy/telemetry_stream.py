@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Final
 
 from kizuna.protocols.http1 import PEER_HEADER
 from kizuna.protocols.http2 import Headers
+from kizuna.proxy.errors import add_flag
 from kizuna.proxy.h2_routing import header
 from kizuna.proxy.telemetry import DESTINATION, REPORTERS, SOURCE, UNKNOWN, UNKNOWN_WORKLOAD
 from kizuna.proxy.telemetry_tap import ConnectionTap, start_time
@@ -126,8 +127,7 @@ class StreamRecord:
         self.response(headers)
 
     def flag(self, flag: str) -> None:
-        if flag and flag not in self.flags.split(","):
-            self.flags = f"{self.flags},{flag}" if self.flags else flag
+        self.flags = add_flag(self.flags, flag)
 
     def close(self) -> None:
         """The stream is over: count it, end its span, log it."""
