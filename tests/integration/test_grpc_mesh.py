@@ -1,7 +1,8 @@
 """gRPC (h2c prior knowledge) through two in-process sidecars with real grpcio clients and servers.
 
 client → client sidecar outbound (h2 preface, routed by ``:authority``) → server sidecar inbound
-(sniffed as HTTP/2) → grpcio server. Echo methods are generic handlers over raw bytes: no protoc needed.
+(sniffed as HTTP/2) → grpcio server. Echo methods are generic handlers over raw bytes: no protoc needed; the
+standard ``grpc.health.v1.Health`` service (grpcio-health-checking) runs beside them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, cast
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kizuna.proxy.h2 import H2ServerConnection
 from kizuna.proxy.sidecar import Sidecar
@@ -34,22 +36,32 @@ from kizuna.testing.mesh import BackgroundLoop, LocalMesh, loopback_addresses, s
 
 pytestmark = pytest.mark.integration
 METHOD = "/echo.Echo/Say"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class EchoApp:
-    """A grpcio server answering ``name:request``; ``b"slow"`` waits 1 s; ``flaky`` fails every other call."""
+    """A grpcio server answering ``name:request``; a request starting ``slow`` waits 1 s; ``flaky`` fails every
+    other call. ``Deadline`` answers the seconds the server sees left before the caller's deadline. Its health
+    service says SERVING for ``""`` and ``echo.Echo``, NOT_SERVING for ``echo.Maintenance``."""
 
     def __init__(self, address: str, name: str, flaky: bool = False) -> None:
         self.name = name.encode()
         self.flaky = flaky
         self.calls = 0
+        self.slow_active: dict[bytes, bool] = {}
         self.lock = threading.Lock()
         handler = grpc.method_handlers_generic_handler("echo.Echo", {
             "Say": grpc.unary_unary_rpc_method_handler(self.say),
+            "Deadline": grpc.unary_unary_rpc_method_handler(self.deadline),
             "Upload": grpc.stream_unary_rpc_method_handler(self.upload),
             "Download": grpc.unary_stream_rpc_method_handler(self.download)})
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         self.server.add_generic_rpc_handlers((handler,))
+        self.health = health.HealthServicer()
+        for service, status in (("", SERVING), ("echo.Echo", SERVING), ("echo.Maintenance", NOT_SERVING)):
+            self.health.set(service, status)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(f"{address}:0")
         self.server.start()
 
@@ -59,9 +71,15 @@ class EchoApp:
             fail = self.flaky and self.calls % 2 == 1
         if fail:
             context.abort(grpc.StatusCode.UNAVAILABLE, "flaky")
-        if request == b"slow":
+        if request.startswith(b"slow"):
             time.sleep(1.0)
+            with self.lock:  # whether the call was still on once the work was done (not cancelled)
+                self.slow_active[request] = context.is_active()
         return self.name + b":" + request
+
+    def deadline(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        left = context.time_remaining()  # grpcio: about 2**63 (seconds) when the call has no deadline
+        return b"none" if left is None or left > 1e9 else b"%.3f" % left
 
     def upload(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         total = sum(len(r) for r in requests)
@@ -160,6 +178,52 @@ def test_header_routes_to_v2(mesh: Mesh) -> None:
         assert _call(channel, b"b", metadata=(("x-version", "v1"),)) == b"v1:b"
 
 
+def _health(channel: grpc.Channel, service: str, metadata: Any = None) -> int:
+    """``grpc.health.v1.Health/Check`` for ``service``: its serving status."""
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5,
+                                                      metadata=metadata)
+    return int(reply.status)
+
+
+def test_health_check_through_both_sidecars(mesh: Mesh) -> None:
+    with mesh.channel("echo:50051") as channel:
+        assert _health(channel, "") == SERVING
+        assert _health(channel, "echo.Echo") == SERVING
+        assert _health(channel, "echo.Maintenance") == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as raised:
+            _health(channel, "nope.Nope")
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND  # the health service's own answer, passed on
+
+
+def test_health_check_is_routed_like_any_call(mesh: Mesh) -> None:
+    """v2 alone stops serving ``echo.Echo``: a check routed to v2 (by the header) says so, one routed to v1
+    does not."""
+    v2 = (("x-version", "v2"),)
+    mesh.v2.health.set("echo.Echo", NOT_SERVING)
+    try:
+        with mesh.channel("echo:50051") as channel:
+            assert _health(channel, "echo.Echo", metadata=v2) == NOT_SERVING
+            assert _health(channel, "echo.Echo") == SERVING
+    finally:
+        mesh.v2.health.set("echo.Echo", SERVING)
+
+
+def test_health_watch_streams_each_change_through_the_sidecars(mesh: Mesh) -> None:
+    """``Health/Watch`` is a server stream left open: each status change arrives as it happens."""
+    with mesh.channel("echo:50051") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="echo.Echo"),
+                                                          timeout=30, metadata=(("x-version", "v2"),))
+        try:
+            assert next(watch).status == SERVING
+            mesh.v2.health.set("echo.Echo", NOT_SERVING)
+            assert next(watch).status == NOT_SERVING
+            mesh.v2.health.set("echo.Echo", SERVING)
+            assert next(watch).status == SERVING
+        finally:
+            watch.cancel()
+            mesh.v2.health.set("echo.Echo", SERVING)
+
+
 def test_retry_on_unavailable_recovers_a_flaky_server(mesh: Mesh) -> None:
     with mesh.channel("flaky:50052") as channel:
         for i in range(6):
@@ -167,22 +231,50 @@ def test_retry_on_unavailable_recovers_a_flaky_server(mesh: Mesh) -> None:
     assert mesh.flaky.calls >= 12
 
 
+def test_the_callers_deadline_reaches_the_server_through_both_sidecars(mesh: Mesh) -> None:
+    """``grpc-timeout`` survives both hops: the server sees a deadline a little under the client's 3 s (it sees
+    none at all if a sidecar drops the header)."""
+    with mesh.channel("echo:50051") as channel:
+        left = channel.unary_unary("/echo.Echo/Deadline")(b"", timeout=3.0)
+    assert left != b"none", "the server saw no deadline"
+    assert 1.5 < float(left) <= 3.0, left
+
+
+def _server_saw(app: EchoApp, request: bytes) -> bool:
+    """Whether ``app``'s slow call ``request`` was still on after its 1 s of work (waits for it to finish)."""
+    deadline = time.monotonic() + 10
+    while request not in app.slow_active:
+        assert time.monotonic() < deadline, f"{request!r} never finished on the server"
+        time.sleep(0.05)
+    return app.slow_active[request]
+
+
 def test_deadline_exceeded_with_a_slow_server(mesh: Mesh) -> None:
+    """The client's 0.2 s deadline ends a 1 s call, and the server learns it: its call is over before it answers
+    (the deadline, or the cancellation, went through both sidecars)."""
     with mesh.channel("echo:50051") as channel:
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as raised:
-            _call(channel, b"slow", timeout=0.2)
+            _call(channel, b"slow-deadline", timeout=0.2)
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 0.9
+    assert _server_saw(mesh.v1, b"slow-deadline") is False
 
 
 def test_route_timeout_is_a_grpc_deadline_exceeded(mesh: Mesh) -> None:
-    """A route timeout shorter than the client's deadline: the sidecar ends the call itself."""
+    """A route timeout (0.2 s) shorter than the client's deadline (5 s): the sidecar ends the call itself, with its
+    own status and flag, and cancels the call upstream."""
+    ut_before = mesh.client.stats.flags.get("UT", 0)
     with mesh.channel("timed:50054") as channel, pytest.raises(grpc.RpcError) as raised:
-        _call(channel, b"slow", timeout=5.0)
+        started = time.monotonic()
+        _call(channel, b"slow-route-timeout", timeout=5.0)
+    took = time.monotonic() - started
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert raised.value.details() == "upstream timeout"
     assert dict(raised.value.trailing_metadata() or ()).get("x-kizuna-flags") == "UT"
+    assert took < 0.9, f"{took:.2f}s: the 1 s call was not cut at the route's 0.2 s"
+    assert mesh.client.stats.flags.get("UT", 0) == ut_before + 1
+    assert _server_saw(mesh.v1, b"slow-route-timeout") is False
 
 
 def test_no_endpoint_is_unavailable_with_a_message(mesh: Mesh) -> None:
