@@ -51,3 +51,84 @@ def test_explain_an_unknown_host_says_no_route_and_exits_1(mesh: Any) -> None:
     result = mesh.kizuna("explain", "--from", "sleep", "http://nothere:8000/")
     assert result.returncode == 1
     assert "no service answers to nothere:8000 -> 404 no route (NR)" in result.stdout
+
+
+POLICIES = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin}
+spec:
+  host: httpbin
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash: {httpHeaderName: x-user}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin}
+spec:
+  hosts: [httpbin]
+  http:
+  - name: faulty
+    match:
+    - headers: {x-chaos: {exact: "1"}}
+    fault:
+      abort: {httpStatus: 418, percentage: {value: 10}}
+    route:
+    - destination: {host: httpbin, subset: v1}
+  - name: resilient
+    timeout: 3s
+    retries: {attempts: 4, perTryTimeout: 500ms, retryOn: "5xx,reset"}
+    mirror: {host: httpbin, subset: v2}
+    mirrorPercentage: {value: 25}
+    route:
+    - destination: {host: httpbin, subset: v1}
+      weight: 80
+    - destination: {host: httpbin, subset: v2}
+      weight: 20
+"""
+
+
+def test_explain_reports_timeout_retries_fault_mirror_and_load_balancer(mesh: Any, kit: Any,
+                                                                       tmp_path: Path) -> None:
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(POLICIES)
+    assert mesh.kizuna("apply", "-f", policies).returncode == 0
+
+    def explained(*headers: str) -> dict[str, Any]:
+        args = [a for h in headers for a in ("-H", h)]
+        result = mesh.kizuna("explain", "--from", "sleep", "http://httpbin:8000/get", *args, "-o", "json")
+        data: dict[str, Any] = json.loads(result.stdout) if result.stdout.startswith("{") else {}
+        return data
+
+    try:
+        data = kit.wait_until(lambda: (d := explained()).get("route", {}).get("name") == "resilient" and d, 20,
+                              "the sidecar to take the new VirtualService")
+        assert data["routes"][0] == {"name": "faulty", "source": "VirtualService default/httpbin",
+                                     "matched": False, "reasons": ["header x-chaos is absent (wants exact '1')"]}
+        route = data["route"]
+        assert route["timeout"] == 3.0
+        assert (route["retry"]["attempts"], route["retry"]["perTryTimeout"], route["retry"]["retryOn"]) == (
+            4, 0.5, ["5xx", "reset"])
+        assert route["policy"]["mirrors"] == [{"cluster": "outbound|8000|v2|httpbin.default.svc.cluster.local",
+                                               "percent": 25.0}]
+        v1, v2 = data["destinations"]
+        assert (v1["weight"], v1["lbPolicy"], v2["weight"]) == (80, "LEAST_REQUEST", 20)
+        assert v2["policies"]["hashPolicy"]["header"] == "x-user"
+        fault = explained("x-chaos: 1")["route"]
+        assert fault["name"] == "faulty"
+        assert (fault["policy"]["fault"]["abortStatus"], fault["policy"]["fault"]["abortPercent"]) == (418, 10.0)
+        assert fault["timeout"] is None and fault["retry"]["attempts"] == 0  # Istio: none on a fault route
+        text = mesh.kizuna("explain", "--from", "sleep", "http://httpbin:8000/get").stdout.splitlines()
+        assert "timeout      3s" in text
+        assert "retries      4 on 5xx,reset, 0.5s per try" in text
+    finally:
+        for path in (NETWORKING / "destination-rule.yaml", NETWORKING / "virtual-service-header.yaml"):
+            assert mesh.kizuna("apply", "-f", path).returncode == 0

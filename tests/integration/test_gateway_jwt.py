@@ -80,3 +80,21 @@ def test_end_user_authentication_at_the_ingress(gateway: tuple[Any, tuple[str, i
 
     # The gateway keeps an access log as the sidecars do: the refused tokens are in it.
     kit.wait_until(lambda: logged(401) >= 1 and logged(403) >= 1, 10, "the gateway's access log")
+
+
+def test_deny_without_a_token_only_on_headers_at_the_ingress(gateway: tuple[Any, tuple[str, int]], github: str,
+                                                             kit: Any, tmp_path: Path) -> None:
+    # Istio's file 08 applied unchanged at the gateway it selects (istio: ingressgateway), after 06.
+    mesh, address = gateway
+    apply_task(mesh, "06-requestauthentication-jwt-example.yaml", github, tmp_path)
+    path = TASK / "08-authorizationpolicy-frontend-ingress-deny-no-jwt-headers-path.yaml"
+    result = mesh.kizuna("apply", "-f", path)
+    assert result.returncode == 0, result.stderr
+    try:
+        kit.wait_until(lambda: get(address, "/headers") == 403 and get(address, "/ip") == 200, 20,
+                       "the path-scoped DENY policy at the gateway")
+        assert get(address, "/headers", DEMO) == 200  # a verified token is a request principal
+        assert get(address, "/ip", DEMO) == 200
+        assert get(address, "/headers", "deadbeef") == 401
+    finally:
+        assert mesh.kizuna("delete", "-f", path).returncode == 0

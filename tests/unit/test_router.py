@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kizuna.proxy.router import Router
+from kizuna.proxy.router import HeadersWithClaims, Router, why_not
 from kizuna.proxyconfig.model import (
+    ClaimMatch,
     HeaderMatch,
     Route,
     RouteAction,
@@ -144,3 +145,75 @@ def test_first_virtual_host_to_claim_a_name_keeps_it() -> None:
     r = Router(Snapshot("1", virtual_hosts=(a, b)))
     assert select(r, host="shared") == "a"
     assert select(r, host="other") == "b"
+
+
+# Claims of Istio's demo tokens (security/tools/jwt/samples): groups-scope.jwt has list claims, demo.jwt none.
+GROUPS_SCOPE = {"iss": "testing@secure.istio.io", "sub": "testing@secure.istio.io",
+                "groups": ["group1", "group2"], "scope": ["scope1", "scope2"]}
+DEMO = {"iss": "testing@secure.istio.io", "sub": "testing@secure.istio.io", "foo": "bar"}
+
+
+def select_with(r: Router, claims: dict[str, object] | None, path: str = "/") -> str | None:
+    found = r.select("reviews", 80, "GET", path, HeadersWithClaims({"host": "reviews"}, claims))
+    return found.name if found else None
+
+
+def test_claim_conditions_read_the_verified_token_not_headers() -> None:
+    r = router(route("group1", RouteMatch(claims=(ClaimMatch(("groups",), exact("group1")),))),
+               route("foo", RouteMatch(claims=(ClaimMatch(("foo",), prefix("b")),))),
+               route("nested", RouteMatch(claims=(ClaimMatch(("org", "team"), exact("mesh")),))),
+               route("has-scope", RouteMatch(claims=(ClaimMatch(("scope",)),))),
+               route("default"))
+    assert select_with(r, GROUPS_SCOPE) == "group1"  # a list claim holds when any element matches
+    assert select_with(r, {**GROUPS_SCOPE, "groups": ["group2"]}) == "has-scope"
+    assert select_with(r, DEMO) == "foo"
+    assert select_with(r, {"org": {"team": "mesh"}}) == "nested"
+    assert select_with(r, {"org": {"team": "other"}, "groups": "group1"}) == "group1"  # a string claim too
+    assert select_with(r, {"groups": [1, True], "foo": 7}) == "default"  # non-strings never equal a string
+    assert select_with(r, None) == "default"  # no verified token: no claim holds
+    # A header spelled like the key is just a header: it cannot stand in for a verified claim.
+    assert select(r, headers={"@request.auth.claims.groups": "group1", "groups": "group1"}) == "default"
+
+
+def test_without_claims_excludes_matching_tokens_only() -> None:
+    r = router(route("not-group1", RouteMatch(without_claims=(ClaimMatch(("groups",), exact("group1")),))),
+               route("default"))
+    assert select_with(r, GROUPS_SCOPE) == "default"
+    assert select_with(r, DEMO) == "not-group1"
+    assert select_with(r, None) == "not-group1"  # Envoy's inverted metadata match: no token, no match to invert
+
+
+@pytest.mark.parametrize(("match", "path", "headers", "claims", "reason"), [
+    (RouteMatch(port=9080), "/", {}, None, "port 80 is not 9080"),
+    (RouteMatch(uri=prefix("/api")), "/web?q=1", {}, None, "uri '/web' does not match prefix '/api'"),
+    (RouteMatch(uri=prefix("/API", True)), "/web", {}, None, "uri '/web' does not match prefix '/API', any case"),
+    (RouteMatch(method=exact("POST")), "/", {}, None, "method GET does not match exact 'POST'"),
+    (RouteMatch(authority=exact("a")), "/", {}, None, "authority 'reviews' does not match exact 'a'"),
+    (RouteMatch(headers=(HeaderMatch("end-user", exact("jason")),)), "/", {"end-user": "mary"}, None,
+     "header end-user is 'mary' (wants exact 'jason')"),
+    (RouteMatch(without_headers=(HeaderMatch("x-debug"),)), "/", {"x-debug": "1"}, None,
+     "header x-debug is present and matches present (withoutHeaders)"),
+    (RouteMatch(query_params=(HeaderMatch("v", regex("[0-9]")),)), "/?v=x", {}, None,
+     "query parameter v is 'x' (wants regex '[0-9]')"),
+    (RouteMatch(claims=(ClaimMatch(("groups",), exact("group1")),)), "/", {}, None,
+     "claim @request.auth.claims.groups: the request has no verified JWT (wants exact 'group1')"),
+    (RouteMatch(claims=(ClaimMatch(("groups",), exact("group1")),)), "/", {}, DEMO,
+     "claim @request.auth.claims.groups is absent (wants exact 'group1')"),
+    (RouteMatch(without_claims=(ClaimMatch(("groups",), exact("group1")),)), "/", {}, GROUPS_SCOPE,
+     "claim @request.auth.claims.groups is present and matches exact 'group1' (withoutHeaders)"),
+    # Conditions are checked in one order, the first failure is the one reported.
+    (RouteMatch(uri=prefix("/api"), method=exact("POST")), "/web", {}, None, "uri '/web' does not match prefix '/api'"),
+])
+def test_why_not_words_the_first_failing_condition(match: RouteMatch, path: str, headers: dict[str, str],
+                                                   claims: dict[str, object] | None, reason: str) -> None:
+    request = HeadersWithClaims({"host": "reviews", **headers}, claims)
+    assert why_not(match, 80, "GET", path, request) == reason
+    # The verdict is the router's: a match with a reason is one select() skips.
+    assert Router(Snapshot("1", virtual_hosts=(VirtualHost("r", ("reviews",), 80, "http", (
+        route("m", match), route("default"))),))).select("reviews", 80, "GET", path, request).name == "default"
+
+
+def test_why_not_is_none_exactly_when_the_match_holds() -> None:
+    match = RouteMatch(uri=prefix("/api"), claims=(ClaimMatch(("scope",), exact("scope2")),))
+    assert why_not(match, 80, "GET", "/api/x", HeadersWithClaims({"host": "reviews"}, GROUPS_SCOPE)) is None
+    assert why_not(match, 80, "GET", "/api/x", {"host": "reviews"}) is not None

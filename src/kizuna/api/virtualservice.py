@@ -119,6 +119,21 @@ class RouteDestination(IstioModel):
     weight: IntPercentage = 0
 
 
+CLAIM_KEY = "@request.auth.claims"
+"""``headers`` / ``withoutHeaders`` keys ``@request.auth.claims.<claim>[.<nested>...]`` match a claim of the
+request's verified JWT instead of a header (Istio's JWT claim based routing, at gateways only)."""
+
+
+def is_claim_key(key: str) -> bool:
+    """True for a ``headers`` key that names a JWT claim rather than a header."""
+    return key.startswith(CLAIM_KEY)
+
+
+def claim_path(key: str) -> tuple[str, ...]:
+    """``@request.auth.claims.a.b`` → ``("a", "b")``: nested claims are separated by ``.``."""
+    return tuple(key[len(CLAIM_KEY) + 1:].split("."))
+
+
 class HTTPMatchRequest(IstioModel):
     """Conditions ANDed together; a route's matches are ORed."""
 
@@ -136,6 +151,25 @@ class HTTPMatchRequest(IstioModel):
     without_headers: dict[str, ValueMatch] = Field(default_factory=dict)
     source_namespace: str = ""
     stat_prefix: str = ""
+
+    @model_validator(mode="after")
+    def _claim_keys(self) -> Self:
+        errors = []
+        for field, values in (("headers", self.headers), ("withoutHeaders", self.without_headers)):
+            for key in values:
+                if is_claim_key(key) and (key[len(CLAIM_KEY):len(CLAIM_KEY) + 1] != "."
+                                          or not all(claim_path(key))):
+                    errors.append((f"{field}[{key}]", f"a JWT claim key is {CLAIM_KEY}.<claim>, nested claims "
+                                                      "separated by '.' (no empty names)"))
+        if errors:
+            raise FieldErrors(errors)
+        return self
+
+    def claim_keys(self) -> list[str]:
+        """``field[key]`` of each ``@request.auth.claims`` key (for error messages)."""
+        return [f"{field}[{key}]" for field, values in (("headers", self.headers),
+                                                        ("withoutHeaders", self.without_headers))
+                for key in values if is_claim_key(key)]
 
 
 class HTTPRedirect(IstioModel):
@@ -431,6 +465,17 @@ class VirtualServiceSpec(IstioModel):
             for i, route in enumerate(self.http):
                 if route.delegate is not None:
                     errors.append((f"http[{i}].delegate", "a delegate cannot delegate again (one level only)"))
+        if not self.is_delegate:
+            # Only a gateway has the verified end-user token when it routes (Istio documents claim based
+            # routing for ingress gateways only): a match a sidecar applies cannot use claims.
+            for i, route in enumerate(self.http):
+                for j, match in enumerate(route.match):
+                    gateways = match.gateways or self.gateways
+                    if not gateways or "mesh" in gateways:
+                        errors += [(f"http[{i}].match[{j}].{key}",
+                                    f"JWT claim based routing ({CLAIM_KEY}) is only supported at gateways, and "
+                                    "this match applies to sidecars (gateways: mesh); bind it to a gateway")
+                                   for key in match.claim_keys()]
         for i, host in enumerate(self.hosts):
             if not host:
                 errors.append((f"hosts[{i}]", "must not be empty"))

@@ -162,7 +162,9 @@ def render(result: Explanation, source: str, version: str) -> str:
         endpoints = ", ".join(
             f"{e.address}:{e.port} ({e.workload}"
             + (", ejected by outlier detection)" if result.health(name, e.address, e.port) == "ejected" else ")")
-            for e in cluster.endpoints) or "none -> 503 no healthy upstream (UH)"
+            for e in cluster.endpoints) or (
+            f"none, no DestinationRule defines subset {cluster.subset} -> 503 cluster not found (NC)"
+            if cluster.undefined_subset else "none -> 503 no healthy upstream (UH)")
         lines.append(f"destination  {weight:>3}%  {name}")
         lines.append(f"               load balancer {cluster.lb_policy}, connect timeout {cluster.connect_timeout:g}s;"
                      f" endpoints: {endpoints}")

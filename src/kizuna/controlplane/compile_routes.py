@@ -5,13 +5,14 @@ are dropped here, so the data plane only ever evaluates request attributes. A ro
 dropped; a route without ``match`` takes everything; TLS routes keep only their ``sniHosts`` for the proxy.
 Redirect, directResponse, rewrite, headers, fault and mirrors and corsPolicy become the route's
 ``RoutePolicy`` (``proxyconfig/actions.py``); a ``delegate`` is replaced by the delegate's routes
-(``compile_delegate.py``).
+(``compile_delegate.py``). ``@request.auth.claims.*`` keys of ``headers`` / ``withoutHeaders`` become claim
+conditions on a gateway's routes (its RequestAuthentication verifies the token); no sidecar gets them.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kizuna.api.virtualservice import (
@@ -31,6 +32,8 @@ from kizuna.api.virtualservice import (
     TLSMatchAttributes,
     TLSRoute,
     VirtualServiceSpec,
+    claim_path,
+    is_claim_key,
 )
 from kizuna.controlplane.compile_delegate import expand
 from kizuna.controlplane.compile_index import (
@@ -57,6 +60,7 @@ from kizuna.proxyconfig.model import (
     DEFAULT_RETRIABLE_STATUS_CODES,
     DEFAULT_RETRY_ON,
     NO_RETRY,
+    ClaimMatch,
     HeaderMatch,
     Protocol,
     RetryPolicy,
@@ -195,11 +199,16 @@ def _string_match(sm: StringMatch | None, ignore_case: bool = False) -> MatchSpe
     return None  # empty match (or withoutHeaders' "*"): the header only has to be present
 
 
-def _conditions(values: dict[str, StringMatch]) -> tuple[HeaderMatch, ...]:
+def _conditions(values: Mapping[str, StringMatch]) -> tuple[HeaderMatch, ...]:
     # Names lower-case: HTTP header names are case-insensitive, and the snapshot contract stores query
     # parameter names lower-case too (HeaderMatch.from_json).
     return tuple(HeaderMatch(name.lower(), _string_match(values[name]))
                  for name in sorted(values, key=lambda n: (n.lower(), n)))
+
+
+def _claim_conditions(values: Mapping[str, StringMatch]) -> tuple[ClaimMatch, ...]:
+    # Claim names are case-sensitive (JSON keys), unlike header names: kept as written.
+    return tuple(ClaimMatch(claim_path(name), _string_match(values[name])) for name in sorted(values))
 
 
 def _route_match(scope: RouteScope, m: HTTPMatchRequest) -> RouteMatch | None:
@@ -207,11 +216,21 @@ def _route_match(scope: RouteScope, m: HTTPMatchRequest) -> RouteMatch | None:
         return None
     if m.port is not None and m.port != scope.port:
         return None
+    headers = {k: v for k, v in m.headers.items() if not is_claim_key(k)}
+    without = {k: v for k, v in m.without_headers.items() if not is_claim_key(k)}
+    claims = {k: v for k, v in m.headers.items() if is_claim_key(k)}
+    without_claims = {k: v for k, v in m.without_headers.items() if is_claim_key(k)}
+    if (claims or without_claims) and scope.node.kind != "gateway":
+        # Validation refuses these keys on rules sidecars apply; a delegate reached from a mesh-bound root is
+        # the case it cannot see. A sidecar has no verified end-user token on outbound, so Istio's claim
+        # routing never applies there: the match can never hold and is dropped.
+        return None
     return RouteMatch(
         uri=_string_match(m.uri, m.ignore_uri_case), method=_string_match(m.method),
         authority=_string_match(m.authority), scheme=_string_match(m.scheme),
-        headers=_conditions(dict(m.headers)), without_headers=_conditions(dict(m.without_headers)),
-        query_params=_conditions(dict(m.query_params)), port=m.port, name=m.name)
+        headers=_conditions(headers), without_headers=_conditions(without),
+        query_params=_conditions(dict(m.query_params)), port=m.port, name=m.name,
+        claims=_claim_conditions(claims), without_claims=_claim_conditions(without_claims))
 
 
 def _weighted(scope: RouteScope, rule: Rule,

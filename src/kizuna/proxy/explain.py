@@ -1,7 +1,8 @@
 """Why a request goes where it goes: the proxy's own route matching, replayed on a snapshot and narrated.
 
 ``explain(snapshot, ...)`` runs :class:`~kizuna.proxy.router.Router` (the code the sidecar runs) to pick the
-route, and for every route before it says which condition failed. The answer is plain data (``to_json``) for
+route, and for every route before it the router's ``why_not`` says which condition failed (the same
+``_Request.failure`` that chose the route, worded). The answer is plain data (``to_json``) for
 ``kizuna explain``; nothing here does I/O.
 """
 
@@ -10,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
 from kizuna.proxy.authz import Attributes, Authorizer, Decision, Peer, PolicyVerdict, normalize_path
-from kizuna.proxy.router import Router, holds
-from kizuna.proxyconfig.model import Cluster, Route, RouteMatch, Snapshot, StringMatch
+from kizuna.proxy.router import Router, why_not
+from kizuna.proxyconfig.model import Cluster, Route, Snapshot
 from kizuna.proxyconfig.security import SecurityPolicy
 
 
@@ -62,7 +62,8 @@ class Explanation:
                             "policy": action.policy.to_json() if action.policy else None}
             out["destinations"] = [
                 {"weight": weight, "cluster": name,
-                 **({"subset": c.subset, "lbPolicy": c.lb_policy, "connectTimeout": c.connect_timeout,
+                 **({"subset": c.subset, **({"undefinedSubset": True} if c.undefined_subset else {}),
+                     "lbPolicy": c.lb_policy, "connectTimeout": c.connect_timeout,
                      "endpoints": [{**e.to_json(), "health": self.health(name, e.address, e.port)}
                                    for e in c.endpoints],
                      "policies": {k: v for k, v in c.to_json().items()
@@ -87,52 +88,14 @@ def explain(snapshot: Snapshot, host: str, port: int, method: str, path: str, he
         if route is chosen:
             verdicts.append(RouteVerdict(route.name, route.source, True))
             break
-        reasons = tuple(_first_failure(m, port, method, path, headers) for m in route.matches)
+        # The router's own verdict, worded (every match of a skipped route fails, so none says None).
+        reasons = tuple(why_not(m, port, method, path, headers) or "matches" for m in route.matches)
         verdicts.append(RouteVerdict(route.name, route.source, False, reasons))
     clusters: tuple[tuple[int, Cluster | None, str], ...] = ()
     if chosen is not None:
         by_name = {c.name: c for c in snapshot.clusters}
         clusters = tuple((w.weight, by_name.get(w.cluster), w.cluster) for w in chosen.action.clusters)
     return Explanation(host, port, method, path, vh.name, tuple(verdicts), chosen, clusters, ejected or {})
-
-
-def _first_failure(m: RouteMatch, port: int, method: str, path: str, headers: Mapping[str, str]) -> str:
-    """The first condition of ``m`` the request fails, in words (the order ``Router`` checks them)."""
-    uri, _, query = path.partition("?")
-    if m.port is not None and m.port != port:
-        return f"port {port} is not {m.port}"
-    if m.uri is not None and not m.uri.matches(uri):
-        return f"uri {uri!r} does not match {_describe(m.uri)}"
-    if m.method is not None and not m.method.matches(method):
-        return f"method {method} does not match {_describe(m.method)}"
-    if m.scheme is not None and not m.scheme.matches("http"):
-        return f"scheme http does not match {_describe(m.scheme)}"
-    if m.authority is not None and not m.authority.matches(headers.get("host", "")):
-        return f"authority {headers.get('host', '')!r} does not match {_describe(m.authority)}"
-    for h in m.headers:
-        if not holds(h, headers):
-            return f"header {h.name} {_absent_or(headers.get(h.name))} (wants {_describe(h.match)})"
-    for h in m.without_headers:
-        if holds(h, headers):
-            return f"header {h.name} is present and matches {_describe(h.match)} (withoutHeaders)"
-    params: dict[str, str] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        params.setdefault(key.lower(), value)
-    for q in m.query_params:
-        if not holds(q, params):
-            return f"query parameter {q.name} {_absent_or(params.get(q.name))} (wants {_describe(q.match)})"
-    return "matches"  # unreachable when Router said no; kept total for safety
-
-
-def _absent_or(value: str | None) -> str:
-    return "is absent" if value is None else f"is {value!r}"
-
-
-def _describe(match: StringMatch | None) -> str:
-    if match is None:
-        return "present"
-    case = ", any case" if match.ignore_case else ""
-    return f"{match.kind} {match.value!r}{case}"
 
 
 @dataclass(frozen=True, slots=True)

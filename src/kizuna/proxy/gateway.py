@@ -5,7 +5,9 @@ No app, no capture, no outbound or inbound ports: the proxy listens on the ports
 a host port by ``gateway_ports`` (``kizuna up`` maps 8080, where Istio's ingress Service sends port 80, to its
 ``--gateway-port``). An HTTP listener routes each request by its Host header over the virtual hosts of that
 port (``*`` and ``*.suffix`` included) exactly as a sidecar routes outbound requests (``OutboundDispatcher``:
-route, weighted cluster, exchange; no virtual host or route → 404). A TCP listener relays each connection to
+route, weighted cluster, exchange; no virtual host or route → 404), after RequestAuthentication and
+AuthorizationPolicy: the verified JWT's claims go with the request to route matching (Istio's JWT claim based
+routing, ``@request.auth.claims.*`` keys). A TCP listener relays each connection to
 a balanced endpoint of its route. Endpoints are the instances' addresses that sidecars dial too.
 
 A listener with TLS servers (``GatewayListener.tls``) first waits for each connection's ClientHello: a
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from typing import TextIO, cast
 
 from kizuna.protocols.http1 import RequestHead
-from kizuna.proxy.capture import Closing, tcp_endpoint
+from kizuna.proxy.capture import Closing, forward_to, tcp_cluster
 from kizuna.proxy.downstream import HttpServerConnection
 from kizuna.proxy.errors import SyntheticResponse
 from kizuna.proxy.exchange import Exchange
@@ -31,7 +33,6 @@ from kizuna.proxy.listener import ConnectionInfo, Listener
 from kizuna.proxy.outbound import OutboundDispatcher, StateSource
 from kizuna.proxy.sni import SniWait
 from kizuna.proxy.stats import Stats
-from kizuna.proxy.tcp import TcpForward
 from kizuna.proxy.tls_server import TlsServer
 from kizuna.proxyconfig.bootstrap import Bootstrap
 from kizuna.proxyconfig.model import GatewayListener, Snapshot
@@ -50,12 +51,19 @@ class GatewayDispatcher:
 
     def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse:
         security = self.outbound.source.state.snapshot.security
-        if security is not None:
-            checked = self.guard.check_request(security, head, down.transport, self.port)
+        claims = None
+        if security is not None and security.enforces_requests:
+            checked = self.guard.compiled(security).check(head.method, head.target, head.host, head.headers,
+                                                          down.transport, self.port)
             if isinstance(checked, SyntheticResponse):
                 return checked
-            head = checked
-        return self.outbound.dispatch_gateway(down, head, self.port)
+            if checked.changed:
+                head = head._replace(headers=checked.headers)
+            # The verified token's claims feed route matching (``@request.auth.claims.*`` keys), as Istio's
+            # gateway matches routes on jwt_authn's metadata; no or no verified token: no claims.
+            if checked.identity is not None:
+                claims = checked.identity.claims
+        return self.outbound.dispatch_gateway(down, head, self.port, claims)
 
 
 class GatewayListeners:
@@ -206,9 +214,9 @@ class GatewayListeners:
         if vh is None:
             self.stats.error("no route")
             return Closing()
-        picked = tcp_endpoint(state, vh, sni)
+        picked = tcp_cluster(state, vh, sni)
         if picked is None or isinstance(picked, str):  # a PASSTHROUGH cluster: a gateway has no original dst
             self.stats.error("no healthy upstream")
             return Closing()
-        pool, timeout = picked
-        return TcpForward(pool.address, pool.port, timeout, self.stats, self.connections, initial, load=pool)
+        pool, cluster = picked
+        return forward_to(pool, cluster, self.stats, self.connections, initial)

@@ -6,15 +6,19 @@ A ``Router`` is built once per snapshot: (host, port) → virtual host. A virtua
 ``select`` returns the first route of that virtual host whose matches hold (any of its ``RouteMatch``
 entries; a route without matches takes everything).
 Within one ``RouteMatch`` every set condition must hold. The uri is matched on the path without the query
-string; ``ignoreUriCase`` is carried by the ``StringMatch``.
+string; ``ignoreUriCase`` is carried by the ``StringMatch``. ``@request.auth.claims`` conditions read the
+verified JWT's claims from the headers mapping's ``claims`` attribute (a gateway sets it after
+RequestAuthentication; without it they fail). ``why_not`` says in words which condition of a match fails,
+from the same ``_Request.failure`` that ``select`` runs, so ``kizuna explain`` cannot disagree with the proxy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
-from kizuna.proxyconfig.model import HeaderMatch, Route, RouteMatch, Snapshot, VirtualHost
+from kizuna.proxyconfig.model import ClaimMatch, HeaderMatch, Route, RouteMatch, Snapshot, StringMatch, VirtualHost
 
 
 class Router:
@@ -82,8 +86,11 @@ class Router:
         uri, _, query = path.partition("?")
         request = _Request(method, uri, query, port, headers)
         for route in vh.routes:
-            if not route.matches or any(request.satisfies(m) for m in route.matches):
+            if not route.matches:
                 return route
+            for m in route.matches:
+                if request.failure(m) is None:
+                    return route
         return None
 
 
@@ -93,9 +100,66 @@ def matched_by(route: Route, port: int, method: str, path: str, headers: Mapping
     uri, _, query = path.partition("?")
     request = _Request(method, uri, query, port, headers)
     for m in route.matches:
-        if request.satisfies(m):
+        if request.failure(m) is None:
             return m
     return None
+
+
+def why_not(m: RouteMatch, port: int, method: str, path: str, headers: Mapping[str, str]) -> str | None:
+    """The first condition of ``m`` the request fails, in words; None when ``m`` holds. The verdict is the
+    one ``select`` acts on (same code, same order); only the wording is added here, for ``explain``."""
+    uri, _, query = path.partition("?")
+    request = _Request(method, uri, query, port, headers)
+    failed = request.failure(m)
+    if failed is None:
+        return None
+    kind, cond = failed
+    if kind == "port":
+        return f"port {port} is not {m.port}"
+    if kind == "uri":
+        return f"uri {uri!r} does not match {_describe(m.uri)}"
+    if kind == "method":
+        return f"method {method} does not match {_describe(m.method)}"
+    if kind == "scheme":
+        return f"scheme http does not match {_describe(m.scheme)}"
+    if kind == "authority":
+        return f"authority {headers.get('host', '')!r} does not match {_describe(m.authority)}"
+    if isinstance(cond, ClaimMatch):
+        claims = request.claims()
+        if kind == "without_claim":
+            return f"claim {cond.key} is present and matches {_describe(cond.match)} (withoutHeaders)"
+        if claims is None:
+            return f"claim {cond.key}: the request has no verified JWT (wants {_describe(cond.match)})"
+        return f"claim {cond.key} {_absent_or(_claim(cond.path, claims))} (wants {_describe(cond.match)})"
+    assert isinstance(cond, HeaderMatch)
+    if kind == "without_header":
+        return f"header {cond.name} is present and matches {_describe(cond.match)} (withoutHeaders)"
+    if kind == "query":
+        return (f"query parameter {cond.name} {_absent_or(request.params().get(cond.name))} "
+                f"(wants {_describe(cond.match)})")
+    return f"header {cond.name} {_absent_or(headers.get(cond.name))} (wants {_describe(cond.match)})"
+
+
+class HeadersWithClaims(dict[str, str]):
+    """Request headers by lower-case name plus the verified JWT's claims, for callers that build the header
+    map themselves (tests, ``explain``). Any headers mapping may carry ``claims`` the same way (the
+    gateway's ``HeaderView`` does); without the attribute a request has no verified token."""
+
+    __slots__ = ("claims",)
+
+    def __init__(self, headers: Mapping[str, str], claims: Mapping[str, Any] | None) -> None:
+        super().__init__(headers)
+        self.claims = claims
+
+
+Failure = tuple[str, HeaderMatch | ClaimMatch | None]
+"""(kind of condition, the header / query / claim condition or None): the first condition a match fails."""
+
+_PORT: Final[Failure] = ("port", None)
+_URI: Final[Failure] = ("uri", None)
+_METHOD: Final[Failure] = ("method", None)
+_SCHEME: Final[Failure] = ("scheme", None)
+_AUTHORITY: Final[Failure] = ("authority", None)
 
 
 class _Request:
@@ -120,23 +184,45 @@ class _Request:
                 self._params.setdefault(key.lower(), value)
         return self._params
 
-    def satisfies(self, m: RouteMatch) -> bool:
-        """True when every condition set in ``m`` holds for this request."""
+    def claims(self) -> Mapping[str, Any] | None:
+        """The verified JWT's claims, when the headers mapping carries them (looked up only for a match with
+        claim conditions, so other requests pay nothing)."""
+        claims: Mapping[str, Any] | None = getattr(self.headers, "claims", None)
+        return claims
+
+    def failure(self, m: RouteMatch) -> Failure | None:
+        """The first condition set in ``m`` that this request fails; None when every one holds. This is the
+        only matching code: ``select`` and ``matched_by`` test it for None, ``why_not`` words its answer."""
         if m.port is not None and m.port != self.port:
-            return False
+            return _PORT
         if m.uri is not None and not m.uri.matches(self.uri):
-            return False
+            return _URI
         if m.method is not None and not m.method.matches(self.method):
-            return False
+            return _METHOD
         if m.scheme is not None and not m.scheme.matches("http"):
-            return False
+            return _SCHEME
         if m.authority is not None and not m.authority.matches(self.headers.get("host", "")):
-            return False
-        if m.headers and not all(holds(h, self.headers) for h in m.headers):
-            return False
-        if m.without_headers and any(holds(h, self.headers) for h in m.without_headers):
-            return False
-        return not m.query_params or all(holds(q, self.params()) for q in m.query_params)
+            return _AUTHORITY
+        for h in m.headers:
+            if not holds(h, self.headers):
+                return ("header", h)
+        for h in m.without_headers:
+            if holds(h, self.headers):
+                return ("without_header", h)
+        if m.query_params:
+            params = self.params()
+            for q in m.query_params:
+                if not holds(q, params):
+                    return ("query", q)
+        if m.claims or m.without_claims:
+            claims = self.claims()
+            for c in m.claims:
+                if not claim_holds(c, claims):
+                    return ("claim", c)
+            for c in m.without_claims:
+                if claim_holds(c, claims):
+                    return ("without_claim", c)
+        return None
 
 
 def holds(cond: HeaderMatch, values: Mapping[str, str]) -> bool:
@@ -145,3 +231,39 @@ def holds(cond: HeaderMatch, values: Mapping[str, str]) -> bool:
     if value is None:
         return False
     return cond.match is None or cond.match.matches(value)
+
+
+def claim_holds(cond: ClaimMatch, claims: Mapping[str, Any] | None) -> bool:
+    """A claim condition over verified claims (None: no token, nothing holds). As Envoy's metadata matcher
+    on the JWT payload: a string claim must match, a list claim holds when any string element matches;
+    other types (numbers, booleans, objects) match only a presence condition."""
+    value = _claim(cond.path, claims)
+    if value is None:
+        return False
+    if cond.match is None:
+        return True
+    if isinstance(value, str):
+        return cond.match.matches(value)
+    if isinstance(value, list):
+        return any(isinstance(v, str) and cond.match.matches(v) for v in value)
+    return False
+
+
+def _claim(path: tuple[str, ...], claims: Mapping[str, Any] | None) -> Any:
+    value: Any = claims
+    for key in path:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _absent_or(value: object) -> str:
+    return "is absent" if value is None else f"is {value!r}"
+
+
+def _describe(match: StringMatch | None) -> str:
+    if match is None:
+        return "present"
+    case = ", any case" if match.ignore_case else ""
+    return f"{match.kind} {match.value!r}{case}"

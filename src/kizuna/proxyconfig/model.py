@@ -91,6 +91,34 @@ class HeaderMatch:
         return cls(str(data["name"]).lower(), StringMatch.from_json(m) if m else None)
 
 
+CLAIM_KEY_PREFIX = "@request.auth.claims."
+"""A VirtualService ``headers`` / ``withoutHeaders`` key with this prefix matches a claim of the request's
+verified JWT, not a header (Istio's JWT claim based routing; supported at gateways only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimMatch:
+    """A condition on the verified JWT's claims: ``path`` walks nested claims (``@request.auth.claims.a.b`` →
+    ``("a", "b")``); a string claim must match, a list claim holds when any string element matches;
+    ``match`` None means "present". No verified token: the claim is absent."""
+
+    path: tuple[str, ...]
+    match: StringMatch | None = None
+
+    @property
+    def key(self) -> str:
+        """The VirtualService key this came from (``@request.auth.claims.groups``)."""
+        return CLAIM_KEY_PREFIX + ".".join(self.path)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": list(self.path), "match": self.match.to_json() if self.match else None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClaimMatch:
+        m = data.get("match")
+        return cls(tuple(str(p) for p in data["path"]), StringMatch.from_json(m) if m else None)
+
+
 @dataclass(frozen=True, slots=True)
 class RouteMatch:
     """One HTTPMatchRequest, already narrowed to this proxy (sourceLabels/sourceNamespace resolved at compile).
@@ -109,6 +137,10 @@ class RouteMatch:
     name: str = ""
     sni_hosts: tuple[str, ...] = ()
     """A TLS route's ``sniHosts`` (only on routes of opaque TCP virtual hosts; see ``proxy/sni.py``)."""
+    claims: tuple[ClaimMatch, ...] = ()
+    """``@request.auth.claims.*`` keys of ``headers`` (gateways only): claims of the verified JWT."""
+    without_claims: tuple[ClaimMatch, ...] = ()
+    """``@request.auth.claims.*`` keys of ``withoutHeaders``."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -128,6 +160,10 @@ class RouteMatch:
             out["name"] = self.name
         if self.sni_hosts:
             out["sniHosts"] = list(self.sni_hosts)
+        if self.claims:
+            out["claims"] = [c.to_json() for c in self.claims]
+        if self.without_claims:
+            out["withoutClaims"] = [c.to_json() for c in self.without_claims]
         return out
 
     @classmethod
@@ -142,6 +178,8 @@ class RouteMatch:
             query_params=tuple(HeaderMatch.from_json(h) for h in data.get("queryParams", ())),
             port=data.get("port"), name=str(data.get("name", "")),
             sni_hosts=tuple(str(h) for h in data.get("sniHosts", ())),
+            claims=tuple(ClaimMatch.from_json(c) for c in data.get("claims", ())),
+            without_claims=tuple(ClaimMatch.from_json(c) for c in data.get("withoutClaims", ())),
         )
 
 
@@ -389,6 +427,9 @@ class Cluster:
     """The HTTP version the endpoints speak; empty: as the request came."""
     tls: UpstreamTls | None = None
     """TLS originated to the endpoints (DestinationRule SIMPLE / MUTUAL); None: plaintext or mesh mTLS."""
+    undefined_subset: bool = False
+    """A route names ``subset`` but no DestinationRule defines it: Istio generates no such cluster, so the
+    proxy answers 503 cluster not found (NC) rather than no healthy upstream."""
 
     def to_json(self) -> dict[str, Any]:
         out = {"name": self.name, "service": self.service, "port": self.port, "subset": self.subset,
@@ -404,6 +445,8 @@ class Cluster:
             out["httpVersion"] = self.http_version
         if self.tls is not None:
             out["tls"] = self.tls.to_json()
+        if self.undefined_subset:
+            out["undefinedSubset"] = True
         return out
 
     @classmethod
@@ -416,7 +459,8 @@ class Cluster:
                    OutlierDetection.from_json(data["outlierDetection"]) if "outlierDetection" in data else None,
                    HashPolicy.from_json(data["hashPolicy"]) if "hashPolicy" in data else None,
                    data.get("httpVersion", ""),
-                   UpstreamTls.from_json(data["tls"]) if "tls" in data else None)
+                   UpstreamTls.from_json(data["tls"]) if "tls" in data else None,
+                   bool(data.get("undefinedSubset", False)))
 
 
 @dataclass(frozen=True, slots=True)
