@@ -108,7 +108,7 @@ class Mesh:
 
 def _vh(service: str, port: int, routes: tuple[Route, ...]) -> VirtualHost:
     name = f"{service}.default.svc.cluster.local:{port}"
-    return VirtualHost(name, service_hosts(service), port, "auto", routes)
+    return VirtualHost(name, service_hosts(service), port, "http", routes)
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +176,15 @@ def test_header_routes_to_v2(mesh: Mesh) -> None:
     with mesh.channel("echo:50051") as channel:
         assert _call(channel, b"a", metadata=(("x-version", "v2"),)) == b"v2:a"
         assert _call(channel, b"b", metadata=(("x-version", "v1"),)) == b"v1:b"
+
+
+def test_a_client_behind_grpc_proxy_gets_each_call_routed(mesh: Mesh) -> None:
+    # grpcio honours grpc_proxy/http_proxy with a CONNECT tunnel; the sidecar answers it and routes each call
+    # inside, so one channel reaches both versions by header (a raw relay would pin the channel to one).
+    proxy = f"http://{mesh.client_address}:15001"
+    with grpc.insecure_channel("echo:50051", options=[("grpc.http_proxy", proxy)]) as channel:
+        replies = [_call(channel, b"%d" % i, metadata=(("x-version", "v2" if i % 2 else "v1"),)) for i in range(6)]
+    assert replies == [b"v1:0", b"v2:1", b"v1:2", b"v2:3", b"v1:4", b"v2:5"]
 
 
 def _health(channel: grpc.Channel, service: str, metadata: Any = None) -> int:

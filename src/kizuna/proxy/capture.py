@@ -30,9 +30,10 @@ from kizuna.proxy.listener import ConnectionInfo
 from kizuna.proxy.outbound import NOT_IN_REGISTRY, OutboundDispatcher, StateSource
 from kizuna.proxy.passthrough import PASSTHROUGH_CONNECT_TIMEOUT, Passthrough
 from kizuna.proxy.sni import SniWait, has_sni_routes, route_for_sni
-from kizuna.proxy.state import Pool, ProxyState
+from kizuna.proxy.state import ClusterState, Pool, ProxyState
 from kizuna.proxy.stats import Stats
-from kizuna.proxy.tcp import TcpForward
+from kizuna.proxy.tcp import TCP_IDLE_TIMEOUT, TcpForward
+from kizuna.proxy.tunnel_http import OpenedTunnel
 from kizuna.proxyconfig.model import VirtualHost
 
 PASSTHROUGH: Final = "PASSTHROUGH"
@@ -75,7 +76,8 @@ class _CapturedHttp:
         self.dst = dst
         self.passthrough = passthrough
 
-    def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse:
+    def dispatch(self, down: HttpServerConnection,
+                 head: RequestHead) -> Exchange | SyntheticResponse | OpenedTunnel:
         return self.outbound.dispatch_captured(down, head, self.dst, self.passthrough)
 
 
@@ -133,17 +135,28 @@ class OutboundCapture:
 
     def _forward(self, state: ProxyState, vh: VirtualHost, dst: tuple[str, int], initial: bytes,
                  sni: str | None = None) -> asyncio.Protocol:
-        endpoint = tcp_endpoint(state, vh, sni)
+        endpoint = tcp_cluster(state, vh, sni)
         if endpoint is None:
             self.stats.error("no healthy upstream")
             return Closing()
         if isinstance(endpoint, str):  # a ServiceEntry with resolution NONE: where the app was connecting
             return TcpForward(dst[0], dst[1], PASSTHROUGH_CONNECT_TIMEOUT, self.stats, self.registry, initial)
-        pool, timeout = endpoint
-        return TcpForward(pool.address, pool.port, timeout, self.stats, self.registry, initial, load=pool)
+        pool, cluster = endpoint
+        return forward_to(pool, cluster, self.stats, self.registry, initial)
 
 
-def tcp_endpoint(state: ProxyState, vh: VirtualHost, sni: str | None = None) -> tuple[Pool, float] | str | None:
+def forward_to(pool: Pool, cluster: ClusterState, stats: Stats, registry: set[asyncio.BaseProtocol],
+               initial: bytes = b"") -> TcpForward:
+    """Relay an accepted connection to ``pool`` (an endpoint of ``cluster``) under the cluster's
+    ``connectionPool.tcp``: connect timeout, ``maxConnections``, idle timeout and maximum duration."""
+    policy = cluster.cluster.connection_pool
+    idle = TCP_IDLE_TIMEOUT if policy.tcp_idle_timeout is None else policy.tcp_idle_timeout
+    return TcpForward(pool.address, pool.port, cluster.connect_timeout, stats, registry, initial, load=pool,
+                      circuit=cluster.circuit, idle_timeout=idle, max_duration=policy.max_connection_duration)
+
+
+def tcp_cluster(state: ProxyState, vh: VirtualHost, sni: str | None = None
+                ) -> tuple[Pool, ClusterState] | str | None:
     """Opaque TCP to a service: with an ``sni``, the route for it (see ``sni``); else its first route that
     takes any request (TCP has no path or headers to match), else its first route; then the weighted cluster
     and a balanced endpoint (``PASSTHROUGH`` for a cluster that sends to the original destination)."""
@@ -161,7 +174,7 @@ def tcp_endpoint(state: ProxyState, vh: VirtualHost, sni: str | None = None) -> 
     pool = dest.cluster.balancer.pick()
     if pool is None:
         return None
-    return pool, dest.cluster.connect_timeout
+    return pool, dest.cluster
 
 
 class InboundCapture:

@@ -24,10 +24,11 @@ from kizuna.protocols.http1 import (
     Upgraded,
 )
 from kizuna.proxy.errors import MALFORMED_REQUEST, SyntheticResponse
-from kizuna.proxy.exchange import Exchange
+from kizuna.proxy.exchange import CONNECT_ESTABLISHED, Exchange
 from kizuna.proxy.stats import Stats
 from kizuna.proxy.tcp import WRITE_HIGH_WATER, Relay, adopt, link
 from kizuna.proxy.telemetry_tap import HttpTap
+from kizuna.proxy.tunnel_http import OpenedTunnel
 
 # Reasons to stop reading from the client (bits; reading resumes when none is left). The exchange's own
 # reason, a full upstream buffer, is exchange.PAUSE_UPSTREAM_FULL (2).
@@ -38,7 +39,8 @@ PAUSE_TUNNEL: Final = 4
 class Dispatcher(Protocol):
     """Decides what to do with a request: an exchange to run, or a response to give right away."""
 
-    def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse: ...
+    def dispatch(self, down: HttpServerConnection,
+                 head: RequestHead) -> Exchange | SyntheticResponse | OpenedTunnel: ...
 
 
 class HttpServerConnection(asyncio.Protocol):
@@ -53,7 +55,7 @@ class HttpServerConnection(asyncio.Protocol):
         self.registry = registry
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
         self.parser = RequestParser()
-        self.exchange: Exchange | None = None
+        self.exchange: Exchange | OpenedTunnel | None = None
         self.in_request = False
         """The current request's head arrived and its end has not."""
         self.queue: deque[Event] = deque()
@@ -105,7 +107,8 @@ class HttpServerConnection(asyncio.Protocol):
         self.queue.clear()
         if self.exchange is not None:
             if self.tap is not None and isinstance(self.exchange, Exchange):
-                self.tap.done(self.exchange, 0, "DC")
+                # An exchange already done cut the response short itself (UC, UT): not the client's doing.
+                self.tap.done(self.exchange, 0, self.exchange.flags if self.exchange.done else "DC")
             self.exchange.abort()
             self.exchange = None
 
@@ -260,6 +263,25 @@ class HttpServerConnection(asyncio.Protocol):
         self.stats.downstream_cx_active -= 1
         self.registry.discard(self)
         link(adopt(transport, self.stats, self.registry), upstream, to_a=b"", to_b=held)
+
+    def open_tunnel(self, protocol: asyncio.Protocol) -> None:
+        """Answer the CONNECT just received ourselves and let ``protocol`` serve what the client sends in the
+        tunnel (see ``tunnel_http``)."""
+        self.exchange = None
+        transport = self.transport
+        if transport.is_closing():
+            return
+        held = b"".join(self.raw or ())
+        self.raw = None
+        # From here ``protocol`` owns the connection and its accounting.
+        self.stats.downstream_cx_active -= 1
+        self.registry.discard(self)
+        transport.write(CONNECT_ESTABLISHED)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if held:
+            protocol.data_received(held)
+        transport.resume_reading()
 
     def _close(self) -> None:
         self.closing = True

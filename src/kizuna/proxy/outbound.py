@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from kizuna.protocols.http1 import RequestHead, split_absolute_target, split_authority
 from kizuna.proxy.downstream import HttpServerConnection
@@ -35,6 +35,7 @@ from kizuna.proxy.route_actions import act
 from kizuna.proxy.sni import has_sni_routes, route_for_sni
 from kizuna.proxy.state import ProxyState
 from kizuna.proxy.stats import Stats
+from kizuna.proxy.tunnel_http import OpenedTunnel, ServeTunnel
 from kizuna.proxyconfig.model import VirtualHost
 
 if TYPE_CHECKING:
@@ -54,14 +55,16 @@ class StateSource(Protocol):
 
 
 class HeaderView(Mapping[str, str]):
-    """A request's headers by lower-case name for route matching, built only if a match looks."""
+    """A request's headers by lower-case name for route matching, built only if a match looks; ``claims``:
+    the verified JWT's claims at a gateway (what ``@request.auth.claims`` matches read; see ``router``)."""
 
-    __slots__ = ("_head", "_authority", "_map")
+    __slots__ = ("_head", "_authority", "_map", "claims")
 
-    def __init__(self, head: RequestHead, authority: bytes) -> None:
+    def __init__(self, head: RequestHead, authority: bytes, claims: Mapping[str, Any] | None = None) -> None:
         self._head = head
         self._authority = authority
         self._map: dict[str, str] | None = None
+        self.claims = claims
 
     def _build(self) -> dict[str, str]:
         if self._map is None:
@@ -85,7 +88,8 @@ class HeaderView(Mapping[str, str]):
 class OutboundDispatcher:
     """Routes each request of the outbound listener."""
 
-    __slots__ = ("source", "stats", "loop", "h2_pools", "_authorities", "_vip_state", "_vips", "_blocks")
+    __slots__ = ("source", "stats", "loop", "h2_pools", "serve_tunnel", "_authorities", "_vip_state", "_vips",
+                 "_blocks")
 
     def __init__(self, source: StateSource, stats: Stats, loop: asyncio.AbstractEventLoop) -> None:
         self.source = source
@@ -93,6 +97,9 @@ class OutboundDispatcher:
         self.loop = loop
         self.h2_pools: H2Pools | None = None
         """h2c connections to HTTP/2-only destinations without a sidecar (set by the sidecar)."""
+        self.serve_tunnel: ServeTunnel | None = None
+        """Serves what an app sends inside a CONNECT tunnel to an HTTP port (set by a proxy-mode sidecar; None:
+        every tunnel is a raw relay). See ``tunnel_http``."""
         # Apps call the same few services over and over: remember how their authorities split.
         self._authorities: dict[tuple[bytes, bytes], tuple[str, int]] = {}
         self._vip_state: ProxyState | None = None
@@ -124,7 +131,8 @@ class OutboundDispatcher:
         self.stats.cluster_counters(BLACK_HOLE_CLUSTER)[4] += 1
         return NOT_IN_REGISTRY
 
-    def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse:
+    def dispatch(self, down: HttpServerConnection,
+                 head: RequestHead) -> Exchange | SyntheticResponse | OpenedTunnel:
         self.stats.outbound_rq_total += 1
         state = self.source.state
         if head.method == b"CONNECT":
@@ -152,10 +160,11 @@ class OutboundDispatcher:
         host, port = host_port
         return self._route(state, down, head, host, port, path, authority, scheme)
 
-    def dispatch_gateway(self, down: HttpServerConnection, head: RequestHead,
-                         port: int) -> Exchange | SyntheticResponse:
+    def dispatch_gateway(self, down: HttpServerConnection, head: RequestHead, port: int,
+                         claims: Mapping[str, Any] | None = None) -> Exchange | SyntheticResponse:
         """A request on a gateway listener: the virtual host is the Host header's name (a port in it is
-        ignored, as Envoy's gateway domains ``host:*`` do) on the listener ``port``; then as ``dispatch``."""
+        ignored, as Envoy's gateway domains ``host:*`` do) on the listener ``port``; then as ``dispatch``.
+        ``claims``: the request's verified JWT claims, for routes that match on them."""
         self.stats.outbound_rq_total += 1
         if head.method == b"CONNECT":
             self.stats.flag(NO_ROUTE.flag)
@@ -172,11 +181,12 @@ class OutboundDispatcher:
             host = split_authority(authority, port)[0] if authority else ""
         except ValueError:
             return MALFORMED_REQUEST
-        return self._route(self.source.state, down, head, host, port, path, authority)
+        return self._route(self.source.state, down, head, host, port, path, authority, claims=claims)
 
     def _route(self, state: ProxyState, down: HttpServerConnection, head: RequestHead, host: str, port: int,
                path: bytes, authority: bytes, scheme: bytes = b"http",
-               original: tuple[tuple[str, int], Passthrough] | None = None) -> Exchange | SyntheticResponse:
+               original: tuple[tuple[str, int], Passthrough] | None = None,
+               claims: Mapping[str, Any] | None = None) -> Exchange | SyntheticResponse:
         """The (host, port) virtual host's matching route → its weighted cluster → an exchange (or the route's
         own answer: redirect, direct response, fault abort; see ``route_actions``). ``original``: where a
         captured connection was going, for a PASSTHROUGH cluster (a ServiceEntry with resolution NONE)."""
@@ -184,7 +194,7 @@ class OutboundDispatcher:
         route = router.unconditional(host, port)
         view = None
         if route is None:
-            view = HeaderView(head, authority)
+            view = HeaderView(head, authority, claims)
             route = router.select(host, port, head.method.decode("latin-1"), path.decode("latin-1"), view)
             if route is None:
                 if state.snapshot.outbound_policy == "REGISTRY_ONLY" and router.virtual_host(host, port) is None:
@@ -195,7 +205,7 @@ class OutboundDispatcher:
         policy = route.action.policy
         if policy is not None:
             result = act(state, down, head, route, policy, scheme, port, path, authority,
-                         view or HeaderView(head, authority), self.stats, self.loop, mode)
+                         view or HeaderView(head, authority, claims), self.stats, self.loop, mode)
             if isinstance(result, SyntheticResponse):
                 self.stats.flag(result.flag)
             return result
@@ -215,7 +225,7 @@ class OutboundDispatcher:
         return Exchange(down, head, dest, path, authority, self.stats, self.loop, mode)
 
     def dispatch_captured(self, down: HttpServerConnection, head: RequestHead, dst: tuple[str, int],
-                          passthrough: Passthrough | None) -> Exchange | SyntheticResponse:
+                          passthrough: Passthrough | None) -> Exchange | SyntheticResponse | OpenedTunnel:
         """Route a request of a connection captured on its way to ``dst``; ``passthrough`` None means the
         original destination must not be dialled (it is this sidecar)."""
         self.stats.outbound_rq_total += 1
@@ -252,9 +262,10 @@ class OutboundDispatcher:
                            original=(dst, passthrough) if passthrough is not None else None)
 
     def _tunnel(self, down: HttpServerConnection, head: RequestHead,
-                state: ProxyState) -> Exchange | SyntheticResponse:
-        """CONNECT: the (host, port) virtual host's route for CONNECT, or its first route (TLS and TCP traffic
-        have no path or headers to match on)."""
+                state: ProxyState) -> Exchange | SyntheticResponse | OpenedTunnel:
+        """CONNECT: to a port declared HTTP, answered here and each request inside routed on its own
+        (``tunnel_http``); otherwise the (host, port) virtual host's route for CONNECT, or its first route (TLS
+        and TCP traffic have no path or headers to match on), relayed as bytes."""
         try:
             host, port = split_authority(head.target, 443)
         except ValueError:
@@ -264,6 +275,8 @@ class OutboundDispatcher:
             return self.black_hole()
         if vh is None or not vh.routes:
             return NO_ROUTE
+        if vh.protocol == "http" and self.serve_tunnel is not None:
+            return OpenedTunnel(down, self.serve_tunnel, self.loop)
         if has_sni_routes(vh):
             # TLS routes: the name the app tunnels to stands for the SNI it is about to send.
             route = route_for_sni(vh.routes, host.lower())

@@ -221,14 +221,15 @@ class Sidecar:
             self._inbound_handler = InboundHandler(self, self.stats, self.connections, loop)
             route_h2 = outbound_router(self, outbound)
 
-            def serve_outbound(info: ConnectionInfo) -> asyncio.BaseProtocol:
+            def serve_outbound() -> PrefaceSwitch:
                 # HTTP/1.x (absolute-form requests, CONNECT) or, opening with the h2 preface, h2c/gRPC.
                 return PrefaceSwitch(lambda: HttpServerConnection(outbound, self.stats, self.connections),
                                      lambda: H2ServerConnection(route_h2, self.h2_pools, self.stats,
                                                                 self.connections))
 
+            outbound.serve_tunnel = serve_outbound  # a CONNECT to an HTTP port is served alike: see tunnel_http
             self._outbound = Listener("outbound", node.mesh_address, self.bootstrap.outbound_port,
-                                      serve_outbound)
+                                      lambda info: serve_outbound())
         # With capture the pod has one address; the admin port is excluded from the capture rules there.
         admin_address = node.pod_address if self.capture else node.mesh_address
         self._admin = Listener("admin", admin_address, self.bootstrap.admin_port,
@@ -258,7 +259,7 @@ class Sidecar:
             from kizuna.proxy.identity import WorkloadIdentity
 
             self._use_identity(WorkloadIdentity.from_files(self.bootstrap.cert_dir, node.namespace,
-                                                           node.service_account))
+                                                           node.service_account, self.bootstrap.trust_domain))
 
     def _use_identity(self, identity: WorkloadIdentity) -> None:
         """mTLS from now on: inbound by PeerAuthentication, outbound to endpoints that have an identity."""
