@@ -2,7 +2,8 @@
 
 DestinationRules for one host are merged as Istio does: the client's namespace first, then the service's,
 then the rest; subsets keep their first definition, the first top-level ``trafficPolicy`` wins. A route to a
-subset no rule defines gets a cluster without endpoints, so the proxy answers 503 "no healthy upstream".
+subset no rule defines gets a cluster without endpoints marked ``undefined_subset``, so the proxy answers 503
+"cluster not found" (NC) naming the subset, as Envoy does for the cluster Istio never generates.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kizuna.controlplane.compile_index import (
     port_protocol,
 )
 from kizuna.controlplane.compile_routes import ClusterRef
+from kizuna.controlplane.compile_security import mtls_disabled
 from kizuna.proxyconfig.bootstrap import Node
 from kizuna.proxyconfig.model import Cluster, Endpoint, LbPolicy, UpstreamTls
 from kizuna.proxyconfig.policy import DEFAULT_POOL, UNLIMITED, ConnectionPool, HashPolicy, OutlierDetection
@@ -172,13 +174,15 @@ def build_cluster(index: MeshIndex, node: Node, name: str, ref: ClusterRef) -> C
                 continue
             target = index.target_port(service_port, inst)
             if target is not None:
-                endpoints.append(Endpoint(inst.mesh_address, target, inst.workload, inst.labels,
-                                          endpoint_identity(inst, tls)))
+                identity = endpoint_identity(inst, tls, index.trust_domain)
+                if identity and mtls_disabled(index, inst, target):
+                    identity = ""  # the server's PeerAuthentication DISABLE: plaintext, as Istio's auto mTLS
+                endpoints.append(Endpoint(inst.mesh_address, target, inst.workload, inst.labels, identity))
     protocol = port_protocol(service_port) if service_port is not None else "auto"
     version = port_http_version(service_port) if service_port is not None else ""
     entry = index.external.get(service_fqdn) if service is None else None
     if entry is not None and (not subset_name or subset is not None):
-        endpoints = entry_endpoints(index, entry, port, subset.labels if subset is not None else {})
+        endpoints = entry_endpoints(index, entry, port, subset.labels if subset is not None else {}, tls)
         entry_port = entry.spec.port(port)
         protocol = entry_protocol(entry_port.protocol) if entry_port is not None else "auto"
         version = http_version(entry_port.protocol) if entry_port is not None else ""
@@ -188,32 +192,44 @@ def build_cluster(index: MeshIndex, node: Node, name: str, ref: ClusterRef) -> C
         balancer = "PASSTHROUGH"  # Istio's ORIGINAL_DST cluster: where the app was connecting (with capture)
     return Cluster(name, service_fqdn, port, subset_name, protocol, balancer, tuple(endpoints),
                    connect_timeout(pool), connection_pool(pool), outlier_detection(outlier), hash_policy(lb),
-                   tls=upstream_tls(tls_policy), http_version=version)
+                   tls=upstream_tls(tls_policy), http_version=version,
+                   undefined_subset=bool(subset_name) and subset is None)
 
 
-def entry_endpoints(index: MeshIndex, entry: ExternalHost, port: int, wanted: dict[str, str]) -> list[Endpoint]:
+def entry_endpoints(index: MeshIndex, entry: ExternalHost, port: int, wanted: dict[str, str], tls: str = ""
+                    ) -> list[Endpoint]:
     """A ServiceEntry host's endpoints on ``port``: STATIC/DNS ``endpoints`` (port from the endpoint's
     ``ports`` by port name, else ``targetPort``, else the port); with a ``workloadSelector``, the ready mesh
     instances of the entry's namespace carrying its labels (as Istio selects pods and WorkloadEntries); with
     neither, the host name itself (DNS, NONE: the sidecar resolves it when it connects, or, for NONE with
-    capture, forwards to the original destination; see the PASSTHROUGH balancer)."""
+    capture, forwards to the original destination; see the PASSTHROUGH balancer).
+
+    ``location`` decides auto mTLS as in Istio: a MESH_EXTERNAL host never gets it (only a DestinationRule's
+    explicit ``ISTIO_MUTUAL``, ``tls``), a MESH_INTERNAL one does for each endpoint with a sidecar (a selected
+    instance, or a STATIC endpoint at an instance's address)."""
     se_port = entry.spec.port(port)
     if se_port is None:
         return []
     default_port = se_port.target_port or se_port.number
+    mesh = entry.spec.location == "MESH_INTERNAL" or tls == "ISTIO_MUTUAL"
+
+    def identity(node: Node) -> str:
+        return endpoint_identity(node, tls, index.trust_domain) if mesh else ""
+
     selector = entry.spec.workload_selector
     if selector is not None:
         want = {**selector.labels, **wanted}
-        return [Endpoint(i.node.mesh_address, default_port, i.node.workload, i.node.labels,
-                         endpoint_identity(i.node, ""))
+        return [Endpoint(i.node.mesh_address, default_port, i.node.workload, i.node.labels, identity(i.node))
                 for i in index.instances
                 if i.ready and i.node.namespace == entry.namespace and labels_match(want, i.node.labels)]
     if not entry.spec.endpoints:
         if entry.spec.resolution == "STATIC":
             return []
         return [Endpoint(entry.fqdn, default_port, entry.name)] if not wanted else []
+    sidecars = {i.node.mesh_address: i.node for i in index.instances if i.ready} if mesh else {}
     return [Endpoint(ep.address, ep.ports.get(se_port.name, default_port), entry.name,
-                     tuple(sorted(ep.labels.items())))
+                     tuple(sorted(ep.labels.items())),
+                     identity(sidecars[ep.address]) if ep.address in sidecars else "")
             for ep in entry.spec.endpoints if labels_match(wanted, ep.labels)
             and not ep.address.startswith("unix://")]
 
@@ -240,7 +256,8 @@ def connection_pool(pool: ConnectionPoolSettings | None) -> ConnectionPool:
         max_requests_per_connection=(http.max_requests_per_connection or 0) if http else 0,
         max_retries=limit(http.max_retries if http else None),
         idle_timeout=idle,
-        max_connection_duration=tcp.max_connection_duration if tcp else None)
+        max_connection_duration=tcp.max_connection_duration if tcp else None,
+        tcp_idle_timeout=tcp.idle_timeout if tcp else None)
 
 
 def outlier_detection(outlier: OutlierSettings | None) -> OutlierDetection | None:

@@ -76,6 +76,14 @@ NO_HEALTHY_UPSTREAM = SyntheticResponse(503, "no healthy upstream", "UH")
 """The chosen cluster has no endpoints (Envoy UH)."""
 CLUSTER_NOT_FOUND = SyntheticResponse(503, "cluster not found", "NC")
 """A route names a cluster the snapshot does not have (Envoy NC)."""
+
+
+def subset_not_found(subset: str, service: str) -> SyntheticResponse:
+    """A route names a subset no DestinationRule defines (Envoy NC: Istio generates no cluster for it)."""
+    return SyntheticResponse(503, f"cluster not found: no DestinationRule defines subset {subset} of {service}",
+                             "NC")
+
+
 UPSTREAM_CONNECT_ERROR = SyntheticResponse(503, "upstream connect error", "UF")
 """Every try failed to connect (Envoy UF; with ``URX`` once retries were spent)."""
 UPSTREAM_RESET = SyntheticResponse(503, "upstream reset", "UC")

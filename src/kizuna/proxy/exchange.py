@@ -38,6 +38,8 @@ from kizuna.proxy.errors import (
     UPSTREAM_PROTOCOL_ERROR,
     UPSTREAM_TIMEOUT,
     SyntheticResponse,
+    add_flag,
+    subset_not_found,
 )
 from kizuna.proxy.hashing import set_cookie_header
 from kizuna.proxy.retry import backoff
@@ -173,9 +175,8 @@ class Exchange:
         self.body.append(data)
         self.body_size += len(data)
         if self.body_size > MAX_REPLAY:
-            # Too big to keep for a replay: stream it through the only try.
+            # Too big to keep for a replay: stream it through the only try (``_may_retry`` sees ``streaming``).
             self.streaming = True
-            self.retries_left = 0
             self._start()
 
     def request_end(self) -> None:
@@ -220,9 +221,14 @@ class Exchange:
             self._begin_attempt()
 
     def _may_retry(self) -> bool:
+        if self.retries_left <= 0 or self.streaming:
+            return False
         circuit = self.dest.cluster.circuit
-        return (self.retries_left > 0 and not self.streaming
-                and (circuit is None or circuit.may_retry(self)))
+        if circuit is None or circuit.may_retry(self):
+            return True
+        # Envoy's retry overflow (``maxRetries`` outstanding across the cluster): the failure passes on as UO.
+        self.flags = add_flag(self.flags, UPSTREAM_OVERFLOW.flag)
+        return False
 
     def _observe(self, status: int) -> None:
         """Tell outlier detection how the current try's endpoint answered."""
@@ -250,7 +256,8 @@ class Exchange:
             cluster = self.dest.cluster
             pool = cluster.balancer.pick(self.tried) if cluster.plain else cluster.pick(self)
             if pool is None:
-                self._fail(NO_HEALTHY_UPSTREAM)
+                c = cluster.cluster
+                self._fail(subset_not_found(c.subset, c.service) if c.undefined_subset else NO_HEALTHY_UPSTREAM)
                 return
         self.pool = self.last = pool
         pool.active += 1
@@ -377,9 +384,7 @@ class Exchange:
             self._observe(504)
         self._abandon()
         if self.started:
-            self._finish()
-            self.flush()
-            self.down.abort()
+            self._cut_short(UPSTREAM_TIMEOUT.flag)
         else:
             self._fail(UPSTREAM_TIMEOUT)
 
@@ -420,9 +425,20 @@ class Exchange:
             if start is not None:
                 self.loop.call_soon(start)
 
+    def _cut_short(self, flag: str) -> None:
+        """The response already began and cannot be finished: count ``flag`` (UC, UT), send what came, and
+        drop the client connection, the only way left to tell an HTTP/1.1 client (as Envoy resets)."""
+        self.stats.flag(flag)
+        self.flags = add_flag(self.flags, flag)
+        self._finish()
+        self.flush()
+        self.down.abort()
+
     def _fail(self, error: SyntheticResponse) -> None:
         if self.retries_left == 0 and self.tried and self.dest.retry.attempts:
             error = error.with_flag("URX")  # retries were spent on this request
+        elif "UO" in self.flags and "UO" not in error.flag:
+            error = error.with_flag("UO")  # a retry was due but the cluster's maxRetries were outstanding
         self.stats.flag(error.flag)
         self._abandon()
         self._finish()
@@ -451,10 +467,12 @@ class Exchange:
                 self._abandon()
                 self._retry()
                 return None
-            if self.tried:
-                # Retries were spent and this try failed the same way: Envoy's URX on the passed-on answer.
-                self.stats.flag("URX")
-                head = head._replace(headers=(*head.headers, (b"x-kizuna-flags", b"URX")))
+            # Retries were spent (URX) or not allowed (UO) and this try failed the same way: the flag goes
+            # on the passed-on answer.
+            flag = "UO" if "UO" in self.flags else "URX" if self.tried else ""
+            if flag:
+                self.stats.flag(flag)
+                head = head._replace(headers=(*head.headers, (b"x-kizuna-flags", flag.encode())))
         self.started = True
         self.status = status
         if self.try_timer is not None:
@@ -541,9 +559,7 @@ class Exchange:
             return
         if self.started:
             self._abandon()
-            self._finish()
-            self.flush()
-            self.down.abort()
+            self._cut_short(error.flag)
             return
         conn, pool = self.conn, self.pool
         stale = self.reused and conn is not None and not conn.received

@@ -25,6 +25,7 @@ from kizuna.proxy.errors import (
     UPSTREAM_TIMEOUT,
     SyntheticResponse,
     add_flag,
+    subset_not_found,
 )
 from kizuna.proxy.h2_policy import downstream_headers, mirror, outlier_status, regular, upstream_headers
 from kizuna.proxy.h2_routing import (
@@ -74,6 +75,9 @@ class CallOwner(Protocol):
 
 class H2Call:
     """One request stream: routed, sent upstream (again on retry), its response relayed back."""
+
+    retry_overflow = False
+    """Set on the call when a retry was due but the cluster's ``maxRetries`` were outstanding (flag UO)."""
 
     def __init__(self, down: CallOwner, stream_id: int, headers: Headers, end_stream: bool) -> None:
         self.down = down
@@ -173,11 +177,11 @@ class H2Call:
                 return
             if verdict == QUEUED:
                 return
-        self.task = self.loop.create_task(self.attempt())
+        self.attempt()
 
     def _resume(self) -> None:
         if not self.done:
-            self.task = self.loop.create_task(self.attempt())
+            self.attempt()
 
     def _mirror(self) -> None:
         """Once the request is complete and kept: its copy to the mirror clusters (fire and forget)."""
@@ -233,14 +237,18 @@ class H2Call:
 
     # -- upstream side ----------------------------------------------------------------------------------
 
-    async def attempt(self) -> None:
+    def attempt(self) -> None:
+        """One try: an endpoint picked, the stream opened on a pooled connection at once (no task, the common
+        case), else on a new one once ``_connect`` has it."""
         routed = self.routed
         assert routed is not None
         cluster = routed.dest.cluster
         pool = cluster.balancer.pick(self.tried) if cluster.plain else cluster.pick(self)
         if pool is None:
-            self._flag(NO_HEALTHY_UPSTREAM.flag)
-            self.respond(NO_HEALTHY_UPSTREAM)
+            c = cluster.cluster
+            error = subset_not_found(c.subset, c.service) if c.undefined_subset else NO_HEALTHY_UPSTREAM
+            self._flag(error.flag)
+            self.respond(error)
             return
         self.tries += 1
         self.tried.append(pool)
@@ -250,9 +258,18 @@ class H2Call:
         per_try = routed.dest.retry.per_try_timeout
         if per_try is not None:
             self.try_timer = self.loop.call_later(per_try, self.try_timed_out)
+        conn = self.down.pools.ready(pool.address, pool.port)
+        if conn is not None:
+            self._opened(conn)
+        else:
+            self.task = self.loop.create_task(self._connect(pool, generation))
+
+    async def _connect(self, pool: Pool, generation: int) -> None:
+        routed = self.routed
+        assert routed is not None
         try:
-            conn = await self.down.pools.get(pool.address, pool.port, cluster.connect_timeout, pool.identity,
-                                             pool.tls)
+            conn = await self.down.pools.get(pool.address, pool.port, routed.dest.cluster.connect_timeout,
+                                             pool.identity, pool.tls)
         except (TimeoutError, OSError):
             if self.done or generation != self.generation:
                 return  # this try was given up meanwhile (timeout, client gone): nothing more to do
@@ -265,13 +282,19 @@ class H2Call:
             return
         if self.done or generation != self.generation:
             return
+        if not conn.available():
+            # It failed before the stream could open (an app that answered the preface as HTTP/1.1 and
+            # closed): as a reset before any response.
+            self.upstream_failed(0)
+            return
+        self._opened(conn)
+
+    def _opened(self, conn: H2ClientConnection) -> None:
         self.up = conn
         self.up_ended = False
         end = self.request_ended is True and not self.pending_up
-        self.up_stream = conn.open(self, self.up_headers)
-        if end:
-            conn.h2.end_stream(self.up_stream)
-            self.up_ended = True
+        self.up_stream = conn.open(self, self.up_headers, end)  # a bodiless request: one HEADERS frame
+        self.up_ended = end
         self.flush_up()
         conn.flush()
 
@@ -322,10 +345,12 @@ class H2Call:
                 self._cancel_up()
                 self.retry()
                 return
-            if self.tries > 1:
-                # Retries were spent and this try failed the same way: Envoy's URX on the passed-on answer.
-                self._flag("URX")
-                extra.append((b"x-kizuna-flags", b"URX"))
+            # Retries were spent (URX) or not allowed (UO) and this try failed the same way: the flag goes
+            # on the passed-on answer.
+            flag = "UO" if self.retry_overflow else "URX" if self.tries > 1 else ""
+            if flag:
+                self._flag(flag)
+                extra.append((b"x-kizuna-flags", flag.encode()))
         if self.hash_cookie is not None:
             extra.append(self.hash_cookie)
         self.started = True
@@ -404,6 +429,7 @@ class H2Call:
             self.retry()
             return
         if self.started:
+            self._flag(UPSTREAM_RESET.flag)  # cut short mid-response: the client sees a reset, stats see UC
             self.down.h2.reset(self.stream_id)
             self.down.flush()
             self.finish()
@@ -418,7 +444,10 @@ class H2Call:
         if self.started or self.copy is None or self.tries > routed.dest.retry.attempts or self.done:
             return False
         circuit = routed.dest.cluster.circuit
-        return circuit is None or circuit.may_retry(self)
+        if circuit is None or circuit.may_retry(self):
+            return True
+        self.retry_overflow = True  # Envoy: maxRetries outstanding across the cluster, the failure passes as UO
+        return False
 
     def retry(self) -> None:
         """Start over on another endpoint after a backoff, resending the kept body."""
@@ -432,7 +461,7 @@ class H2Call:
 
         def again() -> None:
             if not self.done:
-                self.task = self.loop.create_task(self.attempt())
+                self.attempt()
 
         self.loop.call_later(delay, again)
 
@@ -481,6 +510,8 @@ class H2Call:
         routed = self.routed
         if routed is not None and self.tries > 1 and routed.dest.retry.attempts:
             error = error.with_flag("URX")
+        elif self.retry_overflow:
+            error = error.with_flag("UO")
         self._flag(error.flag)
         self.respond(error)
 
@@ -549,6 +580,9 @@ class H2Call:
             self.delay_handle.cancel()
             self.delay_handle = None
         if self.up is not None:
+            if not self.up_ended:  # the answer is over before the request body: the upstream stream is too
+                self.up.h2.reset(self.up_stream, CANCEL)
+                self.up.flush()
             self.up.forget(self.up_stream)
         self._release()
         routed = self.routed
