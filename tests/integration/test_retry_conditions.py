@@ -124,6 +124,21 @@ def test_retries_back_off_exponentially_from_25ms(mesh: LocalMesh) -> None:
         assert floor - 0.001 <= gap < floor * 2 + 1.5, gaps
 
 
+def test_retries_back_off_from_the_routes_own_base_interval(mesh: LocalMesh) -> None:
+    """HTTPRetry ``backoff`` sets the base interval: 200 ms, then 400 ms."""
+    addr, app_addr = loopback_addresses(2, prefix=BLOCK)
+    app = http_app(mesh, app_addr, [503, 503])
+    cluster = service_cluster("slowback", 80, [(app_addr, app.port)])
+    policy = retry_policy(HTTPRetry.model_validate({"attempts": 2, "retryOn": "5xx", "backoff": "200ms"}))
+    mesh.sidecar(addr, snapshot("1", cluster, policy))
+    assert request(addr, "http://slowback/")[0] == 200
+    t = app.arrivals
+    gaps = [b - a for a, b in zip(t, t[1:], strict=False)]
+    assert len(gaps) == 2
+    for gap, floor in zip(gaps, (0.2, 0.4), strict=True):
+        assert floor - 0.001 <= gap < floor * 2 + 1.5, gaps
+
+
 def test_a_body_streamed_past_the_replay_bound_is_tried_once(mesh: LocalMesh) -> None:
     addr, app_addr = loopback_addresses(2, prefix=BLOCK)
     app = http_app(mesh, app_addr, [503])

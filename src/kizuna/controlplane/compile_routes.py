@@ -276,6 +276,7 @@ def retry_policy(retries: HTTPRetry | None) -> RetryPolicy:
         return RetryPolicy()
     if retries.attempts == 0:
         return NO_RETRY
+    backoff = retries.backoff
     retry_on, codes = DEFAULT_RETRY_ON, DEFAULT_RETRIABLE_STATUS_CODES
     parts = [p.strip() for p in retries.retry_on.split(",") if p.strip()]
     if parts:
@@ -283,7 +284,7 @@ def retry_policy(retries: HTTPRetry | None) -> RetryPolicy:
         retry_on = frozenset(p for p in parts if not p.isdigit())
         if codes:
             retry_on |= {"retriable-status-codes"}
-    return RetryPolicy(retries.attempts, retries.per_try_timeout, retry_on, codes)
+    return RetryPolicy(retries.attempts, retries.per_try_timeout, retry_on, codes, backoff)
 
 
 # gRPC status codes by name (grpc/status.h), for fault.abort.grpcStatus.

@@ -350,7 +350,8 @@ class Exchange:
     def _retry(self) -> None:
         self.retries_left -= 1
         self.stats.retries += 1
-        self.try_timer = self.loop.call_later(backoff(self.dest.retry.attempts - self.retries_left),
+        rules = self.dest.retry
+        self.try_timer = self.loop.call_later(backoff(rules.attempts - self.retries_left, rules.backoff_base),
                                               self._begin_attempt)
 
     def _try_failed(self, error: SyntheticResponse, connect_failure: bool) -> None:

@@ -457,7 +457,7 @@ class H2Call:
             self.down.h2.acknowledge(self.stream_id, cast(int, chunk[1]))
         self.pending_up = deque([b, 0] for b in self.copy)
         self.up = None
-        delay = backoff(self.tries)
+        delay = backoff(self.tries, self.routed.dest.retry.backoff_base) if self.routed else backoff(self.tries)
 
         def again() -> None:
             if not self.done:

@@ -24,12 +24,13 @@ class RetryRules:
     """A route's retry policy as flags, so the hot path tests booleans instead of parsing strings."""
 
     __slots__ = ("attempts", "per_try_timeout", "on_connect_failure", "on_reset", "on_timeout",
-                 "on_5xx", "on_gateway_error", "on_4xx", "status_codes", "retriable_statuses")
+                 "on_5xx", "on_gateway_error", "on_4xx", "status_codes", "retriable_statuses", "backoff_base")
 
     def __init__(self, policy: RetryPolicy) -> None:
         on = policy.retry_on
         self.attempts = max(0, policy.attempts)
         self.per_try_timeout = policy.per_try_timeout or None
+        self.backoff_base = policy.backoff or BACKOFF_BASE
         self.on_5xx = "5xx" in on
         self.on_gateway_error = "gateway-error" in on
         self.on_4xx = "retriable-4xx" in on
@@ -51,11 +52,12 @@ class RetryRules:
         return self.on_gateway_error and status in (502, 503, 504)
 
 
-def backoff(retry: int) -> float:
-    """Delay before retry number ``retry`` (1-based): jittered exponential from 25 ms (25-50 ms, 50-100 ms,
-    100-200 ms), then 125-250 ms: at most 250 ms, and still jittered there so that retries spread out.
+def backoff(retry: int, base: float = BACKOFF_BASE) -> float:
+    """Delay before retry number ``retry`` (1-based): jittered exponential from ``base`` (by default 25 ms:
+    25-50 ms, 50-100 ms, 100-200 ms), then 125-250 ms: at most ten times ``base`` (Envoy's maximum), and still
+    jittered there so that retries spread out.
 
     Envoy draws from [0, 25 ms x (2^n - 1)), so its first retry may follow at once; the floor of one base
     interval here keeps a retry from landing on an upstream in the same breath as the failure it answers."""
-    floor = min(BACKOFF_MAX / 2, BACKOFF_BASE * (2 ** (min(retry, 8) - 1)))
+    floor = min(base * (BACKOFF_MAX / BACKOFF_BASE) / 2, base * (2 ** (min(retry, 8) - 1)))
     return float(floor * random.uniform(1.0, 2.0))

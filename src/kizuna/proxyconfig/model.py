@@ -214,16 +214,22 @@ class RetryPolicy:
     per_try_timeout: float | None = None
     retry_on: frozenset[str] = DEFAULT_RETRY_ON
     retriable_status_codes: frozenset[int] = DEFAULT_RETRIABLE_STATUS_CODES
+    backoff: float | None = None
+    """HTTPRetry ``backoff``: the base interval between retries (None: Envoy's 25 ms)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"attempts": self.attempts, "perTryTimeout": self.per_try_timeout,
-                "retryOn": sorted(self.retry_on), "retriableStatusCodes": sorted(self.retriable_status_codes)}
+        out = {"attempts": self.attempts, "perTryTimeout": self.per_try_timeout,
+               "retryOn": sorted(self.retry_on), "retriableStatusCodes": sorted(self.retriable_status_codes)}
+        if self.backoff is not None:
+            out["backoff"] = self.backoff
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RetryPolicy:
         return cls(int(data.get("attempts", 2)), data.get("perTryTimeout"),
                    frozenset(data.get("retryOn", DEFAULT_RETRY_ON)),
-                   frozenset(int(c) for c in data.get("retriableStatusCodes", DEFAULT_RETRIABLE_STATUS_CODES)))
+                   frozenset(int(c) for c in data.get("retriableStatusCodes", DEFAULT_RETRIABLE_STATUS_CODES)),
+                   data.get("backoff"))
 
 
 NO_RETRY = RetryPolicy(attempts=0)
