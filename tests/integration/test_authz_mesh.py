@@ -6,9 +6,12 @@ another sidecar would (plaintext, so no peer identity yet)."""
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import socket
 import textwrap
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +28,8 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not (ISTIO_SAMPLES / "tasks").is_dir(), reason="Istio sample corpus not present")]
 
 TASKS = ISTIO_SAMPLES / "tasks"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "httpbin"
+BLOCK = ipaddress.IPv4Network("127.106.192.0/18")
 
 
 def task(*names: str, namespace: str = "foo") -> list[Resource]:
@@ -217,3 +222,46 @@ def test_http2_streams_are_checked_too(mesh: LocalMesh) -> None:
     assert post.status == 200 and good.status == 200
     assert bad.status == 401
     assert [(r.method, r.header("authorization")) for r in httpbin.app.requests] == [("POST", None), ("POST", None)]
+
+
+def test_authz_deny_task_on_kizuna_up(mesh_factory: Any, kit: Any, tmp_path: Path) -> None:
+    """The same task on ``kizuna up``: the examples' httpbin and sleep moved to namespace foo (as the task
+    deploys them), Istio's files applied unchanged with ``kizuna apply``, sleep calling through its sidecar."""
+    import yaml
+
+    from kizuna.runtime.addresses import choose_pod_range
+
+    manifests = []
+    for name in ("httpbin.yaml", "sleep.yaml"):
+        documents = [d for d in yaml.safe_load_all((EXAMPLE / name).read_text()) if d]
+        for document in documents:
+            document["metadata"]["namespace"] = "foo"
+        manifests.append(tmp_path / name)
+        manifests[-1].write_text(yaml.safe_dump_all(documents))
+    pods = choose_pod_range(str(tmp_path), block=BLOCK).network
+    up = mesh_factory(*manifests, extra=["--pod-cidr", str(pods)])
+
+    def via_sleep(method: str, path: str, **headers: str) -> int:
+        conn = http.client.HTTPConnection(up.instance("sleep")["meshAddress"], 15001, timeout=15)
+        try:
+            conn.request(method, f"http://httpbin.foo:8000{path}", headers=headers)
+            response = conn.getresponse()
+            body = response.read()
+            assert response.status != 403 or body == b"RBAC: access denied"
+            return response.status
+        finally:
+            conn.close()
+
+    def step(name: str, expected: list[tuple[str, str, dict[str, str], int]]) -> None:
+        assert up.kizuna("apply", "-f", TASKS / "authz-deny" / name).returncode == 0
+        # Each expectation holds on both httpbin instances once the push has reached them.
+        kit.wait_until(lambda: all(via_sleep(m, p, **h) == s for m, p, h, s in expected for _ in range(2)), 30,
+                       f"{name} to be enforced")
+
+    assert via_sleep("GET", "/get") == 200
+    step("01-authorizationpolicy-deny-method-get.yaml", [("GET", "/get", {}, 403), ("POST", "/post", {}, 200)])
+    step("02-authorizationpolicy-deny-method-get-unless-admin.yaml",
+         [("GET", "/get", {"x-token": "admin"}, 200), ("GET", "/get", {"x-token": "guest"}, 403)])
+    step("03-authorizationpolicy-allow-path-ip.yaml",
+         [("GET", "/ip", {"x-token": "admin"}, 200), ("GET", "/ip", {"x-token": "guest"}, 403),
+          ("GET", "/get", {"x-token": "admin"}, 403)])

@@ -154,6 +154,66 @@ def _kizuna(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
+KID = "DHFbpoIUqrY8t2zpA2qXfCmr5VO5ZEr4RzHU_-envvQ"
+"""The kid of Istio's demo key (``jwks.json``), which signed ``demo.jwt``."""
+ISSUER = "testing@secure.istio.io"
+
+
+def mint(case: str) -> str:
+    """A token signed with Istio's demo private key (``key.pem``), broken as ``case`` says."""
+    import jwt
+
+    key = (SAMPLES / "key.pem").read_text()
+    now = int(time.time())
+    claims: dict[str, object] = {"iss": ISSUER, "sub": "alice", "aud": "httpbin.foo", "iat": now, "exp": now + 600}
+    headers = {"kid": KID}
+    if case == "expired":
+        claims.update(iat=now - 7200, exp=now - 3600)  # well past the 60 s of clock skew
+    elif case == "wrong issuer":
+        claims["iss"] = "someone-else@example.com"
+    elif case == "wrong audience":
+        claims["aud"] = "another-service"
+    elif case == "oversized":
+        claims["padding"] = "x" * 9000
+    elif case == "unknown kid":
+        headers["kid"] = "not-a-key-in-the-set"
+    elif case == "alg none":
+        return jwt.encode(claims, "", algorithm="none", headers=headers)
+    return jwt.encode(claims, key, algorithm="RS256", headers=headers)
+
+
+@pytest.mark.parametrize(("case", "status", "reason"), [
+    ("valid", 200, b""),
+    ("expired", 401, b"Jwt is expired"),
+    ("wrong issuer", 401, b"Jwt issuer is not configured"),
+    ("wrong audience", 401, b"Audiences in Jwt are not allowed"),
+    ("alg none", 401, b"Jwt header [alg] field is required and must be a supported algorithm"),
+    ("oversized", 401, b"Jwt is too large"),
+    ("unknown kid", 401, b"Jwks doesn't have key to match kid or alg from Jwt"),
+])
+def test_tokens_minted_with_istios_demo_key(mesh: LocalMesh, github: str, case: str, status: int,
+                                            reason: bytes) -> None:
+    httpbin = Httpbin(mesh)
+    httpbin.apply(parse_all(parse_text(f"""\
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: foo}}
+spec:
+  selector: {{matchLabels: {{app: httpbin}}}}
+  jwtRules:
+  - issuer: {ISSUER}
+    audiences: [httpbin.foo]
+    jwksUri: {github}/security/tools/jwt/samples/jwks.json
+""", "ra.yaml")))
+    got, body = httpbin.call(token=mint(case))
+    assert got == status, body
+    if status == 401:
+        assert body == reason
+        assert httpbin.app.requests == []  # refused before the app
+    else:
+        assert json.loads(body)["headers"].get("Authorization") is None  # the app does not see the token
+
+
 def test_kizuna_apply_accepts_every_security_task_file_unchanged(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()

@@ -130,11 +130,11 @@ def test_mesh_config_sets_the_outbound_policy_of_every_snapshot() -> None:
 
 def test_mesh_config_is_validated_like_istio_resources() -> None:
     with pytest.raises(ValidationError) as info:
-        parse_all(parse_text(MESH_CONFIG.replace("REGISTRY_ONLY", "DENY") + "  trustDomain: x\n", "mesh.yaml"))
+        parse_all(parse_text(MESH_CONFIG.replace("REGISTRY_ONLY", "DENY") + "  noSuchField: x\n", "mesh.yaml"))
     assert info.value.errors == [
         "mesh.yaml: MeshConfig istio-system/mesh: spec.outboundTrafficPolicy.mode: must be one of "
         "'ALLOW_ANY' or 'REGISTRY_ONLY' (got 'DENY')",
-        "mesh.yaml: MeshConfig istio-system/mesh: spec.trustDomain: unknown field"]
+        "mesh.yaml: MeshConfig istio-system/mesh: spec.noSuchField: unknown field"]
 
 
 def test_workload_selector_makes_the_selected_mesh_instances_the_endpoints() -> None:

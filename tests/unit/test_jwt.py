@@ -219,3 +219,53 @@ def test_jwks_uri_fetched_cached_and_failure_visible(loop: asyncio.AbstractEvent
                 await s.wait_closed()
 
     loop.run_until_complete(scenario())
+
+
+def test_jwks_uri_is_refetched_and_a_new_key_is_accepted_after_the_refresh(
+        loop: asyncio.AbstractEventLoop) -> None:
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    new_jwk = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(new_key.public_key()))
+    rotated = json.dumps({"keys": [{**new_jwk, "kid": "rotated", "use": "sig", "alg": "RS256"}]}).encode()
+    token = mint(key=new_key, headers={"kid": "rotated"})
+    old_token = sample("demo.jwt")
+
+    async def scenario() -> None:
+        issuer = _JwksServer(Path(SAMPLES / "jwks.json").read_bytes())
+        server = await asyncio.start_server(issuer.handle, "127.106.0.1", 0)
+        cache = JwksCache(refresh=0.3)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            auth = JwtAuthenticator((JwtRule(ISSUER, jwks_uri=f"http://127.106.0.1:{port}/jwks.json"),), cache)
+            auth.start()
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in auth.pending())), 10)
+
+            def present(t: str) -> kjwt.Authenticated:
+                return auth.authenticate(((b"authorization", b"Bearer " + t.encode()),), b"/")
+
+            assert present(old_token).identity is not None
+            with pytest.raises(JwtFailure, match="kid"):
+                present(token)  # the issuer's new key is not known yet
+            issuer.body = rotated  # the issuer rotates its signing key
+            hits = issuer.hits
+            deadline = time.monotonic() + 20
+            while issuer.hits < hits + 1 or cache.to_json()[auth.rules[0].rule.jwks_uri]["keys"] != 1 \
+                    or not _accepts(present, token):
+                assert time.monotonic() < deadline, "the key set was not fetched again"
+                await asyncio.sleep(0.05)
+            assert present(token).identity is not None
+            with pytest.raises(JwtFailure, match="kid"):
+                present(old_token)  # the refreshed set replaces the old one, as Envoy's does
+        finally:
+            cache.close()
+            server.close()
+            await server.wait_closed()
+
+    loop.run_until_complete(scenario())
+
+
+def _accepts(present: Any, token: str) -> bool:
+    try:
+        present(token)
+    except JwtFailure:
+        return False
+    return True

@@ -27,3 +27,7 @@ class MeshConfigSpec(IstioModel):
     """Mesh-wide settings; unset fields keep Istio's defaults."""
 
     outbound_traffic_policy: OutboundTrafficPolicy = OutboundTrafficPolicy()
+    trust_domain: str = ""
+    """The mesh's trust domain (Istio's default ``cluster.local``). Like Istio's install-time MeshConfig it is
+    read when the mesh starts (``kizuna up``, from the manifests it is given) and names every identity the CA
+    signs; applying a different one later changes nothing until the next ``up``."""

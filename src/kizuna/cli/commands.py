@@ -13,6 +13,7 @@ from kizuna.runtime.settings import (
     ControlPlaneSettings,
     DownSettings,
     ProxySettings,
+    ScaleSettings,
     StateSettings,
     UpSettings,
 )
@@ -44,17 +45,28 @@ def down(args: argparse.Namespace) -> int:
     return 0
 
 
+def scale(args: argparse.Namespace) -> int:
+    """``kizuna scale DEPLOYMENT --replicas N``: prints what started or stopped."""
+    from kizuna.runtime.scale import scale as run_scale
+
+    settings = settings_from(ScaleSettings, args)
+    print(run_scale(_state(args), settings.deployment, settings.replicas, settings.namespace,
+                    grace=settings.stop_grace, ready_timeout=settings.ready_timeout))
+    return 0
+
+
 def _print_results(results: list[dict[str, Any]], suffix: str = "") -> None:
     for r in results:
         print(f"{r['kind'].lower()}/{r['name']} ({r['namespace']}) {r['action']}{suffix}")
 
 
 def apply(args: argparse.Namespace) -> int:
-    """``kizuna apply -f PATH``: validated locally first (same errors, no round trip), then applied
+    """``kizuna apply -f PATH [-n NS]``: validated locally first (same errors, no round trip), then applied
     atomically."""
+    from kizuna.cli.namespace import with_namespace
     from kizuna.runtime.manifests import load
 
-    documents, _ = load(args.filename, args.recursive)
+    documents = with_namespace(load(args.filename, args.recursive)[0], args.namespace)
     client = _client(args)
     _print_results(client.apply(documents, dry_run=args.dry_run), " (dry run)" if args.dry_run else "")
     if not args.dry_run:
@@ -70,12 +82,13 @@ def _refresh_names(args: argparse.Namespace, client: Any) -> None:
 
 
 def delete(args: argparse.Namespace) -> int:
-    """``kizuna delete -f PATH``."""
+    """``kizuna delete -f PATH [-n NS]``."""
     from kizuna.api import load_documents
+    from kizuna.cli.namespace import with_namespace
     from kizuna.runtime.manifests import manifest_paths
 
     # Deleting needs only kind and name: a manifest that no longer validates can still be deleted.
-    documents = load_documents(manifest_paths(args.filename, args.recursive))
+    documents = with_namespace(load_documents(manifest_paths(args.filename, args.recursive)), args.namespace)
     client = _client(args)
     _print_results(client.delete(documents))
     _refresh_names(args, client)
@@ -129,7 +142,7 @@ def status(args: argparse.Namespace) -> int:
     """``kizuna status``: the control plane's config version and every sidecar it knows; then each proxy's
     workload identity, certificate expiry and the security policies that select it (read from the proxies'
     own admin ``/config_dump``), and where the ingress gateway listens."""
-    from kizuna.runtime.display import gateway_urls, security_rows, table
+    from kizuna.runtime.display import deployment_rows, gateway_urls, security_rows, table
 
     state = _state(args)
     answer = _client(args).status()
@@ -145,6 +158,10 @@ def status(args: argparse.Namespace) -> int:
                      _yes(p.get("synced")), str(p.get("ackedVersion") or "-"), problem or "-"])
     sys.stdout.write(table(rows))
     runtime = state.read_runtime() or {}
+    counts = deployment_rows(runtime.get("instances", []), proxies)
+    if len(counts) > 1:  # as `kubectl get deployments`: READY is ready/replicas (`kizuna scale` changes them)
+        print("deployments:")
+        sys.stdout.write(table(counts))
     admins = _admin_addresses(runtime)
     ids = [str(p.get("id")) for p in proxies if p.get("connected")]
     from concurrent.futures import ThreadPoolExecutor
@@ -156,6 +173,12 @@ def status(args: argparse.Namespace) -> int:
     if dumps:
         print("workload security:")
         sys.stdout.write(table(security_rows(dumps)))
+    remote = [i for i, dump in dumps if dump is not None and _jwks_uris(dump)]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # only proxies with a jwksUri: their /stats says how it goes
+        stats = list(pool.map(lambda i: _config_dump(admins[i], "/stats"), remote))
+    for proxy_id, found_stats in zip(remote, stats, strict=True):
+        for line in jwks_failures(proxy_id, found_stats):
+            print(line)
     urls = gateway_urls(runtime.get("gateway"))
     if urls and any(str(p.get("id", "")).startswith("istio-ingressgateway") for p in proxies):
         print(f"ingress gateway  {urls}")
@@ -187,14 +210,30 @@ def _admin_addresses(runtime: dict[str, Any]) -> dict[str, str]:
     return found
 
 
-def _config_dump(admin: str) -> dict[str, Any] | None:
-    """A proxy's admin ``/config_dump``, or None when it does not answer."""
+def _jwks_uris(dump: dict[str, Any]) -> list[str]:
+    security = (dump.get("snapshot") or {}).get("security") or {}
+    return [str(r["jwksUri"]) for r in security.get("jwtRules", ()) if r.get("jwksUri") and not r.get("jwks")]
+
+
+def jwks_failures(proxy_id: str, stats: dict[str, Any] | None) -> list[str]:
+    """``kizuna status``'s lines for the key sets a proxy cannot fetch (its ``/stats`` ``jwks``): one per
+    failing ``jwksUri``, starting ``jwks failing`` (never with a proxy id: scripts key the first table by it)."""
+    lines = []
+    for uri, entry in sorted(((stats or {}).get("jwks") or {}).items()):
+        if entry.get("last_error"):
+            lines.append(f"jwks failing  {uri} for {proxy_id}: {entry['last_error']} "
+                         f"({entry.get('failures', 0)} failed fetches; tokens it signs get 401)")
+    return lines
+
+
+def _config_dump(admin: str, path: str = "/config_dump") -> dict[str, Any] | None:
+    """A proxy's admin ``/config_dump`` (or another JSON ``path``), or None when it does not answer."""
     import json
     import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"http://{admin}/config_dump", timeout=3) as response:
+        with urllib.request.urlopen(f"http://{admin}{path}", timeout=3) as response:
             return dict(json.load(response))
     except (OSError, urllib.error.URLError, ValueError):
         return None
@@ -274,7 +313,8 @@ def controlplane(args: argparse.Namespace) -> int:
     service_cidr = settings.service_cidr or (state.read_runtime() or {}).get("serviceCidr")
     return run(str(state.root), listen, service_cidr=service_cidr or None,
                workload_cert_ttl=settings.workload_cert_ttl,
-               cacerts=str(settings.cacerts) if settings.cacerts else None,
+               cacerts=str(settings.cacerts) if settings.cacerts else (state.read_runtime() or {}).get("cacerts"),
+               trust_domain=settings.trust_domain or (state.read_runtime() or {}).get("trustDomain") or "cluster.local",
                tls=settings.tls or bool((state.read_runtime() or {}).get("controlPlaneTls")),
                dashboard=settings.dashboard or (state.read_runtime() or {}).get("dashboard") or None)
 

@@ -31,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kizuna.controlplane.credentials import (
     CA_DIR,
     DEFAULT_TRUST_DOMAIN,
+    PLUGGED_FILES,
     credential_for,
     load_or_create_secret,
     spiffe_id,
@@ -39,7 +40,6 @@ from kizuna.controlplane.credentials import (
 DEFAULT_WORKLOAD_TTL: Final = 24 * 3600.0
 MAX_WORKLOAD_TTL: Final = 90 * 24 * 3600.0
 ROOT_TTL: Final = 3650 * 24 * 3600.0
-PLUGGED_FILES: Final = ("ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem")
 CLOCK_SKEW: Final = 60.0
 """Certificates start this many seconds in the past, so a peer's clock a little behind still accepts them."""
 

@@ -61,6 +61,8 @@ class ControlPlaneClient:
         self.timeout = timeout
         self.tls = tls
         """Verifies the control plane's certificate (None: plain HTTP, an in-process control plane)."""
+        self.trust_domain = "cluster.local"
+        """The mesh's trust domain: the control plane's certificate must be ``istiod``'s in it."""
 
     @classmethod
     def from_state_dir(cls, state_dir: str | Path, timeout: float = DEFAULT_TIMEOUT) -> ControlPlaneClient:
@@ -78,7 +80,9 @@ class ControlPlaneClient:
                 tls = client_context(str(Path(state_dir) / TRUST_BUNDLE))
             except (OSError, ssl.SSLError) as exc:
                 raise NoMeshError(state_dir, f"cannot read the mesh's trust bundle: {exc}") from exc
-        return cls(str(data["address"]), token, state_dir, timeout, tls)
+        client = cls(str(data["address"]), token, state_dir, timeout, tls)
+        client.trust_domain = str(data.get("trustDomain") or client.trust_domain)
+        return client
 
     def apply(self, documents: Iterable[Any], dry_run: bool = False) -> list[dict[str, Any]]:
         """Create or update resources atomically; returns ``[{"kind","namespace","name","action"}]``."""
@@ -126,7 +130,7 @@ class ControlPlaneClient:
                 connection.connect()
                 sock = connection.sock
                 assert isinstance(sock, ssl.SSLSocket)
-                problem = check_control_plane(sock.getpeercert())
+                problem = check_control_plane(sock.getpeercert(), self.trust_domain)
                 if problem:
                     raise ApiError(0, [f"control plane at {self.host}:{self.port}: {problem}"])
             connection.request(method, path, body=payload, headers=headers)

@@ -191,11 +191,15 @@ class MeshIndex:
     """``MeshConfig`` ``outboundTrafficPolicy.mode`` (None: no MeshConfig, Istio's default ALLOW_ANY)."""
     security: list[Resource] = field(default_factory=list)
     """PeerAuthentication, AuthorizationPolicy and RequestAuthentication resources (``compile_security``)."""
+    trust_domain: str = "cluster.local"
+    """The mesh's trust domain (the CA's): endpoint identities for secure naming, and what ``cluster.local``
+    in a policy's principals stands for."""
 
     @classmethod
-    def build(cls, resources: Sequence[Resource], instances: Sequence[Instance]) -> MeshIndex:
+    def build(cls, resources: Sequence[Resource], instances: Sequence[Instance],
+              trust_domain: str = "cluster.local") -> MeshIndex:
         """Index validated resources (other kinds are ignored) and the registry's instances."""
-        index = cls()
+        index = cls(trust_domain=trust_domain)
         for r in sorted(resources, key=lambda r: (r.kind, r.namespace, r.name)):
             spec = r.spec
             if isinstance(spec, ServiceSpec):

@@ -14,6 +14,7 @@ name, as Istio takes the oldest), ``UNSET`` inherits from the level above, the m
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from kizuna.api.security import (
     ROOT_NAMESPACE,
@@ -27,6 +28,7 @@ from kizuna.api.security import Rule as ApiRule
 from kizuna.api.security import Source as ApiSource
 from kizuna.api.validate import Resource
 from kizuna.controlplane.compile_index import MeshIndex, labels_match
+from kizuna.controlplane.credentials import DEFAULT_TRUST_DOMAIN
 from kizuna.proxyconfig.bootstrap import Node
 from kizuna.proxyconfig.security import (
     AuthorizationPolicy,
@@ -51,7 +53,7 @@ def compile_security(index: MeshIndex, node: Node, ports: Iterable[int] = ()) ->
     rules: list[JwtRule] = []
     for r in index.security:
         if isinstance(r.spec, AuthorizationPolicySpec) and _applies(r, r.spec.selector, r.spec, node):
-            policies.append(_policy(r, r.spec))
+            policies.append(_policy(r, r.spec, index.trust_domain))
         elif isinstance(r.spec, RequestAuthenticationSpec) and _applies(r, r.spec.selector, r.spec, node):
             rules.extend(_jwt_rules(r, r.spec))
     if peer is None and not policies and not rules:
@@ -67,6 +69,15 @@ def _applies(r: Resource, selector: WorkloadSelector | None,
     if r.namespace != ROOT_NAMESPACE and r.namespace != node.namespace:
         return False
     return selector is None or labels_match(selector.match_labels, node.labels)
+
+
+def mtls_disabled(index: MeshIndex, node: Node, port: int) -> bool:
+    """True when PeerAuthentication turns mTLS off for ``node`` on its container ``port``: clients then talk
+    plaintext to it, as Istio's auto mTLS does for such endpoints (a TLS client would reach the app as noise)."""
+    if not any(isinstance(r.spec, PeerAuthenticationSpec) for r in index.security):
+        return False
+    peer = _peer_authentication(index.security, node, {port})
+    return peer is not None and peer.mode_for(port) == "DISABLE"
 
 
 def _peer_authentication(resources: Sequence[Resource], node: Node, ports: set[int]) -> PeerAuthentication | None:
@@ -101,9 +112,10 @@ def _peer_authentication(resources: Sequence[Resource], node: Node, ports: set[i
     return PeerAuthentication(mode, tuple(port_modes), source)
 
 
-def _policy(r: Resource, spec: AuthorizationPolicySpec) -> AuthorizationPolicy:
+def _policy(r: Resource, spec: AuthorizationPolicySpec, trust_domain: str) -> AuthorizationPolicy:
     dry_run = r.metadata.annotations.get(DRY_RUN_ANNOTATION, "").lower() == "true"
-    return AuthorizationPolicy(f"{r.namespace}/{r.name}", spec.action, tuple(_rule(rule) for rule in spec.rules),
+    rules = tuple(_local(_rule(rule), trust_domain) for rule in spec.rules)
+    return AuthorizationPolicy(f"{r.namespace}/{r.name}", spec.action, rules,
                                spec.provider.name if spec.provider is not None else "", dry_run)
 
 
@@ -113,6 +125,23 @@ def _rule(rule: ApiRule) -> Rule:
                                  tuple(op.methods), tuple(op.not_methods), tuple(op.paths), tuple(op.not_paths))
                        for op in (t.operation for t in rule.to) if op is not None)
     return Rule(sources, operations, tuple(_condition(c) for c in rule.when))
+
+
+def _local(rule: Rule, trust_domain: str) -> Rule:
+    """Istio's rule for principals naming ``cluster.local``: it stands for the mesh's own trust domain (so
+    Istio's samples work unchanged in a mesh with another one); principals in other domains stay as written."""
+    if trust_domain == DEFAULT_TRUST_DOMAIN:
+        return rule
+
+    def local(values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(trust_domain + v[len(DEFAULT_TRUST_DOMAIN):] if v.startswith(DEFAULT_TRUST_DOMAIN + "/")
+                     else v for v in values)
+
+    sources = tuple(replace(s, principals=local(s.principals), not_principals=local(s.not_principals))
+                    for s in rule.sources)
+    conditions = tuple(replace(c, values=local(c.values), not_values=local(c.not_values))
+                       if c.key == "source.principal" else c for c in rule.conditions)
+    return replace(rule, sources=sources, conditions=conditions)
 
 
 def _account_principal(account: str) -> str:

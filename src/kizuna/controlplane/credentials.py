@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -19,10 +20,22 @@ from typing import Final
 DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
 CA_DIR: Final = "ca"
 SECRET_FILE: Final = "bootstrap-secret"
+PLUGGED_FILES: Final = ("ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem")
+"""Istio's ``cacerts`` layout: a plugged-in CA's certificate and key, the root, the chain up to it."""
+_TRUST_DOMAIN: Final = re.compile(r"[a-z0-9._-]+")
 
 
 class CredentialError(Exception):
     """The shared secret cannot be read."""
+
+
+def check_trust_domain(trust_domain: str) -> str:
+    """``trust_domain`` if SPIFFE allows it as a trust domain name (lowercase letters, digits, ``.``, ``-``,
+    ``_``); raises ValueError naming the problem otherwise."""
+    if not trust_domain or not _TRUST_DOMAIN.fullmatch(trust_domain):
+        raise ValueError(f"trust domain {trust_domain!r}: must be lowercase letters, digits, '.', '-' or '_' "
+                         "(a SPIFFE trust domain name, e.g. example.org)")
+    return trust_domain
 
 
 def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:

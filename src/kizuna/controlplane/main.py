@@ -8,6 +8,7 @@ accepts, so a client that finds the file can connect. A clean exit removes the f
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -19,9 +20,9 @@ import uvloop
 
 from kizuna.controlplane.api_tls import server_context
 from kizuna.controlplane.ca import DEFAULT_WORKLOAD_TTL, CaError, CertificateAuthority
-from kizuna.controlplane.credentials import CredentialError
+from kizuna.controlplane.credentials import DEFAULT_TRUST_DOMAIN, CredentialError, check_trust_domain
 from kizuna.controlplane.files import ADDRESS_FILE, atomic_write_json, read_address_file
-from kizuna.controlplane.push import PushQueue
+from kizuna.controlplane.push import PushQueue, mesh_generator
 from kizuna.controlplane.registry import Registry
 from kizuna.controlplane.server import ControlPlaneServer
 from kizuna.controlplane.store import STORE_DIR, FileStore, StoreError
@@ -60,14 +61,16 @@ def _remove_address_file(state_dir: Path) -> None:
 
 async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asyncio.Event | None = None,
                 service_cidr: str | None = None, workload_cert_ttl: float | None = None,
-                cacerts: str | Path | None = None, tls: bool = False, dashboard: str | None = None) -> int:
+                cacerts: str | Path | None = None, tls: bool = False, dashboard: str | None = None,
+                trust_domain: str = DEFAULT_TRUST_DOMAIN) -> int:
     """Run the control plane until ``stop`` is set (or SIGTERM/SIGINT); returns the exit status.
 
     With ``service_cidr``, Services get a clusterIP (VIP) from that range (transparent mode). The certificate
     authority signs workload certificates for ``workload_cert_ttl`` seconds (default 24 h), with the root
     plugged in from ``cacerts`` (Istio's layout) or the state dir's own self-signed one. With ``tls`` the API and
     discovery are served over TLS (``kizuna controlplane`` does; in-process tests may not). With ``dashboard``
-    (``host:port``) the dashboard is served there too, in plain HTTP; a busy port only logs a warning."""
+    (``host:port``) the dashboard is served there too, in plain HTTP; a busy port only logs a warning.
+    ``trust_domain`` names every identity the CA signs and the ones compiled for secure naming and policies."""
     state = Path(state_dir)
     host, port = parse_listen(listen)
     vips = VipAllocator(service_cidr) if service_cidr else None
@@ -85,9 +88,11 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
         return 1
     registry = Registry(path=state / STORE_DIR / REGISTRY_FILE)
     restored = registry.restore()
-    pusher = PushQueue(store, registry)
+    pusher = PushQueue(store, registry, functools.partial(mesh_generator, trust_domain=trust_domain))
     try:
-        ca = CertificateAuthority.load_or_create(state, workload_ttl=workload_cert_ttl or DEFAULT_WORKLOAD_TTL,
+        check_trust_domain(trust_domain)
+        ca = CertificateAuthority.load_or_create(state, trust_domain,
+                                                 workload_ttl=workload_cert_ttl or DEFAULT_WORKLOAD_TTL,
                                                  plugged=cacerts)
     except (CaError, CredentialError, OSError, ValueError) as exc:
         log.error("certificate authority: %s", exc)
@@ -111,7 +116,8 @@ async def serve(state_dir: str | Path, listen: str = "127.0.0.1:0", stop: asynci
     try:
         # Readers poll for this file: they must never see it half written.
         atomic_write_json(state / ADDRESS_FILE, {"address": address, "pid": os.getpid(), "tls": tls,
-                                                 "dashboard": board_url, "otlp": otlp_url}, durable=False)
+                                                 "dashboard": board_url, "otlp": otlp_url,
+                                                 "trustDomain": trust_domain}, durable=False)
         log.info("control plane listening on %s (state %s, %d resources, generation %d, %d instances to "
                  "reconnect)", address, state, len(store.list()), store.generation, restored)
         stopped = asyncio.create_task(stop.wait())
@@ -168,7 +174,7 @@ async def _start_dashboard(listen: str, server: ControlPlaneServer, state: Path)
 
 def run(state_dir: str, listen: str = "127.0.0.1:0", service_cidr: str | None = None,
         workload_cert_ttl: float | None = None, cacerts: str | None = None, tls: bool = False,
-        dashboard: str | None = None) -> int:
+        dashboard: str | None = None, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> int:
     """Entry point for ``kizuna controlplane``: blocks until SIGTERM/SIGINT, returns the exit status.
 
     ``service_cidr`` (``--service-cidr``) turns on clusterIP allocation for Services."""
@@ -185,4 +191,4 @@ def run(state_dir: str, listen: str = "127.0.0.1:0", service_cidr: str | None = 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve(state_dir, listen, service_cidr=service_cidr,
                                 workload_cert_ttl=workload_cert_ttl, cacerts=cacerts, tls=tls,
-                                dashboard=dashboard))
+                                dashboard=dashboard, trust_domain=trust_domain))

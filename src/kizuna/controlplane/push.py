@@ -45,9 +45,10 @@ Prepare = Callable[[Sequence[Any], Sequence[Any]], Generate]
 Digest = Callable[[Snapshot], str]
 
 
-def mesh_generator(resources: Sequence[Any], instances: Sequence[Any]) -> Generate:
+def mesh_generator(resources: Sequence[Any], instances: Sequence[Any], trust_domain: str = "cluster.local"
+                   ) -> Generate:
     """The real compiler: index the mesh once, then compile each proxy from the index."""
-    return functools.partial(compile_for, MeshIndex.build(resources, instances))
+    return functools.partial(compile_for, MeshIndex.build(resources, instances, trust_domain))
 
 
 class Sink(Protocol):

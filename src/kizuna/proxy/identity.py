@@ -131,9 +131,10 @@ class WorkloadIdentity:
                 "renewals": self.renewals, "failures": self.failures, "lastError": self.last_error}
 
     @classmethod
-    def from_files(cls, directory: str, namespace: str, service_account: str) -> WorkloadIdentity:
+    def from_files(cls, directory: str, namespace: str, service_account: str,
+                   trust_domain: str = "cluster.local") -> WorkloadIdentity:
         """A file-mounted certificate (Istio's ``cert-chain.pem``, ``key.pem``, ``root-cert.pem``), not renewed."""
-        identity = cls(lambda: "", lambda: "", namespace, service_account, "")
+        identity = cls(lambda: "", lambda: "", namespace, service_account, "", trust_domain=trust_domain)
         folder = Path(directory)
         identity.key = (folder / "key.pem").read_text()
         try:  # the leaf's expiry, for status; ssl has no public parser for it
@@ -157,9 +158,9 @@ class WorkloadIdentity:
         """Secure naming: why the server's certificate is not ``identity``'s, or "" when it is."""
         peer = peer_identity(cert)
         if peer is None:
-            return f"secure naming: the peer presented no SPIFFE identity (wanted {identity})"
+            return f"secure naming: expected spiffe://{identity}, the peer presented no SPIFFE identity"
         if peer.principal != identity:
-            return f"secure naming: the peer is {peer.principal}, the endpoint should be {identity}"
+            return f"secure naming: expected spiffe://{identity}, the peer presented spiffe://{peer.principal}"
         return ""
 
     # -- obtaining a certificate -------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from kizuna.proxy.h2_routing import Routed
 from kizuna.proxy.identity import WorkloadIdentity
 from kizuna.proxy.inbound_policy import InboundGuard
 from kizuna.proxy.listener import ConnectionInfo
-from kizuna.proxy.mtls import InboundMtls
+from kizuna.proxy.mtls import InboundMtls, late_refusal, log_refusal, strict_reason
 from kizuna.proxy.outbound import StateSource
 from kizuna.proxy.state import INBOUND_CONNECT_TIMEOUT
 from kizuna.proxy.stats import Stats
@@ -66,6 +66,10 @@ class InboundDispatcher:
             return NO_ROUTE
         security = state.snapshot.security
         if security is not None:
+            peer_auth = security.peer_authentication
+            if peer_auth is not None and peer_auth.mode_for(self.port) == "STRICT" \
+                    and self._plaintext(down.transport):
+                return late_refusal(self.port, peer_auth.source)
             checked = self.guard.check_request(security, head, down.transport, self.port)
             if type(checked) is SyntheticResponse:
                 return checked
@@ -77,6 +81,13 @@ class InboundDispatcher:
         return Exchange(down, head, target.destination, head.target, head.host, self.stats, self.loop,
                         HTTP if head.upgrade is None else UPGRADE)
 
+
+    def _plaintext(self, transport: asyncio.BaseTransport) -> bool:
+        """A connection without a peer identity on a sidecar that has a certificate (one that has none yet
+        serves everything as plaintext)."""
+        own = getattr(self.source, "identity", None)
+        return own is not None and own.server_context is not None \
+            and transport.get_extra_info("peer_identity") is None
 
     def _client_cert(self, head: RequestHead, transport: asyncio.BaseTransport) -> RequestHead:
         """Envoy's ``x-forwarded-client-cert`` (SANITIZE_SET): on an mTLS connection the app learns the
@@ -181,11 +192,16 @@ class InboundHandler:
             peer_auth = security.peer_authentication if security is not None else None
             mode = peer_auth.mode_for(info.port) if peer_auth is not None else "PERMISSIVE"
             if mode != "DISABLE":
-                reason = (f"mutual TLS required on port {info.port} (PeerAuthentication "
-                          f"{peer_auth.source if peer_auth is not None else ''} STRICT); plaintext refused")
+                reason = strict_reason(info.port, peer_auth.source if peer_auth is not None else "")
                 return InboundMtls(lambda: cast(asyncio.Protocol, self._guarded(info)), context,
-                                   "STRICT" if mode == "STRICT" else "PERMISSIVE", reason, self.stats.count)
+                                   "STRICT" if mode == "STRICT" else "PERMISSIVE", reason, self.stats.count,
+                                   identity.trust_domain if identity is not None else "",
+                                   refused=self._refused)
         return self._guarded(info)
+
+    def _refused(self, first: bytes, http: bool, reason: str) -> None:
+        """A plaintext connection refused under STRICT: counted (flag NR) and in the access log, with why."""
+        log_refusal(self.stats, first, http, reason)
 
     def _guarded(self, info: ConnectionInfo) -> asyncio.BaseProtocol:
         security = self.source.state.snapshot.security

@@ -8,6 +8,7 @@ pydantic, no YAML, no control plane.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import signal
 import sys
@@ -22,6 +23,10 @@ def run(bootstrap_path: str) -> int:
     """Run a sidecar from its bootstrap file; returns the process exit code."""
     try:
         bootstrap = Bootstrap.load(bootstrap_path)
+        if bootstrap.credential_file and not bootstrap.credential:
+            # The credential lives apart from the bootstrap, private to this workload (see Bootstrap).
+            with open(bootstrap.credential_file) as source:
+                bootstrap = dataclasses.replace(bootstrap, credential=source.read().strip())
     except (OSError, ValueError, KeyError) as exc:
         print(f"kizuna proxy: cannot read bootstrap {bootstrap_path}: {exc}", file=sys.stderr)
         return 2

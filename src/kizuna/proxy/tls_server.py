@@ -91,10 +91,13 @@ class TlsTransport(asyncio.Transport):
 class TlsServer(asyncio.Protocol):
     """Terminates TLS on a transport, then serves the plaintext with ``make_app()``'s protocol.
 
-    ``initial``: bytes of the ClientHello already read from the connection."""
+    ``initial``: bytes of the ClientHello already read from the connection. ``trust_domain``: a peer
+    certificate must carry a SPIFFE identity in it (mesh mTLS, as Istio's inbound SAN prefix match), else the
+    connection is closed after the handshake."""
 
     def __init__(self, context: ssl.SSLContext, make_app: Callable[[], asyncio.Protocol], initial: bytes = b"",
-                 on_failure: Callable[[str], None] | None = None) -> None:
+                 on_failure: Callable[[str], None] | None = None, trust_domain: str = "") -> None:
+        self.trust_domain = trust_domain
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
@@ -140,6 +143,10 @@ class TlsServer(asyncio.Protocol):
         self.peercert = self.sslobj.getpeercert()
         self.peer = peer_identity(self.peercert)
         self._flush()
+        if self.trust_domain and (self.peer is None or self.peer.trust_domain != self.trust_domain):
+            who = f"spiffe://{self.peer.principal}" if self.peer is not None else "no SPIFFE identity"
+            self._fail(f"peer {who} is not in the trust domain {self.trust_domain}")
+            return
         self.app = self.make_app()
         self.app.connection_made(self.shim)
 

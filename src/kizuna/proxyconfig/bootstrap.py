@@ -139,6 +139,11 @@ class Bootstrap:
     """The workload's bootstrap credential: what lets it obtain a certificate for its own service account's
     SPIFFE identity from the control plane's CA (and no other). Empty: no workload certificate, no mTLS."""
     trust_domain: str = "cluster.local"
+    """The mesh's trust domain: the workload's SPIFFE identity, the control plane's (``istiod``) and the
+    peers inbound mTLS accepts are in it."""
+    credential_file: str | None = None
+    """A file holding ``credential`` (read by the sidecar at start), so that the bootstrap itself can be
+    shown to anyone: ``kizuna up`` writes each workload's credential 0600 in a place of its own."""
     cert_dir: str | None = None
     """File-mounted workload certificate instead of one from the CA (Istio's ``/etc/certs`` layout:
     ``cert-chain.pem``, ``key.pem``, ``root-cert.pem``), read at start and not renewed: benchmarks, tests and
@@ -175,6 +180,10 @@ class Bootstrap:
                        gatewayPorts={str(k): v for k, v in self.gateway_ports})
         if self.credential:
             out.update(credential=self.credential, trustDomain=self.trust_domain)
+        if self.trust_domain != "cluster.local":
+            out["trustDomain"] = self.trust_domain
+        if self.credential_file:
+            out["credentialFile"] = self.credential_file
         if self.cert_dir:
             out["certDir"] = self.cert_dir
         if not self.telemetry:
@@ -209,7 +218,7 @@ class Bootstrap:
                    str(data.get("gatewayAddress", "127.0.0.1")),
                    tuple(sorted((int(k), int(v)) for k, v in dict(data.get("gatewayPorts", {})).items())),
                    str(data.get("credential", "")), str(data.get("trustDomain", "cluster.local")),
-                   data.get("certDir"), bool(data.get("telemetry", True)),
+                   data.get("credentialFile"), data.get("certDir"), bool(data.get("telemetry", True)),
                    int(data.get("prometheusPort", PROMETHEUS_PORT)), data.get("accessLog"),
                    data.get("controlPlaneCa"), data.get("traceEndpoint"), float(data.get("traceSampling", 1.0)),
                    int(data.get("statusPort", STATUS_PORT)),

@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from kizuna.controlplane.credentials import DEFAULT_TRUST_DOMAIN, credential_for, load_or_create_secret, spiffe_id
 from kizuna.proxyconfig.bootstrap import Bootstrap, Node
+from kizuna.runtime import identities
 from kizuna.runtime.errors import UserError
 from kizuna.runtime.processes import ProcessRecord, Supervisor
 from kizuna.runtime.settings import UpSettings
@@ -57,11 +57,13 @@ def node(admin_address: str) -> Node:
 
 def bootstrap(settings: UpSettings, state: StateDir, admin_address: str, listen: str) -> Bootstrap:
     """The gateway proxy's bootstrap: its node, control plane, access log, and where its listeners bind."""
-    identity = spiffe_id(DEFAULT_TRUST_DOMAIN, NAMESPACE, NAME)
     gateway = node(admin_address)
+    # The credential goes to a file of the gateway's own; the bootstrap only names it (runtime.identities).
+    secret = identities.write_credential(identities.credential_path(state, gateway.id),
+                                         identities.credential(state, NAMESPACE, NAME))
     return Bootstrap(node=gateway, control_plane=listen, token_file=str(state.token),
                      access_log=str(state.logs / f"{gateway.id}.access.log"),
-                     credential=credential_for(load_or_create_secret(state.root), identity),
+                     credential_file=str(secret), trust_domain=identities.trust_domain(state),
                      control_plane_ca=str(bundle) if (bundle := state.control_plane_ca()) else None,
                      trace_endpoint=state.tracing()[0], trace_sampling=state.tracing()[1],
                      gateway_address=settings.gateway_address,

@@ -24,13 +24,14 @@ address."""
 
 
 def setting(default: Any = MISSING, *, flag: str | None = None, positional: bool = False,
-            nargs: str | None = None, metavar: str | None = None) -> Any:
+            nargs: str | None = None, metavar: str | None = None, short: str | None = None) -> Any:
     """Declare one setting: its default and how the CLI spells it. Document it with a docstring right below
     the field: that text is the option's ``--help``.
 
-    ``flag`` defaults to ``--<field-name-with-dashes>``; ``positional`` makes it an argument instead.
+    ``flag`` defaults to ``--<field-name-with-dashes>``; ``short`` adds a one-letter alias (``-n``);
+    ``positional`` makes it an argument instead.
     """
-    meta = {"flag": flag, "positional": positional, "nargs": nargs, "metavar": metavar}
+    meta = {"flag": flag, "positional": positional, "nargs": nargs, "metavar": metavar, "short": short}
     if isinstance(default, list):
         frozen = tuple(default)
         return field(default_factory=lambda: frozen, metadata=meta)
@@ -84,6 +85,12 @@ class UpSettings:
     workload_cert_ttl: float | None = setting(None, metavar="SECONDS")
     """lifetime of the workload certificates the mesh's CA signs for mTLS (default 86400, Istio's 24 h;
     sidecars renew at half of it)"""
+    trust_domain: str | None = setting(None, metavar="DOMAIN")
+    """the mesh's trust domain: workload identities are spiffe://DOMAIN/ns/NS/sa/SA (default: a MeshConfig's
+    trustDomain among the manifests, else cluster.local); `cluster.local` in a policy's principals means it"""
+    cacerts: Path | None = setting(None, metavar="DIR")
+    """plug in the CA from a directory in Istio's cacerts layout (the CA certificate and key, the root
+    certificate, the chain) instead of the mesh's own self-signed root: workload certificates chain to that root"""
     trace_sampling: float = setting(1.0, metavar="PERCENT")
     """percent of requests traced, as Istio's default (a caller's own sampling decision is followed); spans go
     to the control plane's trace store (`kizuna traces`)"""
@@ -108,6 +115,24 @@ class DownSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ScaleSettings:
+    """``kizuna scale DEPLOYMENT --replicas N``: run more or fewer instances of a Deployment in a running mesh."""
+
+    deployment: str = setting(positional=True, metavar="DEPLOYMENT")
+    """the Deployment to scale"""
+    replicas: int = setting(metavar="N")
+    """how many instances it should run: new ones start with a sidecar as `kizuna up` starts them; removed
+    ones drain first (their endpoint is withdrawn, requests in flight finish)"""
+    namespace: str = setting("default", short="-n", metavar="NS")
+    """the Deployment's namespace"""
+    ready_timeout: float = setting(60.0, metavar="SECONDS")
+    """how long to wait for new instances to become ready"""
+    stop_grace: float = setting(10.0, metavar="SECONDS")
+    """how long a removed instance's sidecar (then its app) gets after SIGTERM before SIGKILL; the sidecar
+    needs about 1 s to withdraw its endpoint plus the time its requests in flight take"""
+
+
+@dataclass(frozen=True, slots=True)
 class ControlPlaneSettings:
     """``kizuna controlplane``: the control plane process (``kizuna up`` starts it; run it to restart one)."""
 
@@ -125,6 +150,9 @@ class ControlPlaneSettings:
     cacerts: Path | None = setting(None, metavar="DIR")
     """plug in the CA from a directory in Istio's cacerts layout (the CA certificate and key, the root
     certificate, the chain) instead of the mesh's own self-signed root"""
+    trust_domain: str | None = setting(None, metavar="DOMAIN")
+    """the trust domain of the identities the CA signs (default: the one `kizuna up` started the mesh with,
+    else cluster.local)"""
     dashboard: str | None = setting(None, metavar="HOST:PORT")
     """also serve the dashboard on this address (plain HTTP, read-only; default: where `kizuna up` asked for
     it, else not at all)"""

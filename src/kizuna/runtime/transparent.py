@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kizuna.proxyconfig.bootstrap import Bootstrap
-from kizuna.runtime import capture, kubeproxy, names, netns, prometheus
+from kizuna.runtime import capture, identities, kubeproxy, names, netns, prometheus
 from kizuna.runtime.addresses import PodRange
 from kizuna.runtime.errors import UserError
 from kizuna.runtime.processes import ProcessRecord, Supervisor, stop
@@ -140,18 +140,24 @@ def write_bootstrap(state: StateDir, network: Network, instance: Instance, liste
         ca_copy = run_dir / "trust-bundle.pem"
         ca_copy.write_bytes(bundle.read_bytes())
         ca_copy.chmod(0o644)
+    secret = None
+    if sidecar:  # the credential in a file of its own, readable by the sidecar's UID only
+        secret = identities.write_credential(run_dir / f"{instance.id}.credential",
+                                             identities.credential(state, instance.namespace,
+                                                                   instance.service_account),
+                                             (capture.PROXY_UID, capture.PROXY_GID))
     bootstrap = Bootstrap(node=instance.node(), control_plane=listen, token_file=str(token),
                           readiness=instance.readiness, capture="iptables" if sidecar else "none",
-                          credential=instance.credential(state.root) if sidecar else "",
+                          credential_file=str(secret) if secret is not None else None,
+                          trust_domain=identities.trust_domain(state),
                           access_log=str(access_log) if access_log else None,
                           control_plane_ca=str(ca_copy) if ca_copy is not None else None,
                           trace_endpoint=state.tracing()[0], trace_sampling=state.tracing()[1],
                           app_metrics=prometheus.app_metrics_of(instance))
     path = run_dir / f"{instance.id}.json"
-    # Private to the sidecar's UID: the credential in it is this workload's alone.
     netns.write_private(path, (json.dumps(bootstrap.to_json(), indent=2) + "\n").encode(), capture.PROXY_UID,
                         capture.PROXY_GID)
-    bootstrap.dump(state.bootstrap(instance.id))  # the usual place, for people looking
+    bootstrap.dump(state.bootstrap(instance.id))  # the usual place, for people looking (no credential in it)
     return path
 
 

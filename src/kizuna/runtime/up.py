@@ -28,13 +28,13 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from kizuna.proxyconfig.bootstrap import Bootstrap
-from kizuna.runtime import display, gateway, prometheus, transparent
+from kizuna.runtime import display, gateway, identities, prometheus, transparent
 from kizuna.runtime.addresses import PodRange, choose_pod_range, listeners_in, parse_pod_cidr
 from kizuna.runtime.down import running_processes
 from kizuna.runtime.errors import UserError
 from kizuna.runtime.manifests import load
 from kizuna.runtime.modes import resolve_mode
-from kizuna.runtime.processes import Supervisor, proc_stat
+from kizuna.runtime.processes import Supervisor, is_running, proc_stat
 from kizuna.runtime.settings import CONTROL_PLANE_PORT, DASHBOARD_OFF, UpSettings
 from kizuna.runtime.state import StateDir
 from kizuna.runtime.workloads import PROXY_ENV_NAMES, Instance, deployments_of, plan_instances, process_env
@@ -66,6 +66,8 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
         prometheus.app_metrics_of(instance)  # a bad prometheus.io/port is refused before anything starts
     with_gateway = gateway.wanted(settings, resources)
     collector = trace_collector(settings.trace_collector)
+    trust_domain = identities.choose_trust_domain(settings.trust_domain, resources)
+    cacerts = identities.check_cacerts(settings.cacerts)
 
     state.create()
     _clear_previous_session(state)
@@ -74,6 +76,7 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
         "version": 1, "up": {"pid": os.getpid(), "startTime": _own_start_time()}, "mode": mode,
         "podCidr": str(pod_range), "serviceCidr": str(network.services) if network else None,
         "controlPlane": listen, "controlPlaneTls": True, "traceSampling": settings.trace_sampling,
+        "trustDomain": trust_domain, "cacerts": cacerts,
         "traceCollector": collector,
         "instances": [i.to_json() for i in instances],
         "processes": [],
@@ -90,7 +93,8 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
                 transparent.create_host(supervisor, network)
             client = _start_controlplane(supervisor, state, listen, err,
                                          str(network.services) if network else None, settings.workload_cert_ttl,
-                                         settings.dashboard)
+                                         settings.dashboard, ["--trust-domain", trust_domain,
+                                                              *(["--cacerts", cacerts] if cacerts else [])])
             client.apply(documents)
             if with_gateway:
                 gateway.start(supervisor, state, settings, pod_range.control_plane_address, listen,
@@ -103,10 +107,10 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
                 supervisor.update(prometheus=settings.prometheus)
             if network is None:
                 for instance in instances:
-                    _start_instance(supervisor, state, instance, listen)
+                    start_instance(supervisor, state, instance, listen)
             else:
-                _start_transparent(supervisor, state, network, client, instances, listen, settings)
-            _wait_ready(supervisor, client, instances, settings.ready_timeout, state, err)
+                start_transparent(supervisor, state, network, client, instances, listen, settings.ready_timeout)
+            wait_ready(supervisor, client, instances, settings.ready_timeout, state, err)
             if with_gateway:
                 gateway.wait_ready(client, supervisor, state, settings.ready_timeout, _fail_if_exited)
             if network is not None:
@@ -121,6 +125,9 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
         if with_gateway:
             out.write(f"ingress gateway  {gateway.urls(settings)}\n")
         out.write(f"prometheus       {scraper_note}\n")
+        if cacerts or trust_domain != identities.DEFAULT_TRUST_DOMAIN:
+            signer = f"the plugged-in CA from {cacerts}" if cacerts else "the mesh's own root"
+            out.write(f"identities       spiffe://{trust_domain}/ns/NAMESPACE/sa/ACCOUNT, signed by {signer}\n")
         board = (state.read_controlplane() or {}).get("dashboard")
         if settings.dashboard != DASHBOARD_OFF:
             shown = board or f"not served: {settings.dashboard} is taken (see the control plane's log)"
@@ -156,6 +163,7 @@ def _clear_previous_session(state: StateDir) -> None:
     state.controlplane_json.unlink(missing_ok=True)
     for old in state.proxies.glob("*.json"):
         old.unlink()
+    identities.clear(state)
 
 
 def _own_start_time() -> int:
@@ -178,11 +186,11 @@ def _kizuna(*args: str) -> list[str]:
 
 def _start_controlplane(supervisor: Supervisor, state: StateDir, listen: str, err: TextIO,
                         service_cidr: str | None = None, workload_cert_ttl: float | None = None,
-                        dashboard: str = DASHBOARD_OFF) -> Any:
+                        dashboard: str = DASHBOARD_OFF, identity_args: Sequence[str] = ()) -> Any:
     from kizuna.controlplane.client import ControlPlaneClient
 
     err.write(f"starting the control plane on {listen}\n")
-    extra = ["--tls", *(["--service-cidr", service_cidr] if service_cidr else [])]
+    extra = ["--tls", *identity_args, *(["--service-cidr", service_cidr] if service_cidr else [])]
     if workload_cert_ttl:
         extra += ["--workload-cert-ttl", f"{workload_cert_ttl:g}"]
     if dashboard != DASHBOARD_OFF:
@@ -227,9 +235,14 @@ def _tracing(state: StateDir) -> dict[str, Any]:
     return {"trace_endpoint": endpoint, "trace_sampling": sampling}
 
 
-def _start_instance(supervisor: Supervisor, state: StateDir, instance: Instance, listen: str) -> None:
+def start_instance(supervisor: Supervisor, state: StateDir, instance: Instance, listen: str) -> None:
+    """Proxy mode: write the instance's bootstrap, start its sidecar, then its app (``up`` and ``scale``)."""
+    # The credential goes to a file of the instance's own; the bootstrap only names it (runtime.identities).
+    secret = identities.write_credential(identities.credential_path(state, instance.id),
+                                         identities.credential(state, instance.namespace, instance.service_account))
     bootstrap = Bootstrap(node=instance.node(), control_plane=listen, token_file=str(state.token),
-                          readiness=instance.readiness, credential=instance.credential(state.root),
+                          readiness=instance.readiness, credential_file=str(secret),
+                          trust_domain=identities.trust_domain(state),
                           access_log=str(state.logs / f"{instance.id}.access.log"),
                           control_plane_ca=_optional(state.control_plane_ca()), **_tracing(state),
                           app_metrics=prometheus.app_metrics_of(instance))
@@ -241,11 +254,13 @@ def _start_instance(supervisor: Supervisor, state: StateDir, instance: Instance,
                      cwd=instance.working_dir)
 
 
-def _start_transparent(supervisor: Supervisor, state: StateDir, network: transparent.Network, client: Any,
-                       instances: Sequence[Instance], listen: str, settings: UpSettings) -> None:
-    """Namespaces and sidecars first; each app once its sidecar is connected and configured."""
+def start_transparent(supervisor: Supervisor, state: StateDir, network: transparent.Network, client: Any,
+                      instances: Sequence[Instance], listen: str, timeout: float,
+                      slots: Sequence[int] | None = None) -> None:
+    """Namespaces and sidecars first; each app once its sidecar is connected and configured. ``slots``: each
+    instance's namespace number (default: its position, as ``up`` numbers them; ``scale`` adds free ones)."""
     spaces = {}
-    for index, instance in enumerate(instances):
+    for index, instance in zip(range(len(instances)) if slots is None else slots, instances, strict=True):
         spaces[instance.id] = transparent.create_namespace(supervisor, network, index, instance)
     # Names (VIPs) and kube-proxy rules exist before any app starts, so its first lookups work.
     transparent.refresh(state, client)
@@ -255,8 +270,7 @@ def _start_transparent(supervisor: Supervisor, state: StateDir, network: transpa
         sidecars[instance.id] = supervisor.spawn(f"{instance.id}.proxy", "sidecar",
                                                  transparent.sidecar_argv(spaces[instance.id], path),
                                                  env=_mesh_env(), cwd="/")
-    transparent.wait_connected(client, supervisor, state, [i.id for i in instances], settings.ready_timeout,
-                               _fail_if_exited)
+    transparent.wait_connected(client, supervisor, state, [i.id for i in instances], timeout, _fail_if_exited)
     for instance in instances:
         supervisor.spawn(instance.id, "app",
                          transparent.app_argv(spaces[instance.id], instance.command, sidecars.get(instance.id)),
@@ -270,8 +284,10 @@ def _fail_if_exited(supervisor: Supervisor) -> None:
                           f"see {r.log}" for r, code in exited))
 
 
-def _wait_ready(supervisor: Supervisor, client: Any, instances: Sequence[Instance], timeout: float,
+def wait_ready(supervisor: Supervisor, client: Any, instances: Sequence[Instance], timeout: float,
                 state: StateDir, err: TextIO) -> None:
+    """Until every one of ``instances`` is ready and every sidecar runs the latest config (UserError after
+    ``timeout`` or when a process exits); progress on ``err``."""
     start = time.monotonic()
     deadline = start + timeout
     announced: set[str] = set()
@@ -323,6 +339,7 @@ def _stop(supervisor: Supervisor, state: StateDir, grace: float, err: TextIO) ->
     # A second Ctrl-C must not cut the stop short and leave processes behind.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    supervisor.reload()  # `kizuna scale` may have started or stopped instances since
     network = supervisor.record.get("network")
     if network is None:
         left = supervisor.stop(grace)
@@ -345,12 +362,15 @@ def _foreground(supervisor: Supervisor, state: StateDir, grace: float, err: Text
     reported: set[int] = set()
     try:
         while True:
+            supervisor.reload()  # only what runtime.json still lists: `kizuna scale` stops some on purpose
+            supervisor.reap()
             for record, code in supervisor.exited():
                 if record.pid not in reported:
                     reported.add(record.pid)
                     err.write(f"kizuna: {display.describe(record)} exited ({display.exit_status(code)}); "
                               f"see {record.log}\n")
-            if len(reported) == len(supervisor.processes()):
+            if all(r.pid in reported or not (supervisor.started_here(r) or is_running(r))
+                   for r in supervisor.processes()):
                 err.write("every process has exited; stopping\n")
                 break
             time.sleep(0.5)

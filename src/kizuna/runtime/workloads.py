@@ -22,7 +22,6 @@ from typing import Any
 from kizuna.api.workloads import Container, DeploymentSpec, EnvVar
 from kizuna.autotrace import OPT_OUT_ANNOTATION, SITE_DIR, autotrace_env
 from kizuna.controlplane.compile_clusters import TLS_MODE_LABEL
-from kizuna.controlplane.credentials import DEFAULT_TRUST_DOMAIN, credential_for, load_or_create_secret, spiffe_id
 from kizuna.proxyconfig.bootstrap import OUTBOUND_PORT, Node, ReadinessProbe
 from kizuna.runtime.addresses import PodRange
 from kizuna.runtime.capture import sidecar_injected
@@ -89,11 +88,6 @@ class Instance:
         return Node(id=self.id, workload=self.deployment, namespace=self.namespace,
                     service_account=self.service_account, labels=labels, pod_address=self.pod_address,
                     mesh_address=self.mesh_address, ports=self.ports)
-
-    def credential(self, state_dir: str | Path) -> str:
-        """The bootstrap credential for this instance's identity (its service account), for its sidecar only."""
-        secret = load_or_create_secret(state_dir)
-        return credential_for(secret, spiffe_id(DEFAULT_TRUST_DOMAIN, self.namespace, self.service_account))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "deployment": self.deployment, "namespace": self.namespace,
@@ -181,6 +175,17 @@ def plan_instances(deployments: Sequence[DeploymentSource], pod_range: PodRange,
     if problems:
         raise UserError(*problems)
     return instances
+
+
+def plan_instance(deployment: DeploymentSource, index: int, slot: int, pod_range: PodRange, *,
+                  transparent: bool = False) -> Instance:
+    """Instance ``<deployment>-<index>`` at address ``slot`` of ``pod_range``, planned as ``plan_instances``
+    plans each one: how ``kizuna scale`` adds a replica to a running mesh."""
+    if transparent:
+        pod = mesh = pod_range.transparent_address(slot)
+    else:
+        pod, mesh = pod_range.instance_addresses(slot)
+    return _instance(deployment, index, pod, mesh, pod_range, transparent)
 
 
 def _where(deployment: DeploymentSource) -> str:
