@@ -12,6 +12,7 @@ import json
 import socket
 import textwrap
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,8 @@ def start(kit: Any, state: Path, *paths: Path, transparent: bool = False) -> Gat
 
 
 def productpage_stand_in(root: Path) -> Path:
-    """A productpage Service and Deployment whose app serves files (until examples/bookinfo exists)."""
+    """A productpage Service and Deployment whose app is a file server: the gateway's path routing on its own
+    (examples/bookinfo's productpage goes through the gateway in test_bookinfo_mesh.py)."""
     site = root / "site"
     (site / "static").mkdir(parents=True)
     (site / "productpage").write_text("stand-in productpage\n")
@@ -251,5 +253,22 @@ def test_tcp_server_relays_to_its_subset(kit: Any, tmp_path: Path) -> None:
             with socket.create_connection((mesh.address, 31400), timeout=5) as conn:
                 conn.sendall(f"hello {i}\n".encode())
                 assert conn.makefile("rb").readline() == f"one hello {i}\n".encode()  # v1 only
+
+        # The task's next step, Istio's tcp-echo-20-v2.yaml unchanged: 80 % of connections to v1, 20 % to v2.
+        applied = mesh.kizuna("apply", "-f", ISTIO_SAMPLES / "samples/tcp-echo/tcp-echo-20-v2.yaml")
+        assert applied.returncode == 0, applied.stderr
+
+        def version(i: int) -> str:
+            with socket.create_connection((mesh.address, 31400), timeout=5) as conn:
+                conn.sendall(f"hello {i}\n".encode())
+                line = conn.makefile("rb").readline().decode()
+            assert line.endswith(f" hello {i}\n"), line
+            return line.split()[0]
+
+        kit.wait_until(lambda: version(-1) == "two", 20.0, "v2 to take a share", interval=0.01)
+        # 500 connections: the 80/20 split is random per connection, so ±7 points is 3.9 standard deviations.
+        replies = Counter(version(i) for i in range(500))
+        assert set(replies) == {"one", "two"}, replies
+        assert 13.0 <= 100.0 * replies["two"] / 500 <= 27.0, replies
     finally:
         kit.run_kizuna("down", "--state-dir", state, timeout=60)

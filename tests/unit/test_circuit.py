@@ -18,7 +18,8 @@ def test_istio_circuit_breaking_limits() -> None:
     start()
     assert started == ["r2"] and breaker.holders == {"r2"} and not breaker.pending
     assert breaker.leave("r2") is None
-    assert breaker.to_json() == {"rq_active": 0, "rq_pending": 0, "overflows": 1, "retry_overflows": 0}
+    assert breaker.to_json() == {"rq_active": 0, "rq_pending": 0, "overflows": 1, "retry_overflows": 0,
+                                 "cx_overflows": 0}
 
 
 def test_a_waiting_request_that_gives_up_leaves_the_queue() -> None:

@@ -98,7 +98,7 @@ def test_pool_fields_and_istio_defaults() -> None:
     cluster = clusters(compile_(resources(WEB.format(ns="default"), rule(policy))))[ALL]
     assert cluster.connection_pool == ConnectionPool(max_connections=10, max_pending_requests=UNLIMITED,
                                                      max_requests=7, max_retries=3, idle_timeout=2.0,
-                                                     max_connection_duration=60.0)
+                                                     max_connection_duration=60.0, tcp_idle_timeout=5.0)
     assert cluster.outlier_detection == OutlierDetection(consecutive_gateway=2)  # 5xx: Envoy's 5, 10 s, 30 s, 10 %
 
 

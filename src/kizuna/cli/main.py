@@ -20,6 +20,7 @@ from kizuna.runtime.settings import (
     ControlPlaneSettings,
     DownSettings,
     ProxySettings,
+    ScaleSettings,
     StateSettings,
     UpSettings,
 )
@@ -52,11 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("down", "stop every process of the mesh in the state directory (exit 0 also when none runs)")
     add_settings(p, DownSettings)
 
+    p = command("scale", "run more or fewer instances of a Deployment in the running mesh (removed ones drain)")
+    add_settings(p, ScaleSettings)
+
     p = command("apply", "create or update resources in the running mesh (all or nothing)")
     _files_options(p, "apply")
+    p.add_argument("-n", "--namespace", metavar="NS",
+                   help="namespace for documents that name none (a document naming another is an error)")
     p.add_argument("--dry-run", action="store_true", help="validate on the control plane, change nothing")
     p = command("delete", "delete resources from the running mesh")
     _files_options(p, "delete")
+    p.add_argument("-n", "--namespace", metavar="NS",
+                   help="namespace for documents that name none (a document naming another is an error)")
     p = command("get", "show resources stored in the running mesh")
     p.add_argument("kind", metavar="KIND", help="resource kind, e.g. vs, dr, svc, deployments")
     p.add_argument("name", metavar="NAME", nargs="?", help="only this resource")
@@ -108,7 +116,7 @@ def _handlers() -> dict[str, Command]:
             "get": commands.get, "validate": commands.validate, "status": commands.status,
             "exec": commands.exec_, "explain": commands.explain, "controlplane": commands.controlplane,
             "dashboard": commands.dashboard, "rotate-root": commands.rotate_root,
-            "traces": commands.traces,
+            "traces": commands.traces, "scale": commands.scale,
             "proxy": commands.proxy, "logs": _logs}
 
 

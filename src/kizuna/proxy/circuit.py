@@ -5,6 +5,10 @@ flight to the cluster (and ``http2MaxRequests`` too); a request beyond it waits 
 ``http1MaxPendingRequests``; beyond that it is refused at once with 503 UO. When a request ends, its slot goes
 to the oldest waiting one. ``maxRetries`` bounds the requests that are retrying at the same time. The limits
 are cluster-wide within each client sidecar.
+
+A relayed opaque TCP connection holds one upstream connection for its whole life: it takes a slot of
+``maxConnections`` (shared with the cluster's HTTP requests) or, with none free, is refused at once (Envoy's
+TCP proxy has no queue): the caller closes it and counts it as overflow (UO).
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ OVERFLOW: Final = -1
 class CircuitBreaker:
     """Counts of one cluster's requests in flight, waiting and retrying, against its limits."""
 
-    __slots__ = ("limit", "max_pending", "max_retries", "holders", "pending", "retrying", "overflows",
-                 "retry_overflows")
+    __slots__ = ("limit", "max_connections", "max_pending", "max_retries", "holders", "pending", "retrying",
+                 "overflows", "retry_overflows", "cx_overflows")
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.limit = min(pool.max_connections, pool.max_requests)
+        self.max_connections = pool.max_connections
         self.max_pending = pool.max_pending_requests
         self.max_retries = pool.max_retries
         self.holders: set[object] = set()
@@ -37,6 +42,8 @@ class CircuitBreaker:
         """Requests refused with 503 UO."""
         self.retry_overflows = 0
         """Retries not made because ``maxRetries`` were outstanding."""
+        self.cx_overflows = 0
+        """Opaque TCP connections refused because ``maxConnections`` were open."""
 
     def enter(self, request: object, start: Callable[[], None]) -> int:
         """``ADMITTED`` (go ahead now), ``QUEUED`` (``start`` is called when a slot frees) or ``OVERFLOW``."""
@@ -48,6 +55,14 @@ class CircuitBreaker:
             return QUEUED
         self.overflows += 1
         return OVERFLOW
+
+    def connect(self, connection: object) -> bool:
+        """Whether a new opaque TCP ``connection`` may open (it then holds a slot until it ``leave``s)."""
+        if len(self.holders) >= self.max_connections:
+            self.cx_overflows += 1
+            return False
+        self.holders.add(connection)
+        return True
 
     def leave(self, request: object) -> Callable[[], None] | None:
         """``request`` is over (or gave up waiting). Returns the ``start`` of the waiting request that now
@@ -79,4 +94,4 @@ class CircuitBreaker:
 
     def to_json(self) -> dict[str, Any]:
         return {"rq_active": len(self.holders), "rq_pending": len(self.pending), "overflows": self.overflows,
-                "retry_overflows": self.retry_overflows}
+                "retry_overflows": self.retry_overflows, "cx_overflows": self.cx_overflows}

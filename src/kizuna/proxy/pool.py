@@ -176,6 +176,12 @@ class PoolRegistry(Generic[C]):
         pool = self.pools.get(key)
         if pool is None or pool.draining:
             pool = self.pools[key] = EndpointPool(address, port, self.tls)
+        if pool.identity != identity:
+            # Idle connections were made for the old identity (mTLS, or plaintext): none may carry a request
+            # under the new one (a ServiceEntry's location changed, a PeerAuthentication now DISABLEs mTLS).
+            for conn in pool.idle[:]:
+                conn.close()
+            pool.idle.clear()
         pool.identity = identity
         return pool
 

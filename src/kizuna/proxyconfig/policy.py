@@ -32,7 +32,11 @@ class ConnectionPool:
     idle_timeout: float | None = None
     """http.idleTimeout / tcp.idleTimeout: an idle pooled connection closes after this (None: the pool's own)."""
     max_connection_duration: float | None = None
-    """tcp.maxConnectionDuration: a connection is not reused once this old."""
+    """tcp.maxConnectionDuration: a connection is not reused once this old (HTTP); a relayed opaque TCP
+    connection is closed at this age."""
+    tcp_idle_timeout: float | None = None
+    """tcp.idleTimeout alone: a relayed opaque TCP connection with no bytes either way for this long is closed
+    (None: Istio's 1 h default; 0: never)."""
 
     def is_default(self) -> bool:
         """True when nothing differs from the defaults (the proxy then does no per-request accounting)."""
@@ -47,14 +51,14 @@ class ConnectionPool:
         return {"maxConnections": self.max_connections, "maxPendingRequests": self.max_pending_requests,
                 "maxRequests": self.max_requests, "maxRequestsPerConnection": self.max_requests_per_connection,
                 "maxRetries": self.max_retries, "idleTimeout": self.idle_timeout,
-                "maxConnectionDuration": self.max_connection_duration}
+                "maxConnectionDuration": self.max_connection_duration, "tcpIdleTimeout": self.tcp_idle_timeout}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ConnectionPool:
         return cls(int(data.get("maxConnections", UNLIMITED)), int(data.get("maxPendingRequests", UNLIMITED)),
                    int(data.get("maxRequests", UNLIMITED)), int(data.get("maxRequestsPerConnection", 0)),
                    int(data.get("maxRetries", UNLIMITED)), _opt_float(data.get("idleTimeout")),
-                   _opt_float(data.get("maxConnectionDuration")))
+                   _opt_float(data.get("maxConnectionDuration")), _opt_float(data.get("tcpIdleTimeout")))
 
 
 DEFAULT_POOL = ConnectionPool()

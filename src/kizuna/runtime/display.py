@@ -163,6 +163,20 @@ def security_rows(dumps: Sequence[tuple[str, dict[str, Any] | None]], now: float
     return rows
 
 
+def deployment_rows(instances: Sequence[dict[str, Any]], proxies: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """``kizuna status``'s deployments table: per Deployment the mesh runs (``runtime.json``'s instances),
+    ``READY`` as ``kubectl get deployments`` shows it: instances whose sidecar is connected and reports its app
+    ready, over the instances running."""
+    ready = {p.get("id") for p in proxies if p.get("connected") and p.get("ready")}
+    counts: dict[tuple[str, str], list[int]] = {}
+    for data in instances:
+        count = counts.setdefault((str(data["deployment"]), str(data["namespace"])), [0, 0])
+        count[0] += f"{data['name']}.{data['namespace']}" in ready
+        count[1] += 1
+    return [["DEPLOYMENT", "NAMESPACE", "READY"],
+            *([name, ns, f"{n}/{total}"] for (name, ns), (n, total) in sorted(counts.items()))]
+
+
 def gateway_urls(gateway: dict[str, Any] | None) -> str | None:
     """Where the ingress gateway listens on the host (``runtime.json``'s ``gateway`` entry), or None."""
     if not gateway:

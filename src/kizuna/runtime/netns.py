@@ -165,6 +165,14 @@ def create_pod(names: Names, index: int, address: str, prefixlen: int, gateway: 
     run(*inside, "route", "add", "default", "via", gateway)
 
 
+def delete_pod(names: Names, index: int) -> None:
+    """Remove namespace ``index`` (``kizuna scale`` down): its veth pair goes with it, then its /etc/netns
+    files."""
+    run("ip", "netns", "delete", names.netns(index), check=False)
+    run("ip", "link", "delete", names.veth(index), check=False)  # gone already, unless the netns was not there
+    shutil.rmtree(ETC_NETNS / names.netns(index), ignore_errors=True)
+
+
 def existing(names: Names) -> dict[str, list[str]]:
     """This mesh's objects present on the host, found by name: netns, links, chains, /etc/netns dirs."""
     prefix = f"kz{names.mesh}"

@@ -200,6 +200,18 @@ class Supervisor:
         self._state.write_runtime(self._record)
         return record
 
+    def reload(self) -> None:
+        """Take the record from ``runtime.json`` again: another process (``kizuna scale``) may have added or
+        removed instances and processes since this one last wrote it."""
+        data = self._state.read_runtime()
+        if data is not None:
+            self._record = data
+            self._record.setdefault("processes", [])
+
+    def started_here(self, record: ProcessRecord) -> bool:
+        """Whether this process spawned ``record`` (and so can see its exit status)."""
+        return record.pid in self._children
+
     def processes(self) -> list[ProcessRecord]:
         """Every process started so far."""
         return [ProcessRecord.from_json(p) for p in self._record["processes"]]
