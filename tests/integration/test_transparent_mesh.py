@@ -326,6 +326,55 @@ def test_opaque_tcp_between_sidecars_is_mutual_tls_and_works_under_strict(mesh: 
     assert after >= before + 4
 
 
+def _redis_set(mesh: Mesh, key: str) -> bool:
+    """True when SET through the redis Service answered OK (a refused connection gives redis-cli an error)."""
+    return exec_(mesh, "redis-client", "redis-cli", "-h", "redis", "SET", key, "v").stdout.strip() == "OK"
+
+
+def _redis_policy(name: str, spec: str) -> str:
+    return (f"apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}}}\n"
+            f"spec:\n  selector: {{matchLabels: {{app: redis}}}}\n{spec}")
+
+
+@pytest.mark.skipif(not HAS_REDIS, reason="needs Debian's redis-server and redis-tools")
+def test_authorization_of_opaque_tcp_on_redis(mesh: Mesh, tmp_path: Path) -> None:
+    """Istio's authz-tcp semantics on redis: a TCP rule on the port allows; a rule naming only HTTP fields
+    (methods) never matches TCP, so an ALLOW policy of such rules refuses every connection; a DENY on the
+    caller's principal closes its connections."""
+    steps = [
+        ("allow-port", "  action: ALLOW\n  rules:\n  - to:\n    - operation: {ports: [\"6379\"]}\n", True),
+        ("allow-get", "  action: ALLOW\n  rules:\n  - to:\n    - operation: {methods: [GET]}\n", False),
+        ("deny-client", "  action: DENY\n  rules:\n  - from:\n    - source: {principals: "
+                        "[cluster.local/ns/default/sa/default]}\n", False),
+    ]
+    applied: list[Path] = []
+    try:
+        for i, (name, spec, allowed) in enumerate(steps):
+            for old in applied:
+                assert mesh.kizuna("delete", "-f", old).returncode == 0
+            applied.clear()
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(_redis_policy(name, spec))
+            result = mesh.kizuna("apply", "-f", path)
+            assert result.returncode == 0, result.stderr
+            applied.append(path)
+            deadline = time.monotonic() + 15
+            outcome = _redis_set(mesh, f"authz{i}")
+            while outcome != allowed and time.monotonic() < deadline:  # until the sidecars have the policy
+                time.sleep(0.3)
+                outcome = _redis_set(mesh, f"authz{i}")
+            assert outcome == allowed, name
+            if not allowed:
+                assert not any(_redis_set(mesh, f"authz{i}-{n}") for n in range(3)), name
+    finally:
+        for old in applied:
+            mesh.kizuna("delete", "-f", old)
+    deadline = time.monotonic() + 15
+    while not _redis_set(mesh, "authz-after") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert _redis_set(mesh, "authz-after")
+
+
 def test_capture_annotations_are_honoured(mesh: Mesh) -> None:
     pod = mesh.instance("httpbin-v1")["podAddress"]
     # Without the annotation, a direct call to a pod address goes through the caller's sidecar too...
