@@ -68,7 +68,9 @@ def test_status_shows_each_workload_whose_jwks_uri_fails(mesh_factory: Callable[
         finally:
             conn.close()
 
-    # Both httpbin instances fetch (on their first request) and fail; the Service balances over them.
+    # Both httpbin sidecars start fetching when the policy arrives, before any request, and fail.
+    kit.wait_until(lambda: len(failing_lines(mesh, uri)) == 2, 30, "both httpbin sidecars to report the failed fetch")
+    # A token then gets Envoy's answer; the Service balances over both.
     kit.wait_until(lambda: call() == (401, b"Jwks remote fetch is failed") and
                    call() == (401, b"Jwks remote fetch is failed") and
                    len(failing_lines(mesh, uri)) == 2, 30, "both httpbin sidecars to report the failed fetch")

@@ -202,6 +202,23 @@ class Sidecar:
             for listener in starting:
                 self._spawn(listener.start())
         self.pools.retain(state.endpoints())
+        self._fetch_key_sets(snapshot)
+
+    def _fetch_key_sets(self, snapshot: Snapshot) -> None:
+        """Start fetching a RequestAuthentication's remote key sets when it arrives, not at its first request:
+        the first tokens need not wait, and a failing ``jwksUri`` shows in ``/stats`` (and ``kizuna status``)
+        before any request."""
+        security = snapshot.security
+        if security is None or not any(r.jwks_uri and not r.jwks for r in security.jwt_rules):
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # applied before the loop runs (tests): the first request starts the fetch
+        for guard in (self._inbound_handler.guard if self._inbound_handler is not None else None,
+                      self.gateway.guard if self.gateway is not None else None):
+            if guard is not None:
+                guard.compiled(security)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
