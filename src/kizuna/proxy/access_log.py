@@ -25,6 +25,12 @@ HTTP_FIELDS: Final = ("start_time", "method", "path", "protocol", "response_code
 """The fields of an HTTP entry, in the order ``AccessLog.http`` takes them."""
 TCP_FIELDS: Final = ("start_time", "protocol", "response_flags", "bytes_received", "bytes_sent", "duration",
                      "upstream_host", "upstream_cluster", "downstream_peer", "reporter")
+HTTP_REFUSED_FIELDS: Final = (*HTTP_FIELDS, "response_code_details")
+"""An HTTP entry for a request the sidecar refused before routing it, with Envoy's ``%RESPONSE_CODE_DETAILS%``
+holding the readable reason (a plaintext request on a STRICT port)."""
+TCP_REFUSED_FIELDS: Final = (*TCP_FIELDS, "connection_termination_details")
+"""A TCP entry for a connection the sidecar closed at once, with the reason (Envoy's
+``%CONNECTION_TERMINATION_DETAILS%``)."""
 
 
 def iso_time(epoch: float) -> str:
@@ -62,6 +68,14 @@ class AccessLog:
         """One TCP connection's entry: values in ``TCP_FIELDS`` order."""
         if len(self.pending) < MAX_PENDING:
             self.pending.append((TCP_FIELDS, values))
+        else:
+            self.dropped += 1
+
+    def refused(self, http: bool, *values: Any) -> None:
+        """One refused request (``http``) or connection: values in ``HTTP_REFUSED_FIELDS`` or
+        ``TCP_REFUSED_FIELDS`` order."""
+        if len(self.pending) < MAX_PENDING:
+            self.pending.append((HTTP_REFUSED_FIELDS if http else TCP_REFUSED_FIELDS, values))
         else:
             self.dropped += 1
 

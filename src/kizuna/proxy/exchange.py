@@ -287,7 +287,7 @@ class Exchange:
             self.connecting = None
         if exc is not None:
             if current:
-                self._try_failed(UPSTREAM_CONNECT_ERROR, connect_failure=True)
+                self._try_failed(_connect_error(exc), connect_failure=True)
             return
         conn = task.result()
         if not current:
@@ -589,3 +589,11 @@ class Exchange:
                 conn.transport.pause_reading()
             else:
                 conn.transport.resume_reading()
+
+
+def _connect_error(exc: BaseException) -> SyntheticResponse:
+    """UF, with the reason when the pool refused the peer itself (secure naming, TLS origination: an error
+    without an errno), so the client reads which identity was expected and which one was presented."""
+    if isinstance(exc, ConnectionRefusedError) and exc.errno is None and exc.args:
+        return SyntheticResponse(503, f"{UPSTREAM_CONNECT_ERROR.reason}: {exc.args[0]}", UPSTREAM_CONNECT_ERROR.flag)
+    return UPSTREAM_CONNECT_ERROR
