@@ -1,7 +1,8 @@
 """Istio's Bookinfo tasks, end to end in a real mesh: ``kizuna up examples/bookinfo`` (proxy mode) runs the
-app, its ingress gateway and the default destination rules; then each test applies Istio's original networking
-samples (or ours) with ``kizuna apply`` and loads ``/productpage`` as a browser does, through the gateway.
-productpage's calls to details, reviews and ratings go through the sidecars.
+app, its ingress gateway and the default destination rules, plus ratings v2 (the one Istio's
+virtual-service-ratings-db.yaml routes to); then each test applies Istio's original networking samples (or
+ours) with ``kizuna apply`` and loads ``/productpage`` as a browser does, through the gateway. productpage's
+calls to details, reviews and ratings go through the sidecars.
 
 What a page shows tells which reviews version served it: no stars (v1), black stars (v2), red stars (v3).
 One mesh serves the module; the tests run in order, each from the routing the one before left. The mesh takes
@@ -28,12 +29,14 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 BOOKINFO = REPO / "examples" / "bookinfo"
 OURS = BOOKINFO / "networking"
+RATINGS_V2 = BOOKINFO / "platform" / "bookinfo-ratings-v2.yaml"
 SAMPLES = ISTIO_SAMPLES
 ISTIO = SAMPLES / "samples" / "bookinfo" / "networking"
 TIMEOUTS_TASK = SAMPLES / "tasks" / "request-timeouts"
 BLOCK = ipaddress.IPv4Network("127.82.0.0/17")
 OUTBOUND_PORT = 15001
 GATEWAY_PORT = 8080
+DETAILS_SORRY = "Sorry, product details are currently unavailable for this book."
 REVIEWS_SORRY = "Sorry, product reviews are currently unavailable for this book."
 RATINGS_SORRY = "Ratings service is currently unavailable"
 
@@ -54,7 +57,7 @@ def mesh(kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     try:
         result = kit.run_kizuna("up", "--detach", "--mode", "proxy", "--state-dir", state, "--pod-cidr",
                                 mesh.pod_cidr, "--gateway-address", mesh.gateway, "--gateway-port",
-                                str(GATEWAY_PORT), BOOKINFO, timeout=120)
+                                str(GATEWAY_PORT), BOOKINFO, RATINGS_V2, timeout=120)
         if (state / "runtime.json").exists():
             mesh.processes = mesh.runtime()["processes"]
         assert result.returncode == 0, f"kizuna up failed:\n{result.stdout}\n{result.stderr}\n{mesh.logs()}"
@@ -155,6 +158,11 @@ def test_the_gateway_routes_bookinfos_paths_only(mesh: Mesh) -> None:
     assert status == 200 and json.loads(body)[0]["title"] == "The Comedy of Errors"
     status, _, body = request(mesh.gateway, GATEWAY_PORT, "GET", "/api/v1/products/0")
     assert status == 200 and json.loads(body)["publisher"] == "PublisherA"
+    # the stylesheet the page links (relative to /productpage), under the gateway's /static prefix
+    _, _, html = request(mesh.gateway, GATEWAY_PORT, "GET", "/productpage")
+    assert '<link rel="stylesheet" href="static/bookinfo.css">' in html
+    status, headers, css = request(mesh.gateway, GATEWAY_PORT, "GET", "/static/bookinfo.css")
+    assert status == 200 and headers["content-type"].startswith("text/css") and "font-family" in css
     # productpage serves /health, but the gateway's VirtualService does not route it
     status, headers, _ = request(mesh.gateway, GATEWAY_PORT, "GET", "/health")
     assert status == 404 and headers.get("x-kizuna-error") == "no route"
@@ -238,12 +246,95 @@ def test_traffic_shifting_50_50_then_all_v3(browser: Browser) -> None:
     assert browser.loads(30) == {"red": 30}
 
 
+def served(mesh: Mesh, deployment: str, security: str | None = None) -> int:
+    """Requests the deployment's sidecar has served to its app (Istio's ``istio_requests_total``, reporter
+    destination, from its ``/stats/prometheus`` on 15020), only those whose ``connection_security_policy`` is
+    ``security`` when given."""
+    status, _, text = request(mesh.instance(deployment)["meshAddress"], 15020, "GET", "/stats/prometheus")
+    assert status == 200, text[:300]
+    total = 0
+    for line in text.splitlines():
+        if line.startswith("istio_requests_total{") and 'reporter="destination"' in line and (
+                security is None or f'connection_security_policy="{security}"' in line):
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
 @needs_samples
-def test_mtls_destination_rules_are_accepted_and_traffic_flows(browser: Browser) -> None:
+def test_traffic_shifting_80_20_and_90_10(browser: Browser) -> None:
+    """Istio's other weights for v1 and v2 (its traffic-shifting task's alternatives to 50/50)."""
+    browser.apply(ISTIO / "virtual-service-reviews-80-20.yaml")
+    browser.until("none")  # from v3 for everyone
+    seen = browser.loads(100)
+    assert set(seen) <= {"none", "black"} and 8 <= seen["black"] <= 35, seen
+
+    # Through all-v3 and back, so that the first load without red stars tells 90/10 has arrived.
+    browser.apply(ISTIO / "virtual-service-reviews-v3.yaml")
+    browser.until("red", times=3)
+    browser.apply(ISTIO / "virtual-service-reviews-90-10.yaml")
+    browser.until("none")
+    seen = browser.loads(100)
+    assert set(seen) <= {"none", "black"} and 1 <= seen["black"] <= 22, seen
+
+
+@needs_samples
+def test_v2_v3_split_with_istios_random_destination_rule(browser: Browser) -> None:
+    """virtual-service-reviews-v2-v3.yaml (half black, half red) served under destination-rule-reviews.yaml,
+    which replaces reviews' subsets with the same ones and a RANDOM load balancer."""
+    browser.apply(ISTIO / "virtual-service-reviews-v2-v3.yaml", ISTIO / "destination-rule-reviews.yaml")
+    browser.until("red")
+    seen = browser.loads(60)
+    assert set(seen) == {"black", "red"} and 15 <= seen["red"] <= 45, seen
+    browser.apply(OURS / "destination-rule-all.yaml")  # the default rules again (round robin)
+    assert browser.loads(10).keys() <= {"black", "red"}
+
+
+@needs_samples
+def test_fault_injection_details_abort_555(browser: Browser, mesh: Mesh) -> None:
+    """fault-injection-details-v1.yaml: every call to details answers 555, so the page shows the details
+    fallback and the JSON API passes the status on; deleting it brings details back."""
+    path = ISTIO / "fault-injection-details-v1.yaml"
+    browser.apply(path)
+    try:
+        browser.wait_until(lambda: DETAILS_SORRY in browser.load()[0], 15, "the details fallback")
+        html, _ = browser.load()
+        assert DETAILS_SORRY in html and "PublisherA" not in html and "Book Reviews" in html
+        status, _, body = request(mesh.gateway, GATEWAY_PORT, "GET", "/api/v1/products/0")
+        assert status == 555 and json.loads(body) == {"error": DETAILS_SORRY}
+    finally:
+        result = mesh.kizuna("delete", "-f", path)  # its DestinationRule too: the default set has the same
+        assert result.returncode == 0, result.stderr
+        browser.apply(OURS / "destination-rule-all.yaml")
+    browser.wait_until(lambda: "PublisherA" in browser.load()[0], 15, "details back")
+
+
+@needs_samples
+def test_ratings_from_the_database_v2(browser: Browser, mesh: Mesh) -> None:
+    """virtual-service-ratings-db.yaml: reviews v3 calling ratings v2 (Istio's MongoDB-backed ratings; ours
+    has an in-process stand-in with the same data): red stars, every ratings call served by v2."""
+    browser.apply(ISTIO / "virtual-service-ratings-db.yaml")
+    browser.until("red", times=5)
+
+    def served_now() -> tuple[int, int]:
+        return served(mesh, "ratings-v1"), served(mesh, "ratings-v2")
+
+    v1, v2 = served_now()
+    assert browser.loads(20) == {"red": 20}
+    browser.wait_until(lambda: served_now()[1] >= v2 + 20, 10, "ratings v2 serving 20 requests")
+    assert served_now() == (v1, v2 + 20)
+
+
+@needs_samples
+def test_mtls_destination_rules_are_accepted_and_traffic_flows(browser: Browser, mesh: Mesh) -> None:
+    """ISTIO_MUTUAL: the page still loads, and the sidecars say the requests to details came over mutual
+    TLS (the mesh's connection_security_policy label)."""
+    before = served(mesh, "details-v1", "mutual_tls")
     browser.apply(ISTIO / "destination-rule-all-mtls.yaml")
     assert browser.loads(10) == {"red": 10}
     browser.apply(OURS / "destination-rule-all-mtls.yaml")
     assert browser.loads(10, "jason") == {"red": 10}
+    browser.wait_until(lambda: served(mesh, "details-v1", "mutual_tls") >= before + 20, 10, "20 mTLS requests")
+    assert served(mesh, "details-v1", "none") == 0
 
 
 @needs_samples
@@ -296,7 +387,6 @@ def test_our_request_timeout_files_behave_the_same(browser: Browser) -> None:
 
 
 AUTHZ = SAMPLES / "tasks" / "authz-http"
-DETAILS_SORRY = "Sorry, product details are currently unavailable for this book."
 
 
 @needs_samples
@@ -358,7 +448,8 @@ def test_a_traced_page_load_is_one_trace_gateway_to_ratings(browser: Browser, me
             return None
         # Complete once ratings' span and the gateway's (the first to close is the last to be exported).
         kinds = {(s["service"].split(".")[0], s["kind"]) for s in found}
-        return found if {("ratings-v1", "server"), ("istio-ingressgateway", "client")} <= kinds else None
+        ratings = any(s["service"].startswith("ratings-") and s["kind"] == "server" for s in found)
+        return found if ratings and ("istio-ingressgateway", "client") in kinds else None
 
     found = browser.wait_until(spans, 20, "the trace's spans")
     by_id = {s["spanId"]: s for s in found}
@@ -367,6 +458,8 @@ def test_a_traced_page_load_is_one_trace_gateway_to_ratings(browser: Browser, me
     while span is not None:
         path.append((span["service"].split(".")[0], span["kind"]))
         span = by_id.get(span["parentSpanId"])
-    assert path == [("ratings-v1", "server"), ("reviews-v3", "client"), ("reviews-v3", "server"),
+    ratings = path[0][0]  # v1 under the routing the tests before left; either version when run alone
+    assert ratings in ("ratings-v1", "ratings-v2")
+    assert path == [(ratings, "server"), ("reviews-v3", "client"), ("reviews-v3", "server"),
                     ("productpage-v1", "client"), ("productpage-v1", "server"),
                     ("istio-ingressgateway", "client")]

@@ -114,3 +114,21 @@ def test_kizuna_up_examples_bookinfo_reads_the_app_the_gateway_and_the_destinati
         "VirtualService": {"bookinfo"},
         "DestinationRule": {"details", "ratings", "reviews", "productpage"},
     }
+
+
+def test_ratings_v2_is_istios_deployment_with_a_local_command() -> None:
+    """As Istio's platform/kube/bookinfo-ratings-v2.yaml (not in the sample corpus here): Deployment ratings-v2,
+    labels app ratings and version v2, service account bookinfo-ratings-v2, port 9080; ours runs
+    ``app.ratings`` as v2, whose database is an in-process stand-in for MongoDB."""
+    ours = _by_key(BOOKINFO / "platform/bookinfo-ratings-v2.yaml")
+    assert sorted(ours) == [("Deployment", "ratings-v2"), ("ServiceAccount", "bookinfo-ratings-v2")]
+    deployment = ours[("Deployment", "ratings-v2")]
+    labels = {"app": "ratings", "version": "v2"}
+    assert deployment["metadata"]["labels"] == deployment["spec"]["selector"]["matchLabels"] == labels
+    pod = deployment["spec"]["template"]
+    assert pod["metadata"]["labels"] == labels and pod["spec"]["serviceAccountName"] == "bookinfo-ratings-v2"
+    [container] = pod["spec"]["containers"]
+    assert container["ports"] == [{"containerPort": 9080}]
+    assert container["command"][:3] == ["python", "-m", "app.ratings"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert env["SERVICE_VERSION"] == "v2" and env["DB_TYPE"] == "mongodb"

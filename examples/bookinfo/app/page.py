@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from html import escape
 from typing import Any
 
+STYLESHEET_PATH = "/static/bookinfo.css"
+"""Where productpage serves ``STYLE``; every page links it relative to itself, as Istio's productpage links its
+static files (the gateway routes ``/static`` to productpage)."""
 STYLE = """
 body { font-family: sans-serif; margin: 0; color: #222; }
 nav { background: #222; color: #eee; padding: 10px 20px; display: flex; justify-content: space-between; }
@@ -25,7 +28,8 @@ font { font-size: 1.3em; }
 
 def _shell(title: str, nav: str, content: str) -> str:
     return (f'<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8">\n<title>{escape(title)}</title>\n'
-            f"<style>{STYLE}</style>\n</head>\n<body>\n<nav>{nav}</nav>\n<main>\n{content}\n</main>\n"
+            f'<link rel="stylesheet" href="{STYLESHEET_PATH.lstrip("/")}">\n</head>\n'
+            f"<body>\n<nav>{nav}</nav>\n<main>\n{content}\n</main>\n"
             "</body>\n</html>\n")
 
 

@@ -4,7 +4,7 @@
 - ``POST /login`` (form field ``username``) and ``GET /logout``: the user is kept in the ``user`` cookie, and
   every call to reviews then carries ``end-user: <user>`` (what the routing samples match on);
 - ``GET /api/v1/products``, ``/api/v1/products/<id>``, ``.../<id>/reviews``, ``.../<id>/ratings``: JSON;
-- ``GET /health``, ``GET /`` (an index with links).
+- ``GET /health``, ``GET /`` (an index with links), ``GET /static/bookinfo.css`` (the pages' stylesheet).
 
 Calls to details and reviews wait 3 s and are tried twice; when both tries fail the page says so ("Sorry,
 product ... are currently unavailable for this book."). Tracing headers, ``user-agent``, ``cookie``,
@@ -105,6 +105,8 @@ def app(request: Request) -> Response:
         return _html(page.index())
     if path == "/health":
         return Response(200, b"Product page is healthy", "text/plain; charset=utf-8")
+    if path == page.STYLESHEET_PATH:
+        return Response(200, page.STYLE.encode(), "text/css; charset=utf-8")
     if path == "/login" and request.method == "POST":
         user = request.form().get("username", "")
         return _redirect_back(request, f"user={quote(user)}; Path=/")
