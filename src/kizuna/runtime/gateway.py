@@ -26,6 +26,7 @@ from kizuna.proxyconfig.bootstrap import Bootstrap, Node
 from kizuna.runtime import identities
 from kizuna.runtime.errors import UserError
 from kizuna.runtime.processes import ProcessRecord, Supervisor
+from kizuna.runtime.readiness import not_ready_reason
 from kizuna.runtime.settings import UpSettings
 from kizuna.runtime.state import StateDir
 
@@ -82,21 +83,6 @@ def start(supervisor: Supervisor, state: StateDir, settings: UpSettings, admin_a
                             env=env, cwd=state.root)
 
 
-def not_ready_reason(proxy: dict[str, Any] | None) -> str | None:
-    """Why the gateway is not serving its config yet, as "the gateway ...", or None: it is."""
-    if proxy is None:
-        return "never reached the control plane"
-    if not proxy.get("connected"):
-        return "is not connected"
-    if proxy.get("error"):
-        return f"has no config: the control plane cannot compile it: {proxy['error']}"
-    if proxy.get("nack"):
-        return f"rejected its config: {proxy['nack']}"
-    if not proxy.get("synced", True):
-        return "has not acknowledged the latest config"
-    return None
-
-
 def wait_ready(client: Any, supervisor: Supervisor, state: StateDir, timeout: float,
                fail_if_exited: Callable[[Supervisor], None]) -> None:
     """Until the gateway runs the current config (its listeners are bound); UserError after ``timeout``."""
@@ -106,14 +92,14 @@ def wait_ready(client: Any, supervisor: Supervisor, state: StateDir, timeout: fl
         fail_if_exited(supervisor)
         proxies = {p["id"]: p for p in client.status().get("proxies", [])}
         proxy = proxies.get(gateway_id)
-        why = not_ready_reason(proxy)
+        why = not_ready_reason(proxy, "the ingress gateway", app=False)
         if why is None:
             return
         if proxy is not None and proxy.get("nack") and proxy.get("connected"):
             # A refused config (a port it cannot bind, mostly) will not fix itself: say so now.
-            raise UserError(f"the ingress gateway {why}; see {state.log(gateway_id + '.proxy')}")
+            raise UserError(f"{why}; see {state.log(gateway_id + '.proxy')}")
         if time.monotonic() >= deadline:
-            raise UserError(f"the ingress gateway did not become ready within {timeout:g}s: it {why}; see "
+            raise UserError(f"the ingress gateway did not become ready within {timeout:g}s: {why}; see "
                             f"{state.log(gateway_id + '.proxy')}")
         time.sleep(POLL)
 

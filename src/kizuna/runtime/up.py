@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+from kizuna.controlplane.credentials import DEFAULT_TRUST_DOMAIN
 from kizuna.proxyconfig.bootstrap import Bootstrap
 from kizuna.runtime import display, gateway, identities, prometheus, transparent
 from kizuna.runtime.addresses import PodRange, choose_pod_range, listeners_in, parse_pod_cidr
@@ -35,6 +36,7 @@ from kizuna.runtime.errors import UserError
 from kizuna.runtime.manifests import load
 from kizuna.runtime.modes import resolve_mode
 from kizuna.runtime.processes import Supervisor, is_running, proc_stat
+from kizuna.runtime.readiness import not_ready_reason
 from kizuna.runtime.settings import CONTROL_PLANE_PORT, DASHBOARD_OFF, UpSettings
 from kizuna.runtime.state import StateDir
 from kizuna.runtime.workloads import PROXY_ENV_NAMES, Instance, deployments_of, plan_instances, process_env
@@ -125,7 +127,7 @@ def up(settings: UpSettings, state: StateDir, out: TextIO = sys.stdout, err: Tex
         if with_gateway:
             out.write(f"ingress gateway  {gateway.urls(settings)}\n")
         out.write(f"prometheus       {scraper_note}\n")
-        if cacerts or trust_domain != identities.DEFAULT_TRUST_DOMAIN:
+        if cacerts or trust_domain != DEFAULT_TRUST_DOMAIN:
             signer = f"the plugged-in CA from {cacerts}" if cacerts else "the mesh's own root"
             out.write(f"identities       spiffe://{trust_domain}/ns/NAMESPACE/sa/ACCOUNT, signed by {signer}\n")
         board = (state.read_controlplane() or {}).get("dashboard")
@@ -297,7 +299,7 @@ def wait_ready(supervisor: Supervisor, client: Any, instances: Sequence[Instance
     while True:
         _fail_if_exited(supervisor)
         proxies = {p["id"]: p for p in client.status().get("proxies", [])}
-        waiting = {i.id: _not_ready_reason(proxies.get(i.id)) for i in instances}
+        waiting = {i.id: not_ready_reason(proxies.get(i.id), "its sidecar") for i in instances}
         for instance in instances:
             if waiting[instance.id] is None and instance.id not in announced:
                 announced.add(instance.id)
@@ -317,22 +319,6 @@ def wait_ready(supervisor: Supervisor, client: Any, instances: Sequence[Instance
                               f"{state.log(iid)} and {state.log(iid + '.proxy')}"
                               for iid, why in pending.items()))
         time.sleep(POLL)
-
-
-def _not_ready_reason(proxy: dict[str, Any] | None) -> str | None:
-    if proxy is None:
-        return "its sidecar never reached the control plane"
-    if not proxy.get("connected"):
-        return "its sidecar is not connected"
-    if proxy.get("error"):
-        return f"the control plane cannot compile its config: {proxy['error']}"
-    if proxy.get("nack"):
-        return f"its sidecar rejected its config: {proxy['nack']}"
-    if not proxy.get("ready"):
-        return "the app is not ready: its readiness probe fails"
-    if not proxy.get("synced", True):
-        return "its sidecar has not acknowledged the latest config"
-    return None
 
 
 def _stop(supervisor: Supervisor, state: StateDir, grace: float, err: TextIO) -> None:
