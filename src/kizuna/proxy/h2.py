@@ -15,6 +15,10 @@ Each stream gets the route's policy and the cluster's resilience policies as an 
 A stream whose destination speaks HTTP/1.1 only (``Routed.http1``) is bridged to it by an ``H1Call``
 (``h2_bridge``).
 
+Writes are batched: while a read is being handled, every connection it touches only notes that it has frames
+to send, and each writes them in one ``transport.write`` when the read is done (``WriteBatch``). A request
+answered from one upstream read therefore costs one write per connection, not one per event.
+
 This module holds the two connection protocols and the upstream pool; ``h2_call`` the per-stream ``H2Call``,
 ``h2_routing`` what a stream router answers and the gRPC helpers (re-exported here for existing importers).
 """
@@ -45,6 +49,31 @@ from kizuna.proxy.stats import Stats
 from kizuna.proxy.telemetry_stream import StreamTap
 
 
+class WriteBatch:
+    """Connections with frames queued while a read is handled, written once it is done.
+
+    ``depth`` counts the reads being handled (a read may call into another connection's code, never into
+    another read, but the count keeps nesting safe). Outside a read (timers, connect tasks) writes go at once.
+    """
+
+    __slots__ = ("depth", "dirty")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.dirty: list[H2ServerConnection | H2ClientConnection] = []
+
+    def end(self) -> None:
+        """One read is done: at the outermost, every connection it touched writes what it queued."""
+        self.depth -= 1
+        if self.depth or not self.dirty:
+            return
+        dirty, self.dirty = self.dirty, []
+        for conn in dirty:  # all first: should a write raise, the others still batch their next frames
+            conn.dirty = False
+        for conn in dirty:
+            conn.write_now()
+
+
 class H2ServerConnection(asyncio.Protocol):
     """A downstream HTTP/2 connection: every stream is routed and proxied by its own ``H2Call``."""
 
@@ -59,6 +88,8 @@ class H2ServerConnection(asyncio.Protocol):
         self.calls: dict[int, H2Call | H1Call] = {}
         self.closing = False
         self.tap: StreamTap | None = None
+        self.batch = pools.batch
+        self.dirty = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -79,14 +110,29 @@ class H2ServerConnection(asyncio.Protocol):
         self.calls.clear()
 
     def flush(self) -> None:
+        """Write what ``h2`` queued: at once, or when the read being handled is done."""
+        if self.batch.depth:
+            if not self.dirty:
+                self.dirty = True
+                self.batch.dirty.append(self)
+            return
+        self.write_now()
+
+    def write_now(self) -> None:
         data = self.h2.data_to_send()
-        if data and self.transport is not None:
-            self.transport.write(data)
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
 
     def data_received(self, data: bytes) -> None:
-        for event in self.h2.receive(data):
-            self.handle(event)
-        self.flush()
+        batch = self.batch
+        batch.depth += 1
+        try:
+            for event in self.h2.receive(data):
+                self.handle(event)
+            self.flush()
+        finally:
+            batch.end()
 
     def handle(self, event: Event) -> None:
         if isinstance(event, HeadersReceived):
@@ -124,13 +170,13 @@ class H2ServerConnection(asyncio.Protocol):
             for call in list(self.calls.values()):
                 call.flush_down()
         elif isinstance(event, ConnectionFailed) and self.transport is not None:
-            self.flush()
+            self.write_now()
             self.transport.close()
 
     def finished(self, stream_id: int) -> None:
         self.calls.pop(stream_id, None)
         if self.closing and not self.calls and self.transport is not None:
-            self.flush()
+            self.write_now()
             self.transport.close()
 
     def drain(self) -> None:
@@ -139,7 +185,7 @@ class H2ServerConnection(asyncio.Protocol):
             return
         self.closing = True
         self.h2.goaway()
-        self.flush()
+        self.write_now()
         if not self.calls:
             self.transport.close()
 
@@ -147,12 +193,14 @@ class H2ServerConnection(asyncio.Protocol):
 class H2ClientConnection(asyncio.Protocol):
     """An upstream HTTP/2 connection to one endpoint, carrying many streams."""
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats, batch: WriteBatch | None = None) -> None:
         self.stats = stats
         self.h2 = H2Endpoint(client_side=True)
         self.transport: asyncio.Transport | None = None
         self.calls: dict[int, H2Call] = {}
         self.usable = True
+        self.batch = batch if batch is not None else WriteBatch()
+        self.dirty = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -172,13 +220,23 @@ class H2ClientConnection(asyncio.Protocol):
         return self.usable and self.transport is not None and self.h2.can_open_stream()
 
     def flush(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.transport is not None:
-            self.transport.write(data)
+        """Write what ``h2`` queued: at once, or when the read being handled is done."""
+        if self.batch.depth:
+            if not self.dirty:
+                self.dirty = True
+                self.batch.dirty.append(self)
+            return
+        self.write_now()
 
-    def open(self, call: H2Call, headers: Headers) -> int:
+    def write_now(self) -> None:
+        data = self.h2.data_to_send()
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def open(self, call: H2Call, headers: Headers, end_stream: bool = False) -> int:
         stream_id = self.h2.next_stream_id()
-        self.h2.send_headers(stream_id, headers)
+        self.h2.send_headers(stream_id, headers, end_stream)
         self.calls[stream_id] = call
         return stream_id
 
@@ -186,7 +244,17 @@ class H2ClientConnection(asyncio.Protocol):
         self.calls.pop(stream_id, None)
 
     def data_received(self, data: bytes) -> None:
-        for event in self.h2.receive(data):
+        batch = self.batch
+        batch.depth += 1
+        try:
+            self._handle(self.h2.receive(data))
+        finally:
+            batch.end()
+        if not self.usable and not self.calls and self.transport is not None:
+            self.transport.close()
+
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
             if isinstance(event, HeadersReceived):
                 found = self.calls.get(event.stream_id)
                 if found is not None:
@@ -215,10 +283,9 @@ class H2ClientConnection(asyncio.Protocol):
             elif isinstance(event, ConnectionFailed):
                 self.usable = False
                 if self.transport is not None:
+                    self.write_now()
                     self.transport.close()
         self.flush()
-        if not self.usable and not self.calls and self.transport is not None:
-            self.transport.close()
 
 
 class H2Pools:
@@ -229,6 +296,15 @@ class H2Pools:
         self.bind = bind
         self.conns: dict[tuple[str, int], list[H2ClientConnection]] = {}
         self.connecting: dict[tuple[str, int], asyncio.Future[H2ClientConnection]] = {}
+        self.batch = WriteBatch()
+        """Shared by the server connections using these pools and the pools' connections."""
+
+    def ready(self, address: str, port: int) -> H2ClientConnection | None:
+        """An open connection to ``address:port`` with room for a stream, if one is pooled (no connecting)."""
+        for conn in self.conns.get((address, port), ()):
+            if conn.available():
+                return conn
+        return None
 
     async def get(self, address: str, port: int, timeout: float, identity: str = "",
                   tls: ClientTls | None = None) -> H2ClientConnection:
@@ -252,7 +328,8 @@ class H2Pools:
             local = (self.bind, 0) if self.bind else None
             context = tls.context("h2") if identity and tls is not None else None
             transport, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: H2ClientConnection(self.stats), address, port, local_addr=local, ssl=context), timeout)
+                lambda: H2ClientConnection(self.stats, self.batch), address, port, local_addr=local,
+                ssl=context), timeout)
             if context is not None:
                 assert tls is not None
                 problem = tls.check_peer(transport.get_extra_info("peercert"), identity)
