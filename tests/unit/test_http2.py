@@ -25,8 +25,10 @@ from kizuna.protocols.http2 import (
     WindowOpened,
     grpc_timeout,
 )
-from kizuna.proxy.errors import NO_HEALTHY_UPSTREAM, NO_ROUTE, UPSTREAM_TIMEOUT, fault_abort
+from kizuna.proxy.errors import NO_HEALTHY_UPSTREAM, NO_ROUTE, UPSTREAM_TIMEOUT, SyntheticResponse, fault_abort
 from kizuna.proxy.h2_routing import grpc_retry_codes, synthetic_headers
+from kizuna.proxy.inbound_policy import RBAC_DENIED
+from kizuna.proxy.mtls import late_refusal
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"echo:50051"),
            (b":path", b"/echo.Echo/Say"), (b"content-type", b"application/grpc")]
@@ -113,6 +115,12 @@ def test_proxy_errors_become_grpc_statuses() -> None:
     assert dict(synthetic_headers(NO_ROUTE, grpc=True)[0])[b"grpc-status"] == b"12"
     assert dict(synthetic_headers(UPSTREAM_TIMEOUT, grpc=True)[0])[b"grpc-status"] == b"4"
     assert dict(synthetic_headers(fault_abort(None, 7), grpc=True)[0])[b"grpc-status"] == b"7"
+    # gRPC's HTTP mapping, as Envoy's local replies: a refusal (RBAC, mTLS required) is PERMISSION_DENIED, a token
+    # that does not verify UNAUTHENTICATED.
+    assert dict(synthetic_headers(RBAC_DENIED, grpc=True)[0])[b"grpc-status"] == b"7"
+    assert dict(synthetic_headers(late_refusal(80, "istio-system/default"), grpc=True)[0])[b"grpc-status"] == b"7"
+    assert dict(synthetic_headers(SyntheticResponse(401, "jwt", body=b"Jwt is missing"),
+                                  grpc=True)[0])[b"grpc-status"] == b"16"
 
 
 def test_proxy_errors_for_plain_http2_keep_their_status() -> None:

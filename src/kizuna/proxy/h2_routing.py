@@ -21,6 +21,8 @@ GRPC_CODES: Final = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted
 GRPC_UNIMPLEMENTED: Final = 12
 GRPC_DEADLINE_EXCEEDED: Final = 4
 GRPC_UNAVAILABLE: Final = 14
+GRPC_PERMISSION_DENIED: Final = 7
+GRPC_UNAUTHENTICATED: Final = 16
 
 
 @lru_cache(maxsize=256)
@@ -82,8 +84,12 @@ def synthetic_headers(response: SyntheticResponse, grpc: bool) -> tuple[Headers,
     if grpc:
         if header(own, b"grpc-status") is not None:
             return [(b":status", b"200"), *own, *extra], b""
+        # gRPC's mapping of HTTP statuses (as Envoy's local replies): a refusal is PERMISSION_DENIED, a bad
+        # token UNAUTHENTICATED; else by the flag.
         flags = response.flag.split(",")
-        code = (GRPC_UNIMPLEMENTED if "NR" in flags else GRPC_DEADLINE_EXCEEDED if "UT" in flags
+        status = response.status
+        code = (GRPC_PERMISSION_DENIED if status == 403 else GRPC_UNAUTHENTICATED if status == 401
+                else GRPC_UNIMPLEMENTED if "NR" in flags else GRPC_DEADLINE_EXCEEDED if "UT" in flags
                 else GRPC_UNAVAILABLE)
         return [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"%d" % code),
                 (b"grpc-message", response.reason.encode()), *extra], b""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Final, cast
 
 from kizuna.protocols.http1 import XFCC, RequestHead
@@ -41,7 +42,7 @@ SNIFF_TIMEOUT: Final = 0.1
 class InboundDispatcher:
     """Sends every request of one inbound port to the app, as the current snapshot says."""
 
-    __slots__ = ("source", "port", "stats", "counter", "loop", "h2_pools", "guard", "_xfcc")
+    __slots__ = ("source", "port", "stats", "counter", "loop", "h2_pools", "guard")
 
     def __init__(self, source: StateSource, port: int, stats: Stats, loop: asyncio.AbstractEventLoop,
                  h2_pools: H2Pools | None = None, guard: InboundGuard | None = None) -> None:
@@ -54,8 +55,6 @@ class InboundDispatcher:
         self.loop = loop
         self.h2_pools = h2_pools
         """For an app that speaks HTTP/2 only: its requests go to it as streams (``h2_front``)."""
-        self._xfcc: dict[tuple[str, str], bytes] = {}
-        """``x-forwarded-client-cert`` values by (own identity, peer principal)."""
 
     def dispatch(self, down: HttpServerConnection, head: RequestHead) -> Exchange | SyntheticResponse:
         self.stats.inbound_rq_total += 1
@@ -68,7 +67,7 @@ class InboundDispatcher:
         if security is not None:
             peer_auth = security.peer_authentication
             if peer_auth is not None and peer_auth.mode_for(self.port) == "STRICT" \
-                    and self._plaintext(down.transport):
+                    and plaintext(self.source, down.transport):
                 return late_refusal(self.port, peer_auth.source)
             checked = self.guard.check_request(security, head, down.transport, self.port)
             if type(checked) is SyntheticResponse:
@@ -82,29 +81,35 @@ class InboundDispatcher:
                         HTTP if head.upgrade is None else UPGRADE)
 
 
-    def _plaintext(self, transport: asyncio.BaseTransport) -> bool:
-        """A connection without a peer identity on a sidecar that has a certificate (one that has none yet
-        serves everything as plaintext)."""
-        own = getattr(self.source, "identity", None)
-        return own is not None and own.server_context is not None \
-            and transport.get_extra_info("peer_identity") is None
-
     def _client_cert(self, head: RequestHead, transport: asyncio.BaseTransport) -> RequestHead:
-        """Envoy's ``x-forwarded-client-cert`` (SANITIZE_SET): on an mTLS connection the app learns the
-        client's identity (``By=<this workload>;URI=<client>``). A header the client sent itself never gets
-        here: the parser drops it."""
-        peer = transport.get_extra_info("peer_identity")
-        if peer is None:
-            return head
-        own = getattr(self.source, "identity", None)
-        key = (own.spiffe_id if own is not None else "", peer.principal)
-        value = self._xfcc.get(key)
-        if value is None:
-            if len(self._xfcc) >= 256:
-                self._xfcc.clear()
-            by = f"By={key[0]};" if key[0] else ""
-            value = self._xfcc[key] = f"{by}URI=spiffe://{peer.principal}".encode()
-        return head._replace(headers=(*head.headers, (XFCC, value)))
+        """Envoy's ``x-forwarded-client-cert`` (SANITIZE_SET) for the app; a header the client sent itself never
+        gets here: the parser drops it."""
+        value = client_cert(self.source, transport)
+        return head if value is None else head._replace(headers=(*head.headers, (XFCC, value)))
+
+
+def plaintext(source: StateSource, transport: asyncio.BaseTransport | None) -> bool:
+    """A connection without a peer identity on a sidecar that has a certificate (one that has none yet serves
+    everything as plaintext)."""
+    own = getattr(source, "identity", None)
+    return own is not None and own.server_context is not None and transport is not None \
+        and transport.get_extra_info("peer_identity") is None
+
+
+def client_cert(source: StateSource, transport: asyncio.BaseTransport | None) -> bytes | None:
+    """Envoy's ``x-forwarded-client-cert`` value on an mTLS connection: the app learns the client's identity
+    (``By=<this workload>;URI=<client>``); None without a peer identity."""
+    peer = transport.get_extra_info("peer_identity") if transport is not None else None
+    if peer is None:
+        return None
+    own = getattr(source, "identity", None)
+    return _client_cert_value(own.spiffe_id if own is not None else "", peer.principal)
+
+
+@lru_cache(maxsize=256)
+def _client_cert_value(own: str, principal: str) -> bytes:
+    by = f"By={own};" if own else ""
+    return f"{by}URI=spiffe://{principal}".encode()
 
 
 class SniffingConnection(asyncio.Protocol):
@@ -244,11 +249,21 @@ class InboundHandler:
         def guarded(headers: H2Headers) -> Routed | SyntheticResponse:
             # Checked per stream (a policy applied later reaches long-lived gRPC connections too); JWT header
             # changes are made in place, before the stream's call takes ``headers``.
+            transport = conn.transport
             security = source.state.snapshot.security
             if security is not None:
-                refused = guard.check_stream(security, headers, conn.transport, port)
+                peer_auth = security.peer_authentication
+                if peer_auth is not None and peer_auth.mode_for(port) == "STRICT" and plaintext(source, transport):
+                    return late_refusal(port, peer_auth.source)
+                refused = guard.check_stream(security, headers, transport, port)
                 if refused is not None:
                     return refused
+            # x-forwarded-client-cert as on HTTP/1.1: the client's own is dropped, the mTLS peer's added.
+            if any(name == XFCC for name, _ in headers):
+                headers[:] = [(name, value) for name, value in headers if name != XFCC]
+            value = client_cert(source, transport)
+            if value is not None:
+                headers.append((XFCC, value))
             return route(headers)
 
         conn = H2ServerConnection(guarded, self.h2_pools, self.stats, self.registry)
