@@ -269,3 +269,40 @@ def _accepts(present: Any, token: str) -> bool:
     except JwtFailure:
         return False
     return True
+
+
+def test_a_chunked_jwks_is_used_and_an_oversized_one_fails_visibly(loop: asyncio.AbstractEventLoop) -> None:
+    keys = Path(SAMPLES / "jwks.json").read_bytes()
+
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+        for i in range(0, len(keys), 100):  # as servers that stream their answers send it
+            writer.write(b"%x\r\n%b\r\n" % (len(keys[i:i + 100]), keys[i:i + 100]))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        huge = _JwksServer(b" " * (kjwt.MAX_JWKS_BYTES + 1))
+        servers = [await asyncio.start_server(handle, "127.0.0.1", 0) for handle in (chunked, huge.handle)]
+        cache = JwksCache()
+        try:
+            good, big = (f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}/jwks.json" for s in servers)
+            auth = JwtAuthenticator((JwtRule(ISSUER, jwks_uri=good), JwtRule("other", jwks_uri=big)), cache)
+            auth.start()
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in auth.pending())), 10)
+            assert auth.authenticate(((b"authorization", b"Bearer " + sample("demo.jwt").encode()),),
+                                     b"/").identity is not None
+            stats = cache.to_json()
+            assert stats[good]["keys"] == 1 and stats[good]["last_error"] == ""
+            assert stats[big]["keys"] == 0
+            too_large = f"ResponseTooLarge: the answer is larger than {kjwt.MAX_JWKS_BYTES} bytes"
+            assert stats[big]["last_error"] == too_large  # as /stats and ``kizuna status`` show it
+        finally:
+            cache.close()
+            for s in servers:
+                s.close()
+                await s.wait_closed()
+
+    loop.run_until_complete(scenario())

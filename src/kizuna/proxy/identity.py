@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from kizuna.proxy.http_client import request
 from kizuna.proxyconfig.controlplane_tls import check_control_plane
 
 log = logging.getLogger("kizuna.proxy.identity")
@@ -285,24 +286,15 @@ def mesh_context(purpose: ssl._SSLMethod, chain: str, key: str, roots: str,
 async def post_json(address: str, path: str, body: dict[str, Any], token: str, timeout: float = 10.0,
                     tls: ssl.SSLContext | None = None,
                     trust_domain: str = "cluster.local") -> tuple[int, dict[str, Any]]:
-    """A small HTTP/1.1 POST to the control plane (the sidecar has no HTTP client library); over TLS with
-    ``tls``, refusing a server that is not the control plane."""
+    """POST ``body`` as JSON to the control plane at ``address`` (``host:port``) and return the status and the
+    JSON answer; over TLS with ``tls``, refusing (PermissionError) a server that is not the control plane."""
     host, _, port = address.rpartition(":")
-    payload = json.dumps(body).encode()
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port), ssl=tls)
-        try:
-            if tls is not None:
-                problem = check_control_plane(writer.get_extra_info("peercert"), trust_domain)
-                if problem:
-                    raise PermissionError(problem)
-            writer.write(f"POST {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\n"
-                         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + payload)
-            await writer.drain()
-            data = await reader.read()
-        finally:
-            writer.close()
-    head, _, content = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    return status, json.loads(content or b"{}")
+    response = await request(
+        host.strip("[]"), int(port), "POST", path, host_header=address, timeout=timeout, tls=tls,
+        headers=((b"Authorization", f"Bearer {token}".encode()), (b"Content-Type", b"application/json")),
+        body=json.dumps(body).encode(),
+        check_peer=None if tls is None else lambda cert: check_control_plane(cert, trust_domain))
+    answer = json.loads(response.body or b"{}")
+    if not isinstance(answer, dict):
+        raise ValueError(f"the control plane answered {response.status} with JSON that is not an object")
+    return response.status, answer

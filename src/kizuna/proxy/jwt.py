@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
 from kizuna.proxy.authz import JwtIdentity
+from kizuna.proxy.http_client import request
 from kizuna.proxyconfig.security import JwtRule
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ REFRESH_SECONDS: Final = 20 * 60.0
 RETRY_SECONDS: Final = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 """Waits between failed fetches (the last repeats)."""
 MAX_JWKS_BYTES: Final = 1 << 20
+"""A larger key set is refused (its fetch fails, the old keys stay)."""
 ALGORITHMS: Final = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
                                "ES512", "EdDSA", "HS256", "HS384", "HS512"})
 
@@ -145,7 +147,7 @@ class JwksCache:
         while True:
             entry.fetches += 1
             try:
-                body = await asyncio.wait_for(fetch(entry.uri), timeout)
+                body = await fetch(entry.uri, timeout)
                 entry.keys = _jose().PyJWKSet.from_json(body.decode())
             except asyncio.CancelledError:
                 raise
@@ -164,49 +166,19 @@ class JwksCache:
             await asyncio.sleep(wait)
 
 
-async def fetch(uri: str) -> bytes:
-    """GET ``uri`` (http or https) and return the body of a 200 answer; raises on anything else."""
+async def fetch(uri: str, timeout: float = 5.0) -> bytes:
+    """GET ``uri`` (http or https, the server's certificate checked against the system's roots) and return
+    the body of a 200 answer; raises on anything else (OSError, TimeoutError, ValueError)."""
     url = urlsplit(uri)
     tls = url.scheme == "https"
-    host = url.hostname or ""
-    port = url.port or (443 if tls else 80)
-    reader, writer = await asyncio.open_connection(host, port, ssl=ssl.create_default_context() if tls else None)
-    try:
-        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        authority = url.netloc.rpartition("@")[2]
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\n"
-                     "Connection: close\r\n\r\n".encode())
-        data = await reader.read(MAX_JWKS_BYTES + 65536)
-        while True:
-            more = await reader.read(65536)
-            if not more:
-                break
-            data += more
-            if len(data) > MAX_JWKS_BYTES + 65536:
-                raise ValueError("JWKS too large")
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = lines[0].split(b" ", 2)
-    if len(status) < 2 or status[1] != b"200":
-        raise ValueError(f"HTTP status {lines[0].decode(errors='replace')!r}")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
-    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-        body = _dechunk(body)
-    return body
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while data:
-        size_line, _, rest = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += rest[:size]
-        data = rest[size + 2:]
-    return bytes(out)
+    response = await request(
+        url.hostname or "", url.port or (443 if tls else 80), "GET",
+        (url.path or "/") + (f"?{url.query}" if url.query else ""), host_header=url.netloc.rpartition("@")[2],
+        headers=((b"Accept", b"application/json"),), timeout=timeout,
+        tls=ssl.create_default_context() if tls else None, limit=MAX_JWKS_BYTES)
+    if response.status != 200:
+        raise ValueError(f"HTTP status {response.status_line}")
+    return response.body
 
 
 class _Rule:

@@ -11,8 +11,9 @@ broken app endpoint never hides the mesh's metrics.
 ``GET /healthz/ready`` is the proxy's readiness as Istio's agent reports it: 200 once a config is applied, 503
 before. The app's readiness is not part of it (that is the admin port's ``/ready`` and the endpoint's health).
 
-The merge is a pure function (``merge``); ``fetch_app_metrics`` and ``StatusPort`` are the asyncio edge, plain
-streams: a scrape every few seconds is not the request path.
+The merge is a pure function (``merge``); ``fetch_app_metrics`` (through the sidecar's small client,
+``proxy/http_client.py``) and ``StatusPort`` are the asyncio edge: a scrape every few seconds is not the request
+path.
 """
 
 from __future__ import annotations
@@ -22,17 +23,8 @@ import sys
 from collections.abc import Collection
 from typing import Protocol
 
-from kizuna.protocols.http1 import (
-    BODY_NONE,
-    BodyReceived,
-    MessageEnded,
-    ParseFailed,
-    ResponseParser,
-    ResponseReceived,
-    Upgraded,
-    encode_request_head,
-)
 from kizuna.proxy.admin import PROMETHEUS_PATH, PROMETHEUS_TYPE, http_protocol
+from kizuna.proxy.http_client import ResponseError, request
 from kizuna.proxyconfig.bootstrap import AppMetrics
 
 READY_PATH = "/healthz/ready"
@@ -135,46 +127,18 @@ async def fetch_app_metrics(address: str, target: AppMetrics, *, source: str | N
                             timeout: float = APP_TIMEOUT, limit: int = APP_BODY_LIMIT) -> str:
     """GET the app's exposition from ``address:target.port`` + ``target.path``; leaving from ``source`` when
     given (with iptables capture: 127.0.0.6, which the capture rules let through). Raises AppMetricsError."""
-    host = f"[{address}]" if ":" in address else address
-    request = encode_request_head(b"GET", target.path.encode(), f"{host}:{target.port}".encode(),
-                                  ((b"Accept", ACCEPT), (b"User-Agent", b"kizuna-agent"),
-                                   (b"Connection", b"close")), BODY_NONE)
-    parser = ResponseParser()
-    parser.expect(b"GET")
-    status = 0
-    body = bytearray()
-    writer: asyncio.StreamWriter | None = None
     try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(address, target.port,
-                                                          local_addr=(source, 0) if source else None)
-            writer.write(request)
-            ended = False
-            while not ended:
-                data = await reader.read(65536)
-                for event in parser.feed(data) if data else parser.feed_eof():
-                    if isinstance(event, ResponseReceived) and event.head.status >= 200:
-                        status = event.head.status
-                    elif isinstance(event, BodyReceived):
-                        body += event.data
-                        if len(body) > limit:
-                            raise AppMetricsError(f"the answer is larger than {limit} bytes")
-                    elif isinstance(event, MessageEnded):
-                        ended = status != 0
-                    elif isinstance(event, (ParseFailed, Upgraded)):
-                        raise AppMetricsError(f"not an HTTP response: {getattr(event, 'reason', 'upgrade')}")
-                if not data and not ended:
-                    raise AppMetricsError("the connection closed before the answer ended")
+        response = await request(address, target.port, "GET", target.path, timeout=timeout, source=source,
+                                 limit=limit, headers=((b"Accept", ACCEPT), (b"User-Agent", b"kizuna-agent")))
     except TimeoutError:
         raise AppMetricsError(f"no answer within {timeout:g}s") from None
     except OSError as exc:
         raise AppMetricsError(exc.strerror or str(exc)) from None
-    finally:
-        if writer is not None:
-            writer.close()
-    if not 200 <= status < 300:
-        raise AppMetricsError(f"status {status}")
-    return body.decode("utf-8", errors="replace")
+    except ResponseError as exc:
+        raise AppMetricsError(str(exc)) from None
+    if not 200 <= response.status < 300:
+        raise AppMetricsError(f"status {response.status}")
+    return response.body.decode("utf-8", errors="replace")
 
 
 class StatusView(Protocol):

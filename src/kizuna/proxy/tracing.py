@@ -30,12 +30,15 @@ from kizuna.protocols.trace_context import (
     new_id,
     scan,
 )
+from kizuna.proxy.http_client import request
 
 log = logging.getLogger("kizuna.proxy.tracing")
 
 FLUSH_SECONDS: Final = 1.0
 MAX_QUEUE: Final = 4096
 MAX_BATCH: Final = 512
+EXPORT_TIMEOUT: Final = 5.0
+"""Seconds one batch's POST may take before it is dropped."""
 SPAN_KIND: Final = {"server": 2, "client": 3}
 """OTLP's SpanKind numbers."""
 
@@ -191,19 +194,10 @@ class OtlpExporter:
             {"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
              "scopeSpans": [{"scope": {"name": "kizuna"}, "spans": spans}]}
             for service, spans in by_service.items()]}).encode()
-        async with asyncio.timeout(5.0):
-            reader, writer = await asyncio.open_connection(self.host, self.port)
-            try:
-                writer.write(f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                             f"Connection: close\r\n\r\n".encode() + body)
-                await writer.drain()
-                status_line = await reader.readline()
-            finally:
-                writer.close()
-        parts = status_line.split(b" ", 2)
-        if len(parts) < 2 or not parts[1].startswith(b"2"):
-            raise ValueError(f"collector answered {status_line!r}")
+        response = await request(self.host, self.port, "POST", self.path, timeout=EXPORT_TIMEOUT, body=body,
+                                 headers=((b"Content-Type", b"application/json"),))
+        if not 200 <= response.status < 300:
+            raise ValueError(f"collector answered {response.status_line}")
 
     def to_json(self) -> dict[str, Any]:
         return {"exported": self.exported, "dropped": self.dropped, "failures": self.failures,
