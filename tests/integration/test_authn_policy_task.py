@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.integration.security_task_apps import task_apps
 
 from kizuna.testing.samples import ISTIO_SAMPLES
 
@@ -29,74 +30,14 @@ pytestmark = [pytest.mark.integration,
 TASK = ISTIO_SAMPLES / "tasks" / "authn-policy"
 Mesh = Any
 
-HTTPBIN = """
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: httpbin, namespace: @NS@}
----
-apiVersion: v1
-kind: Service
-metadata: {name: httpbin, namespace: @NS@, labels: {app: httpbin}}
-spec:
-  ports: [{name: http, port: 8000, targetPort: 8080}]
-  selector: {app: httpbin}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: httpbin, namespace: @NS@}
-spec:
-  selector: {matchLabels: {app: httpbin, version: v1}}
-  template:
-    metadata: {labels: {app: httpbin, version: v1}}
-    spec:
-      serviceAccountName: httpbin
-      containers:
-      - name: httpbin
-        image: docker.io/kong/httpbin
-        command: ["python", "-m", "gunicorn", "-b", "$(POD_IP):8080", "-k", "gthread", "--threads", "4", "httpbin:app"]
-        env: [{name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]
-        ports: [{containerPort: 8080, name: http}]
-        readinessProbe: {httpGet: {path: /status/200, port: 8080}, periodSeconds: 1}
-"""
-
-SLEEP = """
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: sleep, namespace: @NS@}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: sleep, namespace: @NS@}
-spec:
-  selector: {matchLabels: {app: sleep}}
-  template:
-    metadata:
-      labels: {app: sleep}
-      @ANNOTATIONS@
-    spec:
-      serviceAccountName: sleep
-      containers:
-      - {name: sleep, image: docker.io/curlimages/curl, command: ["/bin/sleep", "infinity"]}
-"""
-
-NO_SIDECAR = 'annotations: {sidecar.istio.io/inject: "false"}'
 REFUSED = "403 mTLS required"
 """What the legacy client sees where STRICT applies: kizuna's readable refusal (Istio: a reset, curl exit 56)."""
-
-
-def manifests() -> str:
-    docs = []
-    for ns in ("foo", "bar"):
-        sleep = SLEEP.replace("@NS@", ns).replace("@ANNOTATIONS@", "annotations: {}")
-        docs += [HTTPBIN.replace("@NS@", ns), sleep]
-    docs.append(SLEEP.replace("@NS@", "legacy").replace("@ANNOTATIONS@", NO_SIDECAR))
-    return "\n---\n".join(d.strip() for d in docs) + "\n"
 
 
 @pytest.fixture(scope="module")
 def mesh(transparent_mesh_factory: Callable[..., Mesh], tmp_path_factory: pytest.TempPathFactory) -> Mesh:
     apps = tmp_path_factory.mktemp("authn") / "apps.yaml"
-    apps.write_text(manifests())
+    apps.write_text(task_apps())
     return transparent_mesh_factory(apps)
 
 

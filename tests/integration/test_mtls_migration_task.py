@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.integration.security_task_apps import task_apps
 
 from kizuna.testing.samples import ISTIO_SAMPLES
 
@@ -28,56 +29,6 @@ TASKS = ISTIO_SAMPLES / "tasks"
 STRICT_FOO = TASKS / "mtls-migration" / "01-peerauthentication-default-strict-ns-foo.yaml"
 STRICT_MESH = TASKS / "mtls-migration" / "02-peerauthentication-default-strict-ns-istio-system.yaml"
 Mesh = Any
-
-APPS = """
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: httpbin, namespace: @NS@}
----
-apiVersion: v1
-kind: Service
-metadata: {name: httpbin, namespace: @NS@, labels: {app: httpbin}}
-spec:
-  ports: [{name: http, port: 8000, targetPort: 8080}]
-  selector: {app: httpbin}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: httpbin, namespace: @NS@}
-spec:
-  selector: {matchLabels: {app: httpbin}}
-  template:
-    metadata: {labels: {app: httpbin, version: v1}}
-    spec:
-      serviceAccountName: httpbin
-      containers:
-      - name: httpbin
-        image: docker.io/kong/httpbin
-        command: ["python", "-m", "gunicorn", "-b", "$(POD_IP):8080", "-k", "gthread", "--threads", "4", "httpbin:app"]
-        env: [{name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]
-        ports: [{containerPort: 8080, name: http}]
-        readinessProbe: {httpGet: {path: /status/200, port: 8080}, periodSeconds: 1}
-"""
-
-SLEEP = """
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: sleep, namespace: @NS@}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: sleep, namespace: @NS@}
-spec:
-  selector: {matchLabels: {app: sleep}}
-  template:
-    metadata:
-      labels: {app: sleep}
-      annotations: {sidecar.istio.io/inject: "@INJECT@"}
-    spec:
-      serviceAccountName: sleep
-      containers:
-      - {name: sleep, image: docker.io/curlimages/curl, command: ["/bin/sleep", "infinity"]}
-"""
 
 LOOP = """
 import json, os, sys, time, urllib.error, urllib.request
@@ -115,11 +66,8 @@ def exec_argv(mesh: Mesh, namespace: str, *argv: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def mesh(transparent_mesh_factory: Callable[..., Mesh], tmp_path_factory: pytest.TempPathFactory) -> Mesh:
-    docs = [APPS.replace("@NS@", ns) for ns in ("foo", "bar")]
-    docs += [SLEEP.replace("@NS@", ns).replace("@INJECT@", "false" if ns == "legacy" else "true")
-             for ns in ("foo", "bar", "legacy")]
     apps = tmp_path_factory.mktemp("migration") / "apps.yaml"
-    apps.write_text("\n---\n".join(d.strip() for d in docs) + "\n")
+    apps.write_text(task_apps())
     return transparent_mesh_factory(apps)
 
 

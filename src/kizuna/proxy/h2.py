@@ -60,7 +60,7 @@ class WriteBatch:
 
     def __init__(self) -> None:
         self.depth = 0
-        self.dirty: list[H2ServerConnection | H2ClientConnection] = []
+        self.dirty: list[H2Connection] = []
 
     def end(self) -> None:
         """One read is done: at the outermost, every connection it touched writes what it queued."""
@@ -74,7 +74,31 @@ class WriteBatch:
             conn.write_now()
 
 
-class H2ServerConnection(asyncio.Protocol):
+class H2Connection(asyncio.Protocol):
+    """What both ends of our HTTP/2 connections share: frames queued by ``h2`` go out in one write per read."""
+
+    h2: H2Endpoint
+    transport: asyncio.Transport | None
+    batch: WriteBatch
+    dirty: bool
+
+    def flush(self) -> None:
+        """Write what ``h2`` queued: at once, or when the read being handled is done."""
+        if self.batch.depth:
+            if not self.dirty:
+                self.dirty = True
+                self.batch.dirty.append(self)
+            return
+        self.write_now()
+
+    def write_now(self) -> None:
+        data = self.h2.data_to_send()
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+
+
+class H2ServerConnection(H2Connection):
     """A downstream HTTP/2 connection: every stream is routed and proxied by its own ``H2Call``."""
 
     def __init__(self, route: StreamRouter, pools: H2Pools, stats: Stats,
@@ -108,21 +132,6 @@ class H2ServerConnection(asyncio.Protocol):
         for call in list(self.calls.values()):
             call.downstream_gone()
         self.calls.clear()
-
-    def flush(self) -> None:
-        """Write what ``h2`` queued: at once, or when the read being handled is done."""
-        if self.batch.depth:
-            if not self.dirty:
-                self.dirty = True
-                self.batch.dirty.append(self)
-            return
-        self.write_now()
-
-    def write_now(self) -> None:
-        data = self.h2.data_to_send()
-        transport = self.transport
-        if data and transport is not None and not transport.is_closing():
-            transport.write(data)
 
     def data_received(self, data: bytes) -> None:
         batch = self.batch
@@ -190,7 +199,7 @@ class H2ServerConnection(asyncio.Protocol):
             self.transport.close()
 
 
-class H2ClientConnection(asyncio.Protocol):
+class H2ClientConnection(H2Connection):
     """An upstream HTTP/2 connection to one endpoint, carrying many streams."""
 
     def __init__(self, stats: Stats, batch: WriteBatch | None = None) -> None:
@@ -218,21 +227,6 @@ class H2ClientConnection(asyncio.Protocol):
 
     def available(self) -> bool:
         return self.usable and self.transport is not None and self.h2.can_open_stream()
-
-    def flush(self) -> None:
-        """Write what ``h2`` queued: at once, or when the read being handled is done."""
-        if self.batch.depth:
-            if not self.dirty:
-                self.dirty = True
-                self.batch.dirty.append(self)
-            return
-        self.write_now()
-
-    def write_now(self) -> None:
-        data = self.h2.data_to_send()
-        transport = self.transport
-        if data and transport is not None and not transport.is_closing():
-            transport.write(data)
 
     def open(self, call: H2Call, headers: Headers, end_stream: bool = False) -> int:
         stream_id = self.h2.next_stream_id()
