@@ -53,6 +53,13 @@ def test_explain_an_unknown_host_says_no_route_and_exits_1(mesh: Any) -> None:
     assert "no service answers to nothere:8000 -> 404 no route (NR)" in result.stdout
 
 
+def test_explain_from_the_gateway_of_a_mesh_without_one_says_so(mesh: Any) -> None:
+    # (A mesh with a gateway: tests/integration/test_gateway_grpc.py.)
+    result = mesh.kizuna("explain", "--from", "istio-ingressgateway", "http://httpbin.example.com/headers")
+    assert result.returncode != 0
+    assert "runs no ingress gateway (it starts with a Gateway resource)" in result.stderr
+
+
 POLICIES = """\
 apiVersion: networking.istio.io/v1
 kind: DestinationRule

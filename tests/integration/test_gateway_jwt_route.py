@@ -9,6 +9,8 @@ import http.client
 import ipaddress
 import json
 import random
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -117,3 +119,20 @@ def test_routes_on_the_verified_groups_claim(gateway: tuple[Any, tuple[str, int]
         conn.close()
     assert get(address, "/ip", groups_scope)[0] == 404  # the route is for /headers only
 
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_claim_routing_holds_for_http2_streams(gateway: tuple[Any, tuple[str, int]], kit: Any) -> None:
+    _, (host, port) = gateway
+
+    def status(*extra: str) -> str:
+        result = subprocess.run(["curl", "-sS", "--max-time", "10", "--http2-prior-knowledge", "-o", "/dev/null",
+                                 "-w", "%{http_version} %{http_code}", *extra, f"http://{host}:{port}/headers"],
+                                capture_output=True, text=True, timeout=20)
+        return result.stdout
+
+    groups = ("-H", f"Authorization: Bearer {token('groups-scope.jwt')}")
+    kit.wait_until(lambda: status(*groups) == "2 200", 30, "the claim route for h2c streams")
+    assert status("-H", f"Authorization: Bearer {token('demo.jwt')}") == "2 404"  # no groups claim
+    assert status() == "2 404"  # no token: no claims
+    assert status("-H", "Authorization: Bearer deadbeef") == "2 401"

@@ -248,6 +248,16 @@ def test_mutual_requires_a_client_certificate_from_its_ca(mesh: TlsMesh) -> None
     assert signed.returncode == 0 and _status(signed) == 200, (signed.stderr, mesh.logs())
 
 
+def test_https_servers_offer_h2_and_http11_by_alpn(mesh: TlsMesh) -> None:
+    # As Istio's gateway: a client offering h2 gets HTTP/2 (SIMPLE and MUTUAL alike), one asking only for
+    # http/1.1 gets HTTP/1.1; the route is the same either way.
+    client = ("--cert", mesh.pki.client_cert, "--key", mesh.pki.client_key)
+    for host, extra in (("httpbin.example.com", ()), ("mtls.example.com", client)):
+        for flag, version in (("--http2", "2"), ("--http1.1", "1.1")):
+            result = mesh.curl(host, "/status/418", flag, *extra, "-w", "\n%{http_version} %{http_code}")
+            assert result.stdout.rsplit("\n", 1)[-1] == f"{version} 418", (host, flag, result.stderr)
+
+
 def test_passthrough_routes_by_sni_to_the_backends_tls(mesh: TlsMesh) -> None:
     result = mesh.curl("passthrough.example.com", "/", port=PASSTHROUGH_PORT)
     assert result.returncode == 0 and _status(result) == 200, (result.stderr, mesh.logs())

@@ -4,6 +4,11 @@ The snapshot comes from the sidecar itself (admin ``/config_dump``: the config i
 and the routing is the proxy's own code (``kizuna.proxy.explain`` over ``Router``). Then, for each destination,
 the destination instance's sidecar config (its ``security``) decides authorization as its inbound side would
 (``Authorizer``), with the source workload's SPIFFE identity as the principal when the hop is mTLS.
+
+``--from istio-ingressgateway`` (or the gateway's node id) asks the ingress gateway instead: the URL's port is
+the gateway's Service port (80 and 443 reach its listeners 8080 and 8443, as Istio's ingress Service maps them),
+its host picks a virtual host of the Gateway-bound VirtualServices on that listener (a port in the host is
+ignored, as the gateway ignores it in Host and ``:authority``).
 """
 
 from __future__ import annotations
@@ -20,25 +25,40 @@ from kizuna.proxyconfig.bootstrap import ADMIN_PORT
 from kizuna.proxyconfig.model import Snapshot
 from kizuna.runtime.errors import UserError
 from kizuna.runtime.exec import find_instance
+from kizuna.runtime.gateway import HTTP_TARGET_PORT, HTTPS_TARGET_PORT
+from kizuna.runtime.gateway import NAME as GATEWAY_NAME
+from kizuna.runtime.gateway import node as gateway_node
 from kizuna.runtime.state import StateDir
 from kizuna.runtime.workloads import Instance
+
+GATEWAY_PORTS = {80: HTTP_TARGET_PORT, 443: HTTPS_TARGET_PORT}
+"""Istio's ingress Service: the port a client calls → the gateway listener it reaches."""
 
 
 def run(state: StateDir, args: argparse.Namespace) -> int:
     """Print the explanation (text, or JSON with ``-o json``)."""
-    instance = find_instance(state, args.source, args.namespace)
-    admin = f"http://{instance.mesh_address}:{ADMIN_PORT}/config_dump"
+    at_gateway = _gateway(state, args.source)
+    instance: Instance | None = None
+    if at_gateway is None:
+        instance = find_instance(state, args.source, args.namespace)
+        source_id, address = instance.id, instance.mesh_address
+    else:
+        source_id, address = at_gateway
+    admin = f"http://{address}:{ADMIN_PORT}/config_dump"
+    proxy = "proxy" if at_gateway is not None else "sidecar"
     try:
         with urllib.request.urlopen(admin, timeout=5) as response:
             dump = json.load(response)
     except (OSError, urllib.error.URLError, ValueError) as exc:
-        raise UserError(f"cannot read the config of {instance.id}'s sidecar at {admin}: {exc}") from None
+        raise UserError(f"cannot read the config of {source_id}'s {proxy} at {admin}: {exc}") from None
     snapshot = Snapshot.from_json(dump["snapshot"])
-    ejected = _ejections(instance.mesh_address)
+    ejected = _ejections(address)
     url = urlsplit(args.url if "://" in args.url else f"http://{args.url}")
     if not url.hostname:
         raise UserError(f"{args.url}: not a URL with a host")
     port = url.port or (443 if url.scheme == "https" else 80)
+    if at_gateway is not None:
+        port = GATEWAY_PORTS.get(port, port)
     headers = {"host": url.netloc}
     for line in args.header:
         name, sep, value = line.partition(":")
@@ -48,17 +68,29 @@ def run(state: StateDir, args: argparse.Namespace) -> int:
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
     result = explain(snapshot, url.hostname, port, args.request.upper(), path, headers, ejected)
     principal = str((dump.get("identity") or {}).get("identity") or "").removeprefix("spiffe://")
-    authz = authorization(state, result, instance, principal, headers)
+    authz = authorization(state, result, instance or address, principal, headers)
     if args.output == "json":
-        print(json.dumps({"from": instance.id, "configVersion": dump.get("version"), **result.to_json(),
+        print(json.dumps({"from": source_id, "configVersion": dump.get("version"), **result.to_json(),
                           "authorization": [a.to_json() if isinstance(a, AuthzExplanation) else {"error": a}
                                             for a in authz]},
                          indent=2))
     else:
-        print(render(result, instance.id, str(dump.get("version", ""))))
+        print(render(result, source_id, str(dump.get("version", "")), proxy))
         for line in render_authorization(authz):
             print(line)
     return 0 if result.route is not None else 1
+
+
+def _gateway(state: StateDir, name: str) -> tuple[str, str] | None:
+    """(node id, admin address) of the mesh's ingress gateway when ``name`` names it, else None."""
+    if name not in (GATEWAY_NAME, gateway_node("").id):
+        return None
+    record = state.read_runtime() or {}
+    if not record.get("gateway") or not record.get("controlPlane"):
+        raise UserError(f"the mesh in {state.root} runs no ingress gateway (it starts with a Gateway resource)")
+    # The gateway's admin port listens on the control plane's address (runtime.gateway.start).
+    address = str(record["controlPlane"]).rsplit(":", 1)[0]
+    return gateway_node(address).id, address
 
 
 def _read_dump(address: str) -> dict[str, Any]:
@@ -67,17 +99,19 @@ def _read_dump(address: str) -> dict[str, Any]:
         return dict(json.load(response))
 
 
-def authorization(state: StateDir, result: Explanation, source: Instance, principal: str,
+def authorization(state: StateDir, result: Explanation, source: Instance | str, principal: str,
                   headers: dict[str, str]) -> list[AuthzExplanation | str]:
     """For each destination cluster of the chosen route, the first endpoint that is a mesh instance: its
-    sidecar's decision (or why it could not be asked)."""
+    sidecar's decision (or why it could not be asked). ``source``: the calling instance, or the address of
+    the proxy that calls (the ingress gateway)."""
     from kizuna.proxyconfig.security import SecurityPolicy
 
     record = state.read_runtime() or {}
     instances = {i.mesh_address: i for i in (Instance.from_json(d) for d in record.get("instances", []))}
     # The address the destination sees (source.ip): in transparent mode the source pod's; in proxy mode the
     # sidecar's unbound socket to a 127/8 address leaves from 127.0.0.1 (the kernel's loopback source).
-    source_ip = source.pod_address if record.get("mode") == "transparent" else "127.0.0.1"
+    pod_address = source.pod_address if isinstance(source, Instance) else source
+    source_ip = pod_address if record.get("mode") == "transparent" else "127.0.0.1"
     out: list[AuthzExplanation | str] = []
     for _, cluster, _name in result.clusters:
         if cluster is None:
@@ -130,12 +164,14 @@ def _ejections(address: str) -> dict[str, frozenset[str]]:
             for name, entry in stats.get("resilience", {}).items()}
 
 
-def render(result: Explanation, source: str, version: str) -> str:
-    """The explanation as a few aligned lines."""
+def render(result: Explanation, source: str, version: str, proxy: str = "sidecar") -> str:
+    """The explanation as a few aligned lines (``proxy``: ``sidecar``, or ``proxy`` for the gateway)."""
     lines = [f"request      {result.method} {result.host}:{result.port}{result.path}",
-             f"from         {source} (sidecar config {version or 'none'})"]
+             f"from         {source} ({proxy} config {version or 'none'})"]
     if result.virtual_host is None:
-        lines.append(f"service      none: no service answers to {result.host}:{result.port} -> 404 no route (NR)")
+        where = " (a Gateway-bound VirtualService host on this listener)" if proxy != "sidecar" else ""
+        lines.append(f"service      none: no service answers to {result.host}:{result.port}{where} "
+                     "-> 404 no route (NR)")
         return "\n".join(lines)
     lines.append(f"service      {result.virtual_host}")
     lines.append("routes       (in order; the first that matches wins)")

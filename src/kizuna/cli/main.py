@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("explain", "show how a workload's sidecar routes a request, and why (from the config it runs)")
     p.add_argument("--from", dest="source", required=True, metavar="WORKLOAD",
-                   help="the client: a Deployment (its first instance) or an instance")
+                   help="the client: a Deployment (its first instance), an instance, or istio-ingressgateway")
     p.add_argument("url", metavar="URL", help="the request, e.g. http://httpbin:8000/status/200")
     p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="a request header (repeatable)")

@@ -13,6 +13,11 @@ a balanced endpoint of its route. Endpoints are the instances' addresses that si
 A listener with TLS servers (``GatewayListener.tls``) first waits for each connection's ClientHello: a
 terminating listener picks the server by SNI and ends TLS there (``gateway_tls``), then serves HTTP or TCP as
 above; a ``PASSTHROUGH`` listener forwards the TLS bytes untouched along the ``tls[]`` route for the SNI.
+
+HTTP listeners take HTTP/2 too, as Istio's gateway does: a plaintext connection that opens with the h2 preface
+(h2c with prior knowledge, gRPC) and a TLS connection (whose servers offer ALPN ``h2`` and ``http/1.1``) are
+served per stream (``h2_dispatch.gateway_router``): each stream gets the same policy checks and routing as an
+HTTP/1.1 request, a refusal of a gRPC call becomes a gRPC status (PERMISSION_DENIED, UNAUTHENTICATED).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
-from typing import TextIO, cast
+from typing import Final, TextIO, cast
 
 from kizuna.protocols.http1 import RequestHead
 from kizuna.proxy.capture import Closing, forward_to, tcp_cluster
@@ -28,6 +33,8 @@ from kizuna.proxy.downstream import HttpServerConnection
 from kizuna.proxy.errors import SyntheticResponse
 from kizuna.proxy.exchange import Exchange
 from kizuna.proxy.gateway_tls import TlsContexts, client_san_problem
+from kizuna.proxy.h2 import H2ServerConnection
+from kizuna.proxy.h2_dispatch import PrefaceSwitch, gateway_router
 from kizuna.proxy.inbound_policy import InboundGuard
 from kizuna.proxy.listener import ConnectionInfo, Listener
 from kizuna.proxy.outbound import OutboundDispatcher, StateSource
@@ -36,6 +43,9 @@ from kizuna.proxy.stats import Stats
 from kizuna.proxy.tls_server import TlsServer
 from kizuna.proxyconfig.bootstrap import Bootstrap
 from kizuna.proxyconfig.model import GatewayListener, Snapshot
+
+ALPN: Final = ("h2", "http/1.1")
+"""What the TLS servers of an HTTP listener offer (Istio's gateway offers both)."""
 
 
 class GatewayDispatcher:
@@ -100,8 +110,8 @@ class GatewayListeners:
         port cannot be had. Hand the result to ``commit`` once the snapshot is taken."""
         wanted = self._wanted(snapshot)
         # Certificates first: a file that cannot be read refuses the snapshot before any port is bound.
-        self._pending_tls = {g.port: TlsContexts(g.tls) for g in wanted.values()
-                             if any(t.mode != "PASSTHROUGH" for t in g.tls)}
+        self._pending_tls = {g.port: TlsContexts(g.tls, alpn=ALPN if g.protocol == "http" else ())
+                             for g in wanted.values() if any(t.mode != "PASSTHROUGH" for t in g.tls)}
         opened: dict[tuple[int, str], Listener] = {}
         for key, listener in sorted(wanted.items()):
             if key in self.listeners:
@@ -157,9 +167,19 @@ class GatewayListeners:
             make = lambda: self._tcp(port)  # noqa: E731
         else:
             assert self.outbound is not None, "set outbound before the first snapshot"
-            dispatcher = GatewayDispatcher(self.outbound, port, self.guard)
-            make = lambda: self._held(  # noqa: E731
-                lambda: HttpServerConnection(dispatcher, self.stats, self.connections))
+            outbound = self.outbound
+            dispatcher = GatewayDispatcher(outbound, port, self.guard)
+
+            def h2() -> H2ServerConnection:
+                assert outbound.h2_pools is not None, "the proxy sets h2_pools with outbound"
+                conn = H2ServerConnection(gateway_router(self.source, outbound, port, self.guard,
+                                                         lambda: conn.transport),
+                                          outbound.h2_pools, self.stats, self.connections)
+                return conn
+
+            # HTTP/1.x, or (prior knowledge in plaintext, ALPN h2 under TLS: both open with the preface) HTTP/2.
+            make = lambda: self._held(lambda: PrefaceSwitch(  # noqa: E731
+                lambda: HttpServerConnection(dispatcher, self.stats, self.connections), h2))
 
         def accept(info: ConnectionInfo) -> asyncio.BaseProtocol:
             # TLS is decided per connection from the current snapshot: a port can gain or lose TLS without

@@ -1,11 +1,12 @@
-"""Which HTTP/2 streams go where: outbound by ``:authority`` through the router, inbound to the local app; and
-the switch that serves a proxy-mode outbound connection as HTTP/2 when it opens with the h2 preface."""
+"""Which HTTP/2 streams go where: outbound by ``:authority`` through the router, inbound to the local app, at an
+ingress gateway by ``:authority`` on the listener's port after its end-user policies; and the switch that serves
+a client-first connection as HTTP/2 when it opens with the h2 preface."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 from kizuna.protocols.http1 import split_authority
 from kizuna.protocols.http2 import Headers
@@ -13,8 +14,11 @@ from kizuna.protocols.sniff import H2_PREFACE
 from kizuna.proxy.errors import CLUSTER_NOT_FOUND, MALFORMED_REQUEST, NO_ROUTE, SyntheticResponse
 from kizuna.proxy.h2_policy import regular
 from kizuna.proxy.h2_routing import Routed, StreamRouter, header
+from kizuna.proxy.inbound_policy import InboundGuard
 from kizuna.proxy.outbound import OutboundDispatcher, StateSource
 from kizuna.proxy.route_actions import plan
+from kizuna.proxy.router import HeadersWithClaims
+from kizuna.proxy.state import ProxyState
 from kizuna.proxy.stats import Stats
 
 
@@ -37,31 +41,73 @@ def outbound_router(source: StateSource, outbound: OutboundDispatcher,
             vh = outbound.virtual_host_at(state, dst)
             if vh is not None:
                 host, port = vh.hosts[0], vh.port
-        view = {"host": authority.decode("latin-1")}
-        for name, value in headers:
-            if name[:1] != b":":
-                key, text = name.decode("latin-1"), value.decode("latin-1")
-                view[key] = f"{view[key]},{text}" if key in view else text
-        method = (header(headers, b":method") or b"GET").decode("latin-1")
-        path = (header(headers, b":path") or b"/").decode("latin-1")
-        selected = router.select(host, port, method, path, view)
-        if selected is None:
-            return NO_ROUTE
-        retry_on = selected.action.retry.retry_on
-        policy = selected.action.policy
-        if policy is not None:
-            scheme = header(headers, b":scheme") or b"http"
-            planned = plan(state, selected, policy, method.encode("latin-1"), regular(headers), scheme, port,
-                           path.encode("latin-1"), authority, view)
-            if isinstance(planned, SyntheticResponse):
-                return planned
-            return Routed(planned.dest, retry_on, planned, planned.dest.cluster.cluster.http_version == "1.1")
-        dest = state.destination(selected)
-        if dest is None:
-            return CLUSTER_NOT_FOUND
-        return Routed(dest, retry_on, None, dest.cluster.cluster.http_version == "1.1")
+        return _select(state, headers, host, port, authority)
 
     return route
+
+
+def gateway_router(source: StateSource, outbound: OutboundDispatcher, port: int, guard: InboundGuard,
+                   transport: Callable[[], asyncio.BaseTransport | None]) -> StreamRouter:
+    """Streams of an ingress gateway listener on ``port``, each as the gateway's HTTP/1.1 requests: JWT and
+    authorization of the policies selecting the gateway (``transport()``: the connection, for source and
+    peer), then the virtual host by ``:authority`` (a port in it ignored) on ``port``, with the verified
+    token's claims for ``@request.auth.claims`` matches."""
+
+    def route(headers: Headers) -> Routed | SyntheticResponse:
+        state = source.state
+        claims = None
+        security = state.snapshot.security
+        if security is not None and security.enforces_requests:
+            pseudo = [(k, v) for k, v in headers if k[:1] == b":"]
+            found = dict(pseudo)
+            checked = guard.compiled(security).check(
+                found.get(b":method", b"GET"), found.get(b":path", b"/"), found.get(b":authority", b""),
+                tuple((k, v) for k, v in headers if k[:1] != b":"), transport(), port)
+            if isinstance(checked, SyntheticResponse):
+                return checked
+            if checked.changed:  # in place: the stream's call takes ``headers`` after routing
+                headers[:] = pseudo + list(checked.headers)
+            if checked.identity is not None:
+                claims = checked.identity.claims
+        outbound.stats.outbound_rq_total += 1
+        if header(headers, b":method") == b"CONNECT":
+            return NO_ROUTE
+        authority = header(headers, b":authority") or header(headers, b"host") or b""
+        try:
+            host = split_authority(authority, port)[0] if authority else ""
+        except ValueError:
+            return MALFORMED_REQUEST
+        return _select(state, headers, host, port, authority, claims)
+
+    return route
+
+
+def _select(state: ProxyState, headers: Headers, host: str, port: int, authority: bytes,
+            claims: Mapping[str, Any] | None = None) -> Routed | SyntheticResponse:
+    """The (host, port) virtual host's first matching route for a stream, with its policy's plan."""
+    view = HeadersWithClaims({"host": authority.decode("latin-1")}, claims)
+    for name, value in headers:
+        if name[:1] != b":":
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            view[key] = f"{view[key]},{text}" if key in view else text
+    method = (header(headers, b":method") or b"GET").decode("latin-1")
+    path = (header(headers, b":path") or b"/").decode("latin-1")
+    selected = state.router.select(host, port, method, path, view)
+    if selected is None:
+        return NO_ROUTE
+    retry_on = selected.action.retry.retry_on
+    policy = selected.action.policy
+    if policy is not None:
+        scheme = header(headers, b":scheme") or b"http"
+        planned = plan(state, selected, policy, method.encode("latin-1"), regular(headers), scheme, port,
+                       path.encode("latin-1"), authority, view)
+        if isinstance(planned, SyntheticResponse):
+            return planned
+        return Routed(planned.dest, retry_on, planned, planned.dest.cluster.cluster.http_version == "1.1")
+    dest = state.destination(selected)
+    if dest is None:
+        return CLUSTER_NOT_FOUND
+    return Routed(dest, retry_on, None, dest.cluster.cluster.http_version == "1.1")
 
 
 def inbound_router(source: StateSource, port: int, stats: Stats) -> StreamRouter:
