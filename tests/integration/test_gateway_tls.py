@@ -230,6 +230,17 @@ def test_simple_tls_terminates_at_the_gateway(mesh: TlsMesh) -> None:
     assert body["headers"]["Host"] == f"httpbin.example.com:{HTTPS_PORT}"
 
 
+def test_the_app_learns_the_client_used_https(mesh: TlsMesh) -> None:
+    # Envoy's x-forwarded-proto at the edge: the scheme the client reached the gateway with, over HTTP/1.1 and
+    # HTTP/2 alike, whatever the client claimed.
+    for flag in ("--http1.1", "--http2"):
+        # show_env: httpbin hides proxy headers otherwise.
+        result = mesh.curl("httpbin.example.com", "/headers?show_env=1", flag, "-H", "X-Forwarded-Proto: http")
+        assert result.returncode == 0 and _status(result) == 200, (flag, result.stdout, result.stderr)
+        body = json.loads(result.stdout.rsplit("\n", 1)[0])
+        assert body["headers"].get("X-Forwarded-Proto") == "https", (flag, body["headers"])
+
+
 def test_sni_picks_the_servers_certificate(mesh: TlsMesh) -> None:
     # curl checks the certificate is for the name it asked: each host gets its own server's certificate.
     ok = mesh.curl("mtls.example.com", "/status/418", "--cert", mesh.pki.client_cert, "--key", mesh.pki.client_key)

@@ -85,3 +85,19 @@ def test_synthetic_responses_carry_reason_and_flags() -> None:
     assert b"x-kizuna-error" not in moved and b"x-kizuna-flags" not in moved
     teapot = direct(200, b"hello", ((b"x-a", b"1"),)).encode()
     assert b"x-a: 1\r\n" in teapot and teapot.endswith(b"content-length: 5\r\n\r\nhello")
+
+
+def test_forwarded_proto_says_the_scheme_the_client_used() -> None:
+    from kizuna.proxy.headers import forwarded_proto
+
+    class Plain:
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return default
+
+    class Tls(Plain):
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return object() if name == "ssl_object" else default
+
+    claimed = ((b"host", b"a"), (b"X-Forwarded-Proto", b"https"))
+    assert forwarded_proto(claimed, Plain()) == ((b"host", b"a"), (b"x-forwarded-proto", b"http"))
+    assert forwarded_proto(((b"host", b"a"),), Tls()) == ((b"host", b"a"), (b"x-forwarded-proto", b"https"))

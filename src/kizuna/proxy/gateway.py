@@ -35,6 +35,7 @@ from kizuna.proxy.exchange import Exchange
 from kizuna.proxy.gateway_tls import TlsContexts, client_san_problem
 from kizuna.proxy.h2 import H2ServerConnection
 from kizuna.proxy.h2_dispatch import PrefaceSwitch, gateway_router
+from kizuna.proxy.headers import forwarded_proto
 from kizuna.proxy.inbound_policy import InboundGuard
 from kizuna.proxy.listener import ConnectionInfo, Listener
 from kizuna.proxy.outbound import OutboundDispatcher, StateSource
@@ -73,7 +74,9 @@ class GatewayDispatcher:
             # gateway matches routes on jwt_authn's metadata; no or no verified token: no claims.
             if checked.identity is not None:
                 claims = checked.identity.claims
+        head = head._replace(headers=forwarded_proto(head.headers, down.transport))
         return self.outbound.dispatch_gateway(down, head, self.port, claims)
+
 
 
 class GatewayListeners:

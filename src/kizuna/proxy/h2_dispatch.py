@@ -14,6 +14,7 @@ from kizuna.protocols.sniff import H2_PREFACE
 from kizuna.proxy.errors import CLUSTER_NOT_FOUND, MALFORMED_REQUEST, NO_ROUTE, SyntheticResponse
 from kizuna.proxy.h2_policy import regular
 from kizuna.proxy.h2_routing import Routed, StreamRouter, header
+from kizuna.proxy.headers import forwarded_proto
 from kizuna.proxy.inbound_policy import InboundGuard
 from kizuna.proxy.outbound import OutboundDispatcher, StateSource
 from kizuna.proxy.route_actions import plan
@@ -72,6 +73,7 @@ def gateway_router(source: StateSource, outbound: OutboundDispatcher, port: int,
         outbound.stats.outbound_rq_total += 1
         if header(headers, b":method") == b"CONNECT":
             return NO_ROUTE
+        headers[:] = forwarded_proto(headers, transport())
         authority = header(headers, b":authority") or header(headers, b"host") or b""
         try:
             host = split_authority(authority, port)[0] if authority else ""

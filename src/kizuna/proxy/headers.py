@@ -1,7 +1,10 @@
-"""Istio's header operations on a request or response head, pure: ``set`` overwrites, ``add`` appends,
+"""Header work on a request or response head, pure. Istio's header operations: ``set`` overwrites, ``add`` appends,
 ``remove`` drops (names compared case-insensitively; values written as configured)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final, Protocol
 
 from kizuna.proxyconfig.actions import HeaderOps
 
@@ -25,3 +28,20 @@ def shadow_host(authority: bytes) -> bytes:
     if sep and host and port.isdigit() and not host.endswith(b":"):
         return host + b"-shadow:" + port
     return authority + b"-shadow"
+
+
+class _Transport(Protocol):
+    def get_extra_info(self, name: str, default: object = None) -> object: ...
+
+
+FORWARDED_PROTO: Final = b"x-forwarded-proto"
+
+
+def forwarded_proto(headers: Sequence[tuple[bytes, bytes]],
+                    transport: _Transport | None) -> tuple[tuple[bytes, bytes], ...]:
+    """``headers`` with Envoy's ``x-forwarded-proto`` for the edge: the scheme the client used to reach the
+    gateway (``https`` where a TLS server terminated the connection), replacing what the client claimed, so an
+    app behind the gateway builds its links and redirects with the right scheme."""
+    tls = transport is not None and transport.get_extra_info("ssl_object") is not None
+    kept = tuple(h for h in headers if h[0].lower() != FORWARDED_PROTO)
+    return (*kept, (FORWARDED_PROTO, b"https" if tls else b"http"))
