@@ -6,16 +6,24 @@ Starts the bench origin and the kizuna path (as ``bench.paths`` does), optionall
 
     .venv/bin/python -m bench.micro --runs 5 --seconds 3
     .venv/bin/python -m bench.micro --src /tmp/baseline/src --net 127.50.9
+
+``--rate R`` replaces wrk by ``bench.paced`` at R requests per second (open loop, ``--connections``
+keep-alive connections) for ``--seconds`` per run: the per-request cost at a moderate rate, where every
+request is its own read, write and wake-up, which saturation amortises (``make bench``'s fixed-rate column)::
+
+    .venv/bin/python -m bench.micro --rate 1000 --runs 3 --seconds 10
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import wrk
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="drive the path with bench.paced at this many req/s instead of saturating it with wrk")
     ap.add_argument("--proxy-cpus", default="1")
     ap.add_argument("--load-cpus", default="0")
     ap.add_argument("--perf", default="", help="perf record the client sidecar during the first run to this file")
@@ -83,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         argv_wrk = wrk.command(url, threads=1, connections=args.connections, seconds=args.seconds,
                                target=TARGET, host=HOST_HEADER)
         preexec = (lambda: os.sched_setaffinity(0, load_cpus)) if load_cpus else None
-        subprocess.run(argv_wrk, capture_output=True, timeout=args.seconds + 30, preexec_fn=preexec)  # warm-up
+        paced = None
+        if args.rate:
+            paced = _Paced(entry, args.rate, args.connections, args.seconds, preexec)
+        else:
+            subprocess.run(argv_wrk, capture_output=True, timeout=args.seconds + 30, preexec_fn=preexec)  # warm-up
         rows = []
         for i in range(args.runs):
             spy = None
@@ -97,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                                         "-p", str(client)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 before = cpu_split(client), cpu_split(server)
-                out = subprocess.run(argv_wrk, capture_output=True, text=True, timeout=args.seconds + 30,
-                                     preexec_fn=preexec)
+                if paced is not None:
+                    completed, rps, errors = paced.run()
+                else:
+                    out = subprocess.run(argv_wrk, capture_output=True, text=True, timeout=args.seconds + 30,
+                                         preexec_fn=preexec)
                 after = cpu_split(client), cpu_split(server)
                 if spy is not None:
                     spy.wait(30)
@@ -106,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                 if spy is not None and spy.poll() is None:
                     spy.kill()
                     spy.wait()
-            result = wrk.parse_output(out.stdout)
-            n = max(result.requests, 1)
+            if paced is None:
+                result = wrk.parse_output(out.stdout)
+                completed, rps, errors = result.requests, result.rps, result.error_count
+            n = max(completed, 1)
             us = [[(a - b) / n * 1e6 for a, b in zip(after[k], before[k], strict=True)] for k in (0, 1)]
-            row = (sum(us[0]), sum(us[1]), result.rps, result.error_count, us[0][0], us[1][0])
+            row = (sum(us[0]), sum(us[1]), rps, errors, us[0][0], us[1][0])
             rows.append(row)
             print(f"client {row[0]:6.1f} us/req (user {row[4]:5.1f})  server {row[1]:6.1f} us/req "
                   f"(user {row[5]:5.1f})  {row[2]:8.0f} req/s  errors {row[3]}", flush=True)
@@ -119,6 +138,36 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(r[4] for r in rows):.1f} server {statistics.median(r[5] for r in rows):.1f}"
               f"  src {args.src}")
     return 0
+
+
+class _Paced:
+    """Runs of ``bench.paced`` against the path: one process per run, connected before the schedule starts."""
+
+    def __init__(self, entry: tuple[str, int], rate: float, connections: int, seconds: float,
+                 preexec: Callable[[], None] | None) -> None:
+        self.rate, self.connections, self.seconds, self.entry, self.preexec = rate, connections, seconds, entry, preexec
+
+    def run(self) -> tuple[int, float, int]:
+        """Completed requests, their rate and the error count of one schedule of ``seconds``."""
+        argv = [sys.executable, "-m", "bench.paced", self.entry[0], str(self.entry[1]), "--rate", str(self.rate),
+                "--connections", str(self.connections), "--seconds", str(self.seconds), "--warmup", "0"]
+        # paced connects, then prints READY: connection setup is not in the measured schedule.
+        with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              preexec_fn=self.preexec, cwd=Path(__file__).resolve().parent.parent) as proc:
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                if proc.stdout.readline().strip() != "READY":
+                    raise RuntimeError("bench.paced did not start")
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                proc.wait(self.seconds + 30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        result = json.loads(line)
+        errors = sum(result["errors"].values())
+        return result["completed"], result["completed"] / self.seconds, errors
 
 
 if __name__ == "__main__":
