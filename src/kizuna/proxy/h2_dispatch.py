@@ -86,23 +86,24 @@ def gateway_router(source: StateSource, outbound: OutboundDispatcher, port: int,
 
 def _select(state: ProxyState, headers: Headers, host: str, port: int, authority: bytes,
             claims: Mapping[str, Any] | None = None) -> Routed | SyntheticResponse:
-    """The (host, port) virtual host's first matching route for a stream, with its policy's plan."""
-    view = HeadersWithClaims({"host": authority.decode("latin-1")}, claims)
-    for name, value in headers:
-        if name[:1] != b":":
-            key, text = name.decode("latin-1"), value.decode("latin-1")
-            view[key] = f"{view[key]},{text}" if key in view else text
+    """The (host, port) virtual host's first matching route for a stream, with its policy's plan. As for an
+    HTTP/1.1 request, the headers are decoded for matching only when the virtual host's routes look at them."""
+    router = state.router
+    selected = router.unconditional(host, port)
+    view = None
     method = (header(headers, b":method") or b"GET").decode("latin-1")
     path = (header(headers, b":path") or b"/").decode("latin-1")
-    selected = state.router.select(host, port, method, path, view)
     if selected is None:
-        return NO_ROUTE
+        view = _view(headers, authority, claims)
+        selected = router.select(host, port, method, path, view)
+        if selected is None:
+            return NO_ROUTE
     retry_on = selected.action.retry.retry_on
     policy = selected.action.policy
     if policy is not None:
         scheme = header(headers, b":scheme") or b"http"
         planned = plan(state, selected, policy, method.encode("latin-1"), regular(headers), scheme, port,
-                       path.encode("latin-1"), authority, view)
+                       path.encode("latin-1"), authority, view or _view(headers, authority, claims))
         if isinstance(planned, SyntheticResponse):
             return planned
         return Routed(planned.dest, retry_on, planned, planned.dest.cluster.cluster.http_version == "1.1")
@@ -110,6 +111,16 @@ def _select(state: ProxyState, headers: Headers, host: str, port: int, authority
     if dest is None:
         return CLUSTER_NOT_FOUND
     return Routed(dest, retry_on, None, dest.cluster.cluster.http_version == "1.1")
+
+
+def _view(headers: Headers, authority: bytes, claims: Mapping[str, Any] | None) -> HeadersWithClaims:
+    """A stream's regular headers by lower-case name (repeated ones joined with ``,``), for route matching."""
+    view = HeadersWithClaims({"host": authority.decode("latin-1")}, claims)
+    for name, value in headers:
+        if name[:1] != b":":
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            view[key] = f"{view[key]},{text}" if key in view else text
+    return view
 
 
 def inbound_router(source: StateSource, port: int, stats: Stats) -> StreamRouter:
